@@ -1,0 +1,74 @@
+// Argument validation shared by the CPU and CUDA launchers: every op checks shapes, dtypes and devices
+// here, with messages that name the argument, before any kernel touches memory.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+namespace pass_ext {
+
+inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), " like the first argument, got ",
+              t.device());
+}
+
+inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                                 const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_lens,
+                                 const std::optional<at::Tensor>& tree_mask, const at::Tensor& out) {
+  TORCH_CHECK(q.dim() == 4, "q must be [B, Q, Hq, D], got ", q.sizes());
+  TORCH_CHECK(k_new.dim() == 4, "k_new must be [B, Q, Hkv, D], got ", k_new.sizes());
+  TORCH_CHECK(v_new.sizes() == k_new.sizes(), "v_new must match k_new ", k_new.sizes(), ", got ", v_new.sizes());
+  const int64_t B = q.size(0), Q = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_new.size(2);
+  TORCH_CHECK(B >= 1 && Q >= 1, "q must hold at least one row and one new token, got ", q.sizes());
+  TORCH_CHECK(k_new.size(0) == B && k_new.size(1) == Q && k_new.size(3) == D, "k_new must be [B=", B, ", Q=", Q,
+              ", Hkv, D=", D, "], got ", k_new.sizes());
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, "q heads (", Hq, ") must be a multiple of k_new heads (", Hkv, ")");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == B && k_cache.size(1) == Hkv && k_cache.size(3) == D,
+              "k_cache must be [B=", B, ", Hkv=", Hkv, ", S_max, D=", D, "], got ", k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must match k_cache ", k_cache.sizes(), ", got ",
+              v_cache.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must match q ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(cache_lens.dim() == 1 && cache_lens.size(0) == B, "cache_lens must be [B=", B, "], got ",
+              cache_lens.sizes());
+  TORCH_CHECK(cache_lens.scalar_type() == at::kInt, "cache_lens must be int32, got ", cache_lens.scalar_type());
+  for (const auto& [t, name] : {std::pair{k_new, "k_new"}, {v_new, "v_new"}, {k_cache, "k_cache"},
+                                {v_cache, "v_cache"}, {out, "out"}}) {
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
+                t.scalar_type());
+    check_same_device(q, t, name);
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  }
+  TORCH_CHECK(q.is_contiguous(), "q must be contiguous");
+  check_same_device(q, cache_lens, "cache_lens");
+  TORCH_CHECK(cache_lens.is_contiguous(), "cache_lens must be contiguous");
+  if (tree_mask.has_value()) {
+    const auto& m = *tree_mask;
+    TORCH_CHECK(m.scalar_type() == at::kLong, "tree_mask must be int64 (bit-packed), got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == Q && m.size(1) == (Q + 63) / 64, "tree_mask must be [Q=", Q,
+                ", ceil(Q/64)=", (Q + 63) / 64, "], got ", m.sizes());
+    check_same_device(q, m, "tree_mask");
+    TORCH_CHECK(m.is_contiguous(), "tree_mask must be contiguous");
+  }
+}
+
+// Checks shared by sample and speculative_verify: per-row sampling parameters and the RNG tensors.
+inline void check_sampling_params(const at::Tensor& logits, int64_t rows, const at::Tensor& temperature,
+                                  const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& seed,
+                                  const at::Tensor& offset) {
+  TORCH_CHECK(temperature.dim() == 1 && temperature.size(0) == rows && temperature.scalar_type() == at::kFloat,
+              "temperature must be float32 [", rows, "], got ", temperature.scalar_type(), " ", temperature.sizes());
+  TORCH_CHECK(top_k.dim() == 1 && top_k.size(0) == rows && top_k.scalar_type() == at::kInt,
+              "top_k must be int32 [", rows, "], got ", top_k.scalar_type(), " ", top_k.sizes());
+  TORCH_CHECK(top_p.dim() == 1 && top_p.size(0) == rows && top_p.scalar_type() == at::kFloat,
+              "top_p must be float32 [", rows, "], got ", top_p.scalar_type(), " ", top_p.sizes());
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "seed must be a one-element int64 tensor, got ",
+              seed.scalar_type(), " ", seed.sizes());
+  TORCH_CHECK(offset.numel() == 1 && offset.scalar_type() == at::kLong,
+              "offset must be a one-element int64 tensor, got ", offset.scalar_type(), " ", offset.sizes());
+  for (const auto& [t, name] : {std::pair{temperature, "temperature"}, {top_k, "top_k"}, {top_p, "top_p"},
+                                {seed, "seed"}, {offset, "offset"}}) {
+    check_same_device(logits, t, name);
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  }
+}
+
+}  // namespace pass_ext

@@ -1,0 +1,44 @@
+// pass_ext's op schemas (one comment each) and the Python module entry point.
+// Kernels register themselves per device in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels live in pass_ext/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+extern "C" {
+// `import pass_ext._C` loads this library, which runs the TORCH_LIBRARY registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+static std::string build_info() {
+#ifdef PASS_EXT_WITH_CUDA
+  return "cpu+cuda";
+#else
+  return "cpu";
+#endif
+}
+
+TORCH_LIBRARY(pass_ext, m) {
+  // Append Q new tokens' K/V per row at slots cache_lens[b]..cache_lens[b]+Q-1 of the cache and attend
+  // to the cached prefix (slots < cache_lens[b]) plus the new tokens allowed by the tree mask.
+  //   q [B,Q,Hq,D], k_new/v_new [B,Q,Hkv,D], k_cache/v_cache [B,Hkv,S_max,D] (written), cache_lens [B] int32,
+  //   tree_mask: bit-packed int64 [Q, ceil(Q/64)] (bit j of row i: new token i sees new token j) or None = causal,
+  //   out [B,Q,Hq,D] (written). cache_lens itself is not changed: commit/rollback is the caller's length update.
+  m.def("attention_with_kv_cache(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor cache_lens, Tensor? tree_mask, float scale, Tensor(c!) out) -> ()");
+  // Verify k drafts per row against the target's k+1 distributions (speculative sampling, greedy when the
+  // row's temperature is 0): out_tokens [B,k+1] int64 gets the accepted drafts, then the correction or bonus
+  // token, then -1; accepted [B] int32 the number of accepted drafts. draft_probs [B,k,V] are the warped
+  // draft distributions the drafts were sampled from (None: greedy drafts). seed/offset: int64 [1] on device.
+  m.def("speculative_verify(Tensor target_logits, Tensor draft_tokens, Tensor? draft_probs, Tensor temperature, "
+        "Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, Tensor(a!) out_tokens, Tensor(b!) accepted) -> ()");
+  // Warp logits [N,V] per row (temperature [N] float32, 0 = greedy; top_k [N] int32, 0 = off; top_p [N] float32)
+  // and draw one token per row into out [N] int64; probs_out [N,V] float32, when given, gets the warped distribution.
+  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
+        "Tensor(a!) out, Tensor(b!)? probs_out) -> ()");
+  // "cpu" or "cpu+cuda": which kernels this build holds.
+  m.def("build_info() -> str", &build_info);
+}

@@ -1,0 +1,147 @@
+"""Typed wrappers over torch.ops.pass_ext.* and their fake (meta) kernels.
+
+Every op writes into caller-provided buffers (static buffers are what CUDA graphs need); the wrappers
+allocate them when they are not given and return them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _C  # noqa: F401  (loads the native library, which registers torch.ops.pass_ext.*)
+
+__all__ = ["attention_with_kv_cache", "speculative_verify", "sample", "build_info", "has_cuda_kernels"]
+
+
+def build_info() -> str:
+    """"cpu" or "cpu+cuda": which kernels the native library was built with."""
+    return torch.ops.pass_ext.build_info()
+
+
+def has_cuda_kernels() -> bool:
+    return build_info() == "cpu+cuda"
+
+
+def attention_with_kv_cache(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    tree_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Append Q new tokens' K/V to the cache and attend to the cached prefix plus the visible new tokens.
+
+    Args:
+        q: [B, Q, Hq, D] queries of the new tokens (float32/float64 on CPU; float32/bf16/fp16 on CUDA).
+        k_new, v_new: [B, Q, Hkv, D] keys/values of the new tokens, Hq a multiple of Hkv (GQA).
+        k_cache, v_cache: [B, Hkv, S_max, D], **mutated**: new token j of row b is written at slot
+            cache_lens[b] + j. Slots at or past S_max are never written.
+        cache_lens: [B] int32, committed tokens per row (ragged). Not changed: commit/rollback is the
+            caller's `cache_lens += n`.
+        tree_mask: bit-packed int64 [Q, ceil(Q/64)] (see `pass_ext.masks`); None means causal.
+        scale: softmax scale, default 1/sqrt(D).
+        out: optional [B, Q, Hq, D] output buffer, **mutated**.
+    Returns:
+        out [B, Q, Hq, D].
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if out is None:
+        out = torch.empty_like(q)
+    torch.ops.pass_ext.attention_with_kv_cache(
+        q.contiguous(), k_new.contiguous(), v_new.contiguous(), k_cache, v_cache, cache_lens,
+        tree_mask, float(scale), out)
+    return out
+
+
+def speculative_verify(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    out_tokens: Optional[torch.Tensor] = None,
+    accepted: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verify k drafts per row with the speculative-sampling rule (greedy rows: temperature 0).
+
+    Args:
+        target_logits: [B, k+1, V] float32/bf16/fp16, the target's logits after the newest committed
+            token and after each draft.
+        draft_tokens: [B, k] int64.
+        draft_probs: [B, k, V] float32, the warped draft distributions the drafts were sampled from,
+            or None for greedy drafting (one-hot drafts).
+        temperature: [B] float32 (0 = greedy), top_k: [B] int32 (0 = off), top_p: [B] float32 in (0, 1].
+        seed, offset: one-element int64 tensors on the logits' device (read on the device: graph-safe).
+        out_tokens: optional [B, k+1] int64, **mutated**: accepted drafts, then the correction or bonus
+            token, then -1.
+        accepted: optional [B] int32, **mutated**: accepted drafts per row (0..k).
+    Returns:
+        (out_tokens, accepted).
+    """
+    B, k1 = target_logits.shape[0], target_logits.shape[1]
+    if out_tokens is None:
+        out_tokens = torch.empty(B, k1, dtype=torch.long, device=target_logits.device)
+    if accepted is None:
+        accepted = torch.empty(B, dtype=torch.int32, device=target_logits.device)
+    torch.ops.pass_ext.speculative_verify(
+        target_logits.contiguous(), draft_tokens.contiguous(),
+        None if draft_probs is None else draft_probs.contiguous(),
+        temperature, top_k, top_p, seed, offset, out_tokens, accepted)
+    return out_tokens, accepted
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
+    probs_out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Warp logits per row (temperature, then top-k, then top-p) and draw one token per row.
+
+    Args:
+        logits: [N, V] float32/bf16/fp16.
+        temperature: [N] float32 (0 = greedy argmax), top_k: [N] int32 (0 = off), top_p: [N] float32.
+        seed, offset: one-element int64 tensors on the logits' device.
+        out: optional [N] int64, **mutated**.
+        probs_out: optional [N, V] float32, **mutated**: the warped distribution each token was drawn
+            from (one-hot at the argmax for greedy rows) — the draft probabilities speculative_verify needs.
+    Returns:
+        out [N] int64.
+    """
+    if out is None:
+        out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    torch.ops.pass_ext.sample(logits.contiguous(), temperature, top_k, top_p, seed, offset, out, probs_out)
+    return out
+
+
+@torch.library.register_fake("pass_ext::attention_with_kv_cache")
+def _attention_fake(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, out):
+    torch._check(out.shape == q.shape)
+    return None
+
+
+@torch.library.register_fake("pass_ext::speculative_verify")
+def _verify_fake(target_logits, draft_tokens, draft_probs, temperature, top_k, top_p, seed, offset,
+                 out_tokens, accepted):
+    torch._check(out_tokens.shape[1] == draft_tokens.shape[1] + 1)
+    return None
+
+
+@torch.library.register_fake("pass_ext::sample")
+def _sample_fake(logits, temperature, top_k, top_p, seed, offset, out, probs_out):
+    torch._check(out.shape[0] == logits.shape[0])
+    return None
