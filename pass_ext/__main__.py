@@ -1,0 +1,92 @@
+"""Command line: `python -m pass_ext generate|train ...` (see --help of each verb)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="short name (smollm2-135m, qwen2.5-coder-1.5b, qwen2.5-coder-0.5b), HF dir or .gguf file")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+
+
+class _TextStream:
+    """Prints one row's tokens as text as they are committed (decoding the whole row keeps multi-byte
+    characters intact)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, row: int, tokens: list) -> None:
+        self.ids.extend(tokens)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    import pass_ext
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = pass_ext.load_model(args.model, dtype=dtype, device=args.device)
+    if args.lookahead_file:
+        pass_ext.load_lookahead(model, args.lookahead_file)
+    tok = model.tokenizer
+    if tok is None:
+        print("this model has no tokenizer; pass_ext generate needs one to encode --prompt", file=sys.stderr)
+        return 2
+    text = args.prompt
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                       add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=not args.chat)["input_ids"]
+    draft = pass_ext.load_model(args.draft_model, dtype=dtype, device=args.device) if args.draft_model else None
+    if not args.quiet:
+        sys.stdout.write(args.prompt)
+    out = pass_ext.generate(model, [ids], max_new_tokens=args.max_new_tokens, method=args.method,
+                            lookahead=args.lookahead, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, draft_model=draft,
+                            stream=None if args.quiet else _TextStream(tok))
+    if args.quiet:
+        sys.stdout.write(tok.decode(out.new_tokens[0], skip_special_tokens=True))
+    print()
+    print(out.stats.summary() + f", stop: {out.stats.stop_reasons[0]}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pass_ext", description=__doc__)
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streaming it")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--method", default="pass", choices=["ar", "pass", "pass-paper", "draft"])
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--lookahead", type=int, default=None, help="drafts per step k (default: what the embeddings hold)")
+    g.add_argument("--lookahead-file", default=None, help="look-ahead embeddings (.safetensors) to load")
+    g.add_argument("--draft-model", default=None, help="draft model for --method draft")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--quiet", action="store_true", help="print the text at the end instead of streaming it")
+    g.set_defaults(fn=cmd_generate)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

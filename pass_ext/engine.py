@@ -1,0 +1,353 @@
+"""The decode engine: plain AR (k = 0), PaSS in paper mode (two passes) and fused mode (one pass), and
+classic draft-model speculative sampling — one loop, one cache, the same kernels for every method.
+
+Every step works on device tensors only (forward, verify, commit, next inputs): the host looks at device
+state every `sync_every` steps, to stream tokens and to stop. Shapes per step are fixed, so a step can be
+captured as a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import masks, ops
+
+# Stop reasons, stored per row on the device.
+RUNNING, EOS, MAX_NEW, LENGTH = 0, 1, 2, 3
+REASONS = {EOS: "eos", MAX_NEW: "max_new_tokens", LENGTH: "length"}
+
+
+@dataclass
+class Sampling:
+    """Per-row warping on the device: temperature [B] float32 (0 = greedy), top_k [B] int32, top_p [B] float32."""
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+
+    @property
+    def greedy(self) -> bool:
+        return bool((self.temperature == 0).all())
+
+    def repeat(self, n: int) -> "Sampling":
+        """Each row's parameters repeated n times (for n draft positions per row)."""
+        return Sampling(*(t.repeat_interleave(n) for t in (self.temperature, self.top_k, self.top_p)))
+
+
+class Rng:
+    """Seed and offset as one-element device tensors: ops read them on the device, the engine advances
+    the offset after each draw, so replays stay reproducible and a new seed changes the output."""
+
+    def __init__(self, seed: int, device):
+        self.seed = torch.tensor([seed], dtype=torch.long, device=device)
+        self.offset = torch.zeros(1, dtype=torch.long, device=device)
+
+    def advance(self) -> None:
+        self.offset += 1
+
+
+class Rows:
+    """Device-side bookkeeping of the generated tokens of B rows: ragged counts, EOS, per-row stop."""
+
+    def __init__(self, batch: int, max_new: int, eos_ids: list[int], pad_id: int, device):
+        self.max_new = max_new
+        self.out = torch.full((batch, max_new + 1), pad_id, dtype=torch.long, device=device)  # last col: dump
+        self.n = torch.zeros(batch, dtype=torch.long, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.reason = torch.zeros(batch, dtype=torch.long, device=device)
+        self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
+
+    def emit(self, tokens: torch.Tensor, count: torch.Tensor) -> None:
+        """tokens [B, m] int64, the first count[b] valid: append them to each running row, up to and
+        including an EOS and up to max_new tokens."""
+        m = tokens.shape[1]
+        j = torch.arange(m, device=tokens.device)
+        valid = j[None, :] < count[:, None]
+        n = count.long()
+        hit_eos = torch.zeros_like(self.done)
+        if self.eos is not None:
+            is_eos = torch.isin(tokens, self.eos) & valid
+            first = torch.where(is_eos.any(1), is_eos.long().argmax(1), m)
+            n = torch.minimum(n, first + 1)
+        n = torch.minimum(n, self.max_new - self.n)
+        n = torch.where(self.done, 0, n)
+        if self.eos is not None:
+            hit_eos = (first < n) & ~self.done
+        cols = torch.where(j[None, :] < n[:, None], self.n[:, None] + j[None, :], self.max_new)
+        self.out.scatter_(1, cols, tokens)
+        self.n += n
+        full = (self.n >= self.max_new) & ~self.done & ~hit_eos
+        self.reason = torch.where(hit_eos, EOS, torch.where(full, MAX_NEW, self.reason))
+        self.done |= hit_eos | full
+
+    def stop_for_length(self, lens: torch.Tensor, q_next: int, capacity: int) -> None:
+        """Rows whose next step would write at or past the cache capacity stop with reason "length"."""
+        over = ~self.done & (lens.long() + q_next > capacity)
+        self.reason = torch.where(over, LENGTH, self.reason)
+        self.done |= over
+
+
+class Stats:
+    """Per-call counters, kept on the device until the end."""
+
+    def __init__(self, batch: int, k: int, device):
+        self.k = k
+        self.hist = torch.zeros(k + 1, dtype=torch.long, device=device)
+        self.active_forwards = torch.zeros(batch, dtype=torch.long, device=device)
+        self.forward_passes = 0
+        self.draft_forward_passes = 0
+
+    def forward(self, done: torch.Tensor, passes: int = 1) -> None:
+        self.forward_passes += passes
+        self.active_forwards += (~done).long() * passes
+
+    def accepted(self, accepted: torch.Tensor, done: torch.Tensor) -> None:
+        onehot = torch.nn.functional.one_hot(accepted.long().clamp(0, self.k), self.k + 1)
+        self.hist += (onehot * (~done).long()[:, None]).sum(0)
+
+
+@dataclass
+class StepState:
+    """What one iteration hands to the next: the pending token c (sampled, not yet in the cache) and,
+    for PaSS, the drafts for the tokens after it with the warped distributions they were drawn from."""
+    c: torch.Tensor                              # [B] int64
+    drafts: Optional[torch.Tensor] = None        # [B, k] int64
+    draft_probs: Optional[torch.Tensor] = None   # [B, k, V] float32 (None when every row is greedy)
+
+
+class Engine:
+    """Runs one method over a prefilled batch. Subclassed per method by `step`."""
+
+    q_step = 1            # new tokens per row that one step writes into the target cache
+    passes_per_step = 1   # target forward passes per step
+
+    def __init__(self, model, cache, sampling: Sampling, rng: Rng, rows: Rows, stats: Stats, k: int = 0):
+        self.model, self.cache, self.sampling, self.rng, self.rows, self.stats = model, cache, sampling, rng, rows, stats
+        self.k = k
+        self.device = cache.lens.device
+
+    # -- shared pieces -----------------------------------------------------------------------------
+    def positions(self, offsets: torch.Tensor) -> torch.Tensor:
+        """[B, Q] positions: each row's committed length plus per-token offsets [Q]."""
+        return self.cache.lens.long()[:, None] + offsets[None, :]
+
+    def sample(self, logits: torch.Tensor, sampling: Sampling, want_probs: bool):
+        """logits [N, V] -> tokens [N] int64 and (warped probs [N, V] float32 or None)."""
+        probs = torch.empty_like(logits, dtype=torch.float32) if want_probs else None
+        tokens = ops.sample(logits, sampling.temperature, sampling.top_k, sampling.top_p,
+                            self.rng.seed, self.rng.offset, probs_out=probs)
+        self.rng.advance()
+        return tokens, probs
+
+    def verify(self, target_logits, drafts, draft_probs):
+        out, accepted = ops.speculative_verify(
+            target_logits, drafts, draft_probs, self.sampling.temperature, self.sampling.top_k,
+            self.sampling.top_p, self.rng.seed, self.rng.offset)
+        self.rng.advance()
+        return out, accepted
+
+    def commit(self, count: torch.Tensor, done_before: torch.Tensor) -> None:
+        """The accepted tokens are a prefix of the new ones: commit (and roll back the rest) by a length update."""
+        self.cache.lens += torch.where(done_before, 0, count).to(torch.int32)
+
+    def lookahead_embeds(self, ids: torch.Tensor, la_slots: torch.Tensor, la_index: torch.Tensor):
+        """Input vectors for ids [B, Q] with the look-ahead embedding LA_{la_index[j]+1} at slots la_slots[j]."""
+        embeds = self.model.embed(ids)
+        la = self.model.lookahead.weight.to(embeds.dtype)[la_index]          # [n, d]
+        embeds[:, la_slots] = la[None].expand(ids.shape[0], -1, -1)
+        return embeds
+
+    def start(self, c: torch.Tensor) -> StepState:
+        """The first state after prefill (c = each row's last prompt token, not yet in the cache)."""
+        return StepState(c=c)
+
+    def step(self, state: StepState) -> StepState:
+        raise NotImplementedError
+
+
+class AutoregressiveEngine(Engine):
+    """Plain decoding: one token per forward."""
+
+    def step(self, s: StepState) -> StepState:
+        done = self.rows.done.clone()
+        logits = self.model(s.c[:, None], positions=self.positions(torch.zeros(1, dtype=torch.long, device=self.device)),
+                            cache=self.cache)
+        self.stats.forward(done)
+        nxt, _ = self.sample(logits[:, -1], self.sampling, want_probs=False)
+        one = torch.ones_like(nxt)
+        self.commit(one, done)
+        self.rows.emit(nxt[:, None], one)
+        return StepState(c=nxt)
+
+
+class PassEngine(Engine):
+    """PaSS, paper mode (DESIGN §1.1): a drafting pass on [c, LA_1..LA_k], then a validation pass on
+    [x, d_1..d_k]. Each iteration costs two forwards and yields 2 + accepted tokens."""
+
+    passes_per_step = 2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        k, dev = self.k, self.device
+        self.q_step = k + 1
+        self.offsets = torch.arange(k + 1, device=dev)
+        self.la_slots = torch.arange(1, k + 1, device=dev)
+        self.la_index = torch.arange(k, device=dev)
+        self.draft_sampling = self.sampling.repeat(k)
+        self.want_probs = not self.sampling.greedy
+
+    def draft_from(self, la_logits: torch.Tensor):
+        """la_logits [B, k, V] -> drafts [B, k] and their warped distributions (None when all greedy)."""
+        B, k, V = la_logits.shape
+        drafts, probs = self.sample(la_logits.reshape(B * k, V), self.draft_sampling, self.want_probs)
+        return drafts.view(B, k), None if probs is None else probs.view(B, k, V)
+
+    def drafting_pass(self, c: torch.Tensor) -> StepState:
+        """[c, LA_1..LA_k]: the exact next token x after c, and drafts for the k tokens after x. Commits c."""
+        done = self.rows.done.clone()
+        ids = torch.cat([c[:, None], torch.zeros_like(c)[:, None].expand(-1, self.k)], 1)
+        embeds = self.lookahead_embeds(ids, self.la_slots, self.la_index)
+        hidden = self.model(None, positions=self.positions(self.offsets), cache=self.cache,
+                            inputs_embeds=embeds, return_hidden=True)
+        logits = self.model.lm_head_logits(hidden)                              # [B, k+1, V]
+        self.stats.forward(done)
+        x, _ = self.sample(logits[:, 0], self.sampling, want_probs=False)
+        drafts, probs = self.draft_from(logits[:, 1:])
+        one = torch.ones_like(x)
+        self.commit(one, done)
+        self.rows.emit(x[:, None], one)
+        return StepState(c=x, drafts=drafts, draft_probs=probs)
+
+    def validation_pass(self, s: StepState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[c, d_1..d_k] -> verify; commits c and the accepted drafts, emits them and the correction/bonus.
+        Returns (hidden [B, Q, d], accepted [B], the new pending token [B])."""
+        done = self.rows.done.clone()
+        ids = torch.cat([s.c[:, None], s.drafts], 1)
+        hidden = self.forward_block(ids, s)
+        target = self.model.lm_head_logits(hidden[:, : self.k + 1])              # [B, k+1, V]
+        self.stats.forward(done)
+        out, accepted = self.verify(target, s.drafts, s.draft_probs)
+        self.stats.accepted(accepted, done)
+        count = accepted.long() + 1
+        self.commit(count, done)
+        self.rows.emit(out, count)
+        nxt = out.gather(1, accepted.long()[:, None]).squeeze(1)
+        return hidden, accepted, nxt
+
+    def forward_block(self, ids: torch.Tensor, s: StepState) -> torch.Tensor:
+        return self.model(ids, positions=self.positions(self.offsets), cache=self.cache, return_hidden=True)
+
+    def start(self, c: torch.Tensor) -> StepState:
+        return self.drafting_pass(c)
+
+    def step(self, s: StepState) -> StepState:
+        _, _, nxt = self.validation_pass(s)
+        self.rows.stop_for_length(self.cache.lens, self.q_step, self.cache.capacity)
+        return self.drafting_pass(nxt)
+
+
+class FusedPassEngine(PassEngine):
+    """PaSS, fused mode (DESIGN §1.2): one forward on [c, d_1..d_k] plus k+1 groups of k look-ahead
+    tokens; group j sits after c..d_j, so after accepting a drafts, group a drafts the next iteration."""
+
+    passes_per_step = 1
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        k, dev = self.k, self.device
+        mask, pos = masks.fused_layout(k)
+        self.q_step = (k + 1) ** 2
+        self.fused_mask = masks.pack(mask).to(dev)
+        self.fused_offsets = pos.to(dev)
+        self.fused_slots = torch.arange(k + 1, self.q_step, device=dev)
+        self.fused_index = torch.arange(k, device=dev).repeat(k + 1)
+
+    def forward_block(self, ids: torch.Tensor, s: StepState) -> torch.Tensor:
+        B = ids.shape[0]
+        full = torch.cat([ids, ids.new_zeros(B, self.q_step - ids.shape[1])], 1)
+        embeds = self.lookahead_embeds(full, self.fused_slots, self.fused_index)
+        return self.model(None, positions=self.positions(self.fused_offsets), cache=self.cache,
+                          tree_mask=self.fused_mask, inputs_embeds=embeds, return_hidden=True)
+
+    def start(self, c: torch.Tensor) -> StepState:
+        return self.drafting_pass(c)
+
+    def step(self, s: StepState) -> StepState:
+        hidden, accepted, nxt = self.validation_pass(s)
+        k = self.k
+        # Group a (a = accepted) starts at k+1 + a*k; its outputs are "i tokens after nxt" distributions.
+        idx = (k + 1) + accepted.long()[:, None] * k + torch.arange(k, device=self.device)[None, :]
+        group = hidden.gather(1, idx[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        drafts, probs = self.draft_from(self.model.lm_head_logits(group))
+        self.rows.stop_for_length(self.cache.lens, self.q_step, self.cache.capacity)
+        return StepState(c=nxt, drafts=drafts, draft_probs=probs)
+
+
+class DraftModelEngine(Engine):
+    """Classic speculative sampling: a smaller model with the same vocabulary drafts k tokens one by one,
+    the target verifies them in one forward. The draft cache trails the target cache by one token so
+    every round's first draft forward has the same shape ([last committed token, c])."""
+
+    def __init__(self, *args, draft_model, draft_cache, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.draft_model, self.draft_cache = draft_model, draft_cache
+        self.q_step = self.k + 1
+        self.offsets = torch.arange(self.k + 1, device=self.device)
+        self.want_probs = not self.sampling.greedy
+        self.last = None  # [B] the last committed token, fed again to the draft model
+        self.first_round = True
+
+    def draft_positions(self, offsets):
+        return self.draft_cache.lens.long()[:, None] + offsets[None, :]
+
+    def step(self, s: StepState) -> StepState:
+        k, dev, done = self.k, self.device, self.rows.done.clone()
+        dc = self.draft_cache
+        if self.first_round:  # both caches hold the prompt minus its last token: feed c alone
+            ids = s.c[:, None]
+        else:                 # the draft cache is one token behind the target: feed it again
+            ids = torch.stack([self.last, s.c], 1)
+        drafts, probs = [], []
+        for i in range(k):
+            logits = self.draft_model(ids, positions=self.draft_positions(torch.arange(ids.shape[1], device=dev)),
+                                      cache=dc)
+            self.stats.draft_forward_passes += 1
+            d, p = self.sample(logits[:, -1], self.sampling, self.want_probs)
+            dc.lens += torch.where(done, 0, ids.shape[1]).to(torch.int32)
+            drafts.append(d)
+            probs.append(p)
+            ids = d[:, None]
+        drafts = torch.stack(drafts, 1)
+        draft_probs = torch.stack(probs, 1) if self.want_probs else None
+        ids = torch.cat([s.c[:, None], drafts], 1)
+        logits = self.model(ids, positions=self.positions(self.offsets), cache=self.cache)
+        self.stats.forward(done)
+        out, accepted = self.verify(logits, drafts, draft_probs)
+        self.stats.accepted(accepted, done)
+        count = accepted.long() + 1
+        self.commit(count, done)
+        self.rows.emit(out, count)
+        # The last committed token is c (a = 0) or draft a; the draft cache rolls back to hold all but it.
+        self.last = torch.cat([s.c[:, None], drafts], 1).gather(1, accepted.long()[:, None]).squeeze(1)
+        dc.lens.copy_(torch.where(done, dc.lens, self.cache.lens - 1))
+        self.first_round = False
+        nxt = out.gather(1, accepted.long()[:, None]).squeeze(1)
+        self.rows.stop_for_length(self.cache.lens, self.q_step, self.cache.capacity)
+        return StepState(c=nxt)
+
+
+def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Callable[[], None]] = None) -> int:
+    """Iterate steps until every row is done; the host looks at device state every `sync_every` steps.
+    Returns the number of steps run."""
+    engine.rows.stop_for_length(engine.cache.lens, engine.q_step, engine.cache.capacity)
+    state = engine.start(c)
+    steps = 0
+    while True:
+        state = engine.step(state)
+        steps += 1
+        if steps % sync_every == 0:
+            if on_sync is not None:
+                on_sync()
+            if bool(engine.rows.done.all()):
+                return steps

@@ -1,0 +1,324 @@
+"""`pass_ext.generate`: validate the request, prefill ragged prompts, run the engine for the chosen method,
+and return sequences, per-row new tokens and statistics."""
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from . import engine as E
+
+METHODS = ("ar", "pass", "pass-paper", "draft")
+_converted: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class GenerateStats:
+    method: str
+    k: int
+    forward_passes: int                 # target-model forward passes (prefill excluded)
+    draft_forward_passes: int           # draft-model forward passes ("draft" method)
+    tokens_per_forward: float           # new tokens per target forward, per row, averaged over rows
+    acceptance_by_position: list        # P(draft i accepted | drafts 1..i-1 accepted), i = 1..k
+    accepted_length_histogram: list     # verify steps that accepted 0..k drafts (all rows)
+    elapsed_s: float
+    tokens_per_s: float                 # all rows' new tokens / elapsed_s
+    stop_reasons: list                  # per row: "eos", "max_new_tokens" or "length"
+    new_tokens: int = 0
+
+    def summary(self) -> str:
+        acc = ", ".join(f"{a:.2f}" for a in self.acceptance_by_position) or "-"
+        return (f"{self.method} k={self.k}: {self.new_tokens} tokens in {self.elapsed_s:.2f} s "
+                f"({self.tokens_per_s:.1f} tok/s), {self.tokens_per_forward:.2f} tokens/forward, "
+                f"acceptance by position [{acc}]")
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor             # [B, T] prompt + new tokens per row, right-padded
+    new_tokens: list                    # B 1-D LongTensors, without padding
+    num_new_tokens: torch.Tensor        # [B]
+    stats: GenerateStats
+    prompt_lengths: list = field(default_factory=list)
+
+
+def _as_model(model):
+    from .model import Model
+    if isinstance(model, Model):
+        return model
+    from .loading import load_model
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        PreTrainedModel = ()
+    if isinstance(model, PreTrainedModel):
+        if model not in _converted:
+            _converted[model] = load_model(model)
+        return _converted[model]
+    return load_model(model)
+
+
+def _as_rows(ids, vocab_size: int) -> list:
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"ids must be a LongTensor [B, T] or a list of token-id lists, got a "
+                             f"{ids.dtype} tensor of shape {tuple(ids.shape)}")
+        rows = ids.tolist()
+    elif isinstance(ids, Sequence) and not isinstance(ids, (str, bytes)):
+        rows = [list(r) for r in ids] if ids and isinstance(ids[0], Sequence) else [list(ids)]
+    else:
+        raise TypeError(f"ids must be a LongTensor [B, T] or a list of token-id lists, got {type(ids).__name__}")
+    if len(rows) == 0:
+        raise ValueError("ids holds no rows (batch of zero)")
+    for b, r in enumerate(rows):
+        if len(r) == 0:
+            raise ValueError(f"ids row {b} is empty: every prompt needs at least one token")
+        for t in r:
+            if not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise ValueError(f"ids row {b} holds token id {t!r} outside the vocabulary [0, {vocab_size})")
+    return rows
+
+
+def _per_row(value, B: int, name: str, kind):
+    vals = value.tolist() if isinstance(value, torch.Tensor) else value
+    vals = list(vals) if isinstance(vals, (list, tuple)) else [vals] * B
+    if len(vals) != B:
+        raise ValueError(f"{name} must be one value or {B} values (one per row), got {len(vals)}")
+    out = []
+    for v in vals:
+        if kind is int:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a number, got {v!r}")
+        out.append(kind(v))
+    return out
+
+
+def make_sampling(B, temperature, top_k, top_p, device) -> E.Sampling:
+    temps = _per_row(temperature, B, "temperature", float)
+    ks = _per_row(top_k, B, "top_k", int)
+    ps = _per_row(top_p, B, "top_p", float)
+    for t in temps:
+        if not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t}")
+    for k in ks:
+        if k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {k}")
+    for p in ps:
+        if not (0.0 < p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p}")
+    return E.Sampling(torch.tensor(temps, dtype=torch.float32, device=device),
+                      torch.tensor(ks, dtype=torch.int32, device=device),
+                      torch.tensor(ps, dtype=torch.float32, device=device))
+
+
+def _eos_ids(model, eos_token_id) -> list:
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+    if eos_token_id is None or eos_token_id is False:
+        return []
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    for t in ids:
+        if not isinstance(t, int) or not 0 <= t < model.config.vocab_size:
+            raise ValueError(f"eos_token_id {t!r} is outside the vocabulary [0, {model.config.vocab_size})")
+    return ids
+
+
+def _resolve_k(method, model, lookahead, draft_model) -> int:
+    if method == "ar":
+        return 0
+    if method == "draft":
+        if draft_model is None:
+            raise ValueError("method='draft' needs draft_model= (a smaller model with the same vocabulary, "
+                             "e.g. 'qwen2.5-coder-0.5b' for 'qwen2.5-coder-1.5b')")
+        k = 4 if lookahead is None else lookahead
+    else:
+        la = model.lookahead
+        if la is None:
+            raise ValueError(
+                f"method={method!r} needs look-ahead embeddings, and this model has none loaded: load them with "
+                "pass_ext.load_lookahead(model, 'file.safetensors'), train them with `python -m pass_ext train "
+                "--model ... --out file.safetensors`, or use method='ar'")
+        k = la.k if lookahead is None else lookahead
+        if isinstance(k, int) and k > la.k:
+            raise ValueError(f"lookahead={k} exceeds the {la.k} look-ahead embeddings loaded for this model "
+                             f"(allowed: 1..{la.k})")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > 16:
+        raise ValueError(f"lookahead must be an int in 1..16 for method={method!r}, got {k!r}")
+    return k
+
+
+def prefill(model, cache, rows: list, chunk: int) -> torch.Tensor:
+    """Write every prompt but its last token into the cache (ragged: row by row, in chunks) and commit it.
+    Returns each row's last prompt token [B] (the pending token of the first step)."""
+    dev = cache.lens.device
+    for b, r in enumerate(rows):
+        view = cache.row(b)
+        for s in range(0, len(r) - 1, chunk):
+            piece = torch.tensor(r[s: min(s + chunk, len(r) - 1)], dtype=torch.long, device=dev)[None]
+            pos = torch.arange(s, s + piece.shape[1], device=dev)[None]
+            model(piece, positions=pos, cache=view, return_hidden=True)
+            view.lens += piece.shape[1]
+    return torch.tensor([r[-1] for r in rows], dtype=torch.long, device=dev)
+
+
+def generate(
+    model,
+    ids,
+    *,
+    max_new_tokens: int = 128,
+    method: str = "pass",
+    lookahead: Optional[int] = None,
+    temperature: Union[float, Sequence[float]] = 0.0,
+    top_k: Union[int, Sequence[int]] = 0,
+    top_p: Union[float, Sequence[float]] = 1.0,
+    seed: Optional[int] = None,
+    draft_model=None,
+    eos_token_id=None,
+    pad_token_id: Optional[int] = None,
+    stream: Optional[Callable] = None,
+    max_length: Optional[int] = None,
+    sync_every: Optional[int] = None,
+    prefill_chunk: int = 512,
+) -> GenerateOutput:
+    """Generate up to `max_new_tokens` per row; every method returns what plain decoding would (greedy:
+    the same tokens; sampling: the same distribution).
+
+    Args:
+        model: a pass_ext.Model, or anything pass_ext.load_model accepts (a transformers model object is
+            converted once and cached).
+        ids: LongTensor [B, T], or a list of B token-id lists of different lengths (ragged batch).
+        method: "ar" (plain decoding), "pass" (fused one-pass PaSS), "pass-paper" (the paper's two passes),
+            "draft" (speculative sampling with `draft_model`).
+        lookahead: drafts per step k (PaSS: default = the loaded embeddings' k; "draft": default 4).
+        temperature, top_k, top_p: warping, one value or one per row (temperature 0 = greedy).
+        seed: RNG seed for sampling (None: a random one).
+        eos_token_id: int or list (default: the model's); False disables EOS stopping.
+        stream: called as stream(row, new_token_ids) whenever the host syncs, or an object with
+            put()/end() like transformers' streamers (batch of one).
+        max_length: cache capacity per row in tokens (prompt, generated tokens and the step's scratch
+            slots); rows that would pass it stop with reason "length". Default: room for everything.
+        sync_every: steps between host syncs (streaming, stop checks). Default 1 with `stream`, else 4.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    model = _as_model(model)
+    if draft_model is not None:
+        if method != "draft":
+            raise ValueError(f"draft_model is only used by method='draft', not {method!r}")
+        draft_model = _as_model(draft_model)
+        if draft_model.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"draft_model's vocabulary ({draft_model.config.vocab_size}) differs from the "
+                             f"model's ({model.config.vocab_size}): speculative sampling needs the same tokenizer")
+        if draft_model.device != model.device:
+            raise ValueError(f"draft_model is on {draft_model.device}, the model on {model.device}")
+    k = _resolve_k(method, model, lookahead, draft_model)
+    rows = _as_rows(ids, model.config.vocab_size)
+    B, dev = len(rows), model.device
+    sampling = make_sampling(B, temperature, top_k, top_p, dev)
+    eos = _eos_ids(model, eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    if sync_every is None:
+        sync_every = 1 if stream is not None else 4
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+
+    engine_cls = {"ar": E.AutoregressiveEngine, "pass": E.FusedPassEngine, "pass-paper": E.PassEngine,
+                  "draft": E.DraftModelEngine}[method]
+    q_step = {"ar": 1, "pass": (k + 1) ** 2, "pass-paper": k + 1, "draft": k + 1}[method]
+    longest = max(len(r) for r in rows)
+    capacity = longest + max_new_tokens + q_step + 1 if max_length is None else max_length
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise TypeError(f"max_length must be an int, got {max_length!r}")
+    if longest - 1 + q_step > capacity:
+        raise ValueError(f"max_length={capacity} leaves no room: the longest prompt has {longest} tokens and one "
+                         f"{method} step writes {q_step} more (need max_length >= {longest - 1 + q_step})")
+    if longest + max_new_tokens > model.config.max_position_embeddings:
+        warnings.warn(f"prompt + max_new_tokens ({longest + max_new_tokens}) exceeds the model's "
+                      f"max_position_embeddings ({model.config.max_position_embeddings})")
+    if seed is None:
+        seed = random.getrandbits(62)
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        cache = model.new_cache(B, capacity)
+        c = prefill(model, cache, rows, prefill_chunk)
+        extra = {}
+        if method == "draft":
+            dcache = draft_model.new_cache(B, capacity)
+            prefill(draft_model, dcache, rows, prefill_chunk)
+            extra = dict(draft_model=draft_model, draft_cache=dcache)
+        rng = E.Rng(seed, dev)
+        out_rows = E.Rows(B, max_new_tokens, eos, pad, dev)
+        stats = E.Stats(B, k, dev)
+        eng = engine_cls(model, cache, sampling, rng, out_rows, stats, k=k, **extra)
+        on_sync = _streamer(stream, out_rows, rows) if stream is not None else None
+        E.run(eng, c, sync_every, on_sync)
+        if on_sync is not None:
+            on_sync(final=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    elapsed = time.perf_counter() - t0
+    return _output(rows, out_rows, stats, method, k, elapsed, pad)
+
+
+def _streamer(stream, out_rows: E.Rows, prompts: list):
+    sent = [0] * len(prompts)
+    hf_style = hasattr(stream, "put") and hasattr(stream, "end")
+    if hf_style:
+        if len(prompts) != 1:
+            raise ValueError("a transformers-style streamer (put/end) takes a batch of one; pass a callable "
+                             "stream(row, tokens) for batches")
+        stream.put(torch.tensor([prompts[0]]))
+
+    def on_sync(final: bool = False):
+        n = out_rows.n.tolist()
+        if any(n[b] > sent[b] for b in range(len(n))):
+            toks = out_rows.out.tolist()
+            for b in range(len(n)):
+                if n[b] > sent[b]:
+                    new = toks[b][sent[b]: n[b]]
+                    sent[b] = n[b]
+                    if hf_style:
+                        stream.put(torch.tensor(new))
+                    else:
+                        stream(b, new)
+        if final and hf_style:
+            stream.end()
+    return on_sync
+
+
+def _output(prompts, out_rows: E.Rows, stats: E.Stats, method, k, elapsed, pad) -> GenerateOutput:
+    n = out_rows.n.cpu()
+    gen = out_rows.out.cpu()
+    new_tokens = [gen[b, : n[b]].clone() for b in range(len(prompts))]
+    width = max(len(p) + int(n[b]) for b, p in enumerate(prompts))
+    seqs = torch.full((len(prompts), width), pad, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        seqs[b, : len(p)] = torch.tensor(p)
+        seqs[b, len(p): len(p) + int(n[b])] = new_tokens[b]
+    hist = stats.hist.cpu().tolist()
+    # P(draft i accepted | reached) = steps accepting >= i / steps accepting >= i-1
+    at_least = [sum(hist[i:]) for i in range(k + 1)]
+    acc = [at_least[i] / at_least[i - 1] if at_least[i - 1] else 0.0 for i in range(1, k + 1)]
+    active = stats.active_forwards.cpu().clamp(min=1).double()
+    tpf = float((n.double() / active).mean())
+    total = int(n.sum())
+    reasons = [E.REASONS.get(int(r), "max_new_tokens") for r in out_rows.reason.cpu()]
+    st = GenerateStats(method=method, k=k, forward_passes=stats.forward_passes,
+                       draft_forward_passes=stats.draft_forward_passes, tokens_per_forward=tpf,
+                       acceptance_by_position=acc, accepted_length_histogram=hist, elapsed_s=elapsed,
+                       tokens_per_s=total / elapsed if elapsed > 0 else 0.0, stop_reasons=reasons, new_tokens=total)
+    return GenerateOutput(sequences=seqs, new_tokens=new_tokens, num_new_tokens=n, stats=st,
+                          prompt_lengths=[len(p) for p in prompts])
