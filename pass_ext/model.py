@@ -1,0 +1,360 @@
+"""A lean Llama-family decoder (llama, mistral, qwen2; SmolLM is llama) over a preallocated rollback KV cache.
+
+Everything but attention is plain PyTorch; attention goes through `ops.attention_with_kv_cache`, or, for
+training, through the same computation in differentiable torch ops. Weights are frozen; activations keep
+their autograd graph so that look-ahead embeddings fed in as `inputs_embeds` can be trained.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import masks, ops
+
+__all__ = ["ModelConfig", "KVCache", "Model", "SUPPORTED_ARCHS", "SUPPORTED_ROPE_TYPES"]
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Look-ahead tokens sit a few positions past the last cache slot; tables cover this much beyond a cache.
+_POSITION_SLACK = 256
+
+
+@dataclass
+class ModelConfig:
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict]
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[Union[int, list]] = None
+
+    def __post_init__(self):
+        if self.arch not in SUPPORTED_ARCHS:
+            raise ValueError(f"unsupported architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> "ModelConfig":
+        """Read a transformers config (v4 style rope_theta/rope_scaling or v5 style rope_parameters)."""
+        arch = getattr(hf_config, "model_type", None)
+        if arch not in SUPPORTED_ARCHS:
+            raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+        theta = rope.pop("rope_theta", None) or getattr(hf_config, "rope_theta", None) or 10000.0
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        heads = hf_config.num_attention_heads
+        return cls(
+            arch=arch,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+            rms_norm_eps=float(hf_config.rms_norm_eps),
+            rope_theta=float(theta),
+            rope_scaling=None if rope_type == "default" else rope,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; Llama/Mistral only when attention_bias is set.
+            attention_bias=arch == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+            bos_token_id=getattr(hf_config, "bos_token_id", None),
+            eos_token_id=getattr(hf_config, "eos_token_id", None),
+        )
+
+
+@dataclass
+class KVCache:
+    """Per-layer K/V for B rows x S_max slots; `lens[b]` counts row b's committed tokens.
+
+    A forward writes its Q new tokens at slots lens[b]..lens[b]+Q-1 without touching `lens`; committing the
+    first n of them is `lens += n`, and rolling back the rest is simply not committing them.
+    """
+    k: list  # per layer [B, Hkv, S_max, D]
+    v: list  # per layer [B, Hkv, S_max, D]
+    lens: torch.Tensor  # [B] int32 on the model device
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    def commit(self, n: Union[torch.Tensor, int]) -> None:
+        """lens += n (n: [B] or scalar, any integer dtype); in place, so captured graphs see it."""
+        if isinstance(n, torch.Tensor):
+            n = n.to(device=self.lens.device, dtype=self.lens.dtype)
+        self.lens.add_(n)
+
+    def reset(self) -> None:
+        self.lens.zero_()
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same order of operations as transformers (float32 statistics, scale in the input dtype).
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """[head_dim/2] float32 inverse frequencies, with the model's rope scaling applied."""
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "linear":
+        inv = inv / scaling["factor"]
+    elif rope_type == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + SwiGLU MLP. q/k/v and gate/up are fused into one matmul each."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        frozen = lambda t: None if t is None else nn.Parameter(t, requires_grad=False)  # noqa: E731
+        self.input_norm = frozen(weights["input_norm"])
+        self.wqkv = frozen(weights["wqkv"])          # [(Hq + 2 Hkv) D, d]
+        self.bqkv = frozen(weights.get("bqkv"))      # [(Hq + 2 Hkv) D] or None
+        self.wo = frozen(weights["wo"])              # [d, Hq D]
+        self.bo = frozen(weights.get("bo"))
+        self.post_norm = frozen(weights["post_norm"])
+        self.w_gate_up = frozen(weights["w_gate_up"])  # [2 I, d]
+        self.b_gate_up = frozen(weights.get("b_gate_up"))
+        self.w_down = frozen(weights["w_down"])      # [d, I]
+        self.b_down = frozen(weights.get("b_down"))
+
+
+class Model(nn.Module):
+    """The decoder. Build it with `pass_ext.load_model`; weights are frozen, activations differentiable."""
+
+    lookahead = None
+
+    def __init__(self, config: ModelConfig, weights: dict[str, Any], name: Optional[str] = None,
+                 tokenizer: Any = None, tokenizer_loader: Optional[Callable[[], Any]] = None):
+        """weights: 'embed_tokens' [V, d], 'norm' [d], 'lm_head' [V, d] (absent when tied) and 'layers', a
+        list of per-layer dicts as DecoderLayer takes them. Tensors are used as given (no copy)."""
+        super().__init__()
+        self.config = config
+        self.name = name
+        self.lookahead = None
+        self._tokenizer = tokenizer
+        self._tokenizer_loader = tokenizer_loader
+        self.embed_tokens = nn.Parameter(weights["embed_tokens"], requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(config, w) for w in weights["layers"])
+        self.norm = nn.Parameter(weights["norm"], requires_grad=False)
+        lm_head = None if config.tie_word_embeddings else weights.get("lm_head")
+        if not config.tie_word_embeddings and lm_head is None:
+            raise ValueError("untied model without an lm_head weight")
+        self.lm_head = None if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
+        self._rope_cos: Optional[torch.Tensor] = None  # [P, D] float32, built lazily
+        self._rope_sin: Optional[torch.Tensor] = None
+        self.fingerprint = self._compute_fingerprint()
+
+    # ---- properties -------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None and self._tokenizer_loader is not None:
+            loader, self._tokenizer_loader = self._tokenizer_loader, None
+            self._tokenizer = loader()
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self._tokenizer, self._tokenizer_loader = value, None
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda() move the weights; rebuild the rope tables on the new device on next use.
+        self._rope_cos = self._rope_sin = None
+        return super()._apply(fn, recurse)
+
+    # ---- cache and positions ----------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """Zeroed K/V for `batch_size` rows of `max_length` slots each, in the model dtype and device."""
+        if int(batch_size) <= 0 or int(max_length) <= 0:
+            raise ValueError(f"new_cache needs batch_size > 0 and max_length > 0, got {batch_size}, {max_length}")
+        c = self.config
+        shape = (int(batch_size), c.num_kv_heads, int(max_length), c.head_dim)
+        make = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        self.ensure_positions(int(max_length) + _POSITION_SLACK)
+        return KVCache(k=[make() for _ in range(c.num_layers)], v=[make() for _ in range(c.num_layers)],
+                       lens=torch.zeros(int(batch_size), dtype=torch.int32, device=self.device))
+
+    def ensure_positions(self, n: int) -> None:
+        """Make the rope tables cover positions 0..n-1 (at least max_position_embeddings). Not graph-safe:
+        call it before capturing (new_cache does)."""
+        n = max(int(n), self.config.max_position_embeddings)
+        if self._rope_cos is not None and self._rope_cos.shape[0] >= n:
+            return
+        # Same float32 arithmetic as transformers: freqs = pos * inv_freq, then cos/sin of [freqs, freqs].
+        inv_freq = rope_inv_freq(self.config).to(self.device)  # not a buffer: .to(dtype) must not round it
+        freqs = torch.outer(torch.arange(n, device=self.device, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._rope_cos, self._rope_sin = emb.cos(), emb.sin()
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, Q] token ids -> [B, Q, d] embeddings in the model dtype."""
+        return F.embedding(input_ids, self.embed_tokens)
+
+    def lm_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., d] final-norm hidden states -> [..., V] float32 logits."""
+        weight = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, weight).float()
+
+    def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, cache: KVCache,
+                tree_mask: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
+                return_hidden: bool = False, attention: str = "op") -> torch.Tensor:
+        """Run Q new tokens per row after each row's committed cache.
+
+        Args:
+            input_ids: [B, Q] int64, or None when inputs_embeds is given.
+            positions: [B, Q] int64 rope positions (explicit: look-ahead groups reuse positions).
+            cache: written at slots cache.lens[b]..cache.lens[b]+Q-1 of every layer; cache.lens is not changed.
+            tree_mask: None (causal), bit-packed int64 [Q, ceil(Q/64)] (see pass_ext.masks) or bool [Q, Q].
+            inputs_embeds: [B, Q, d] instead of input_ids (cast to the model dtype).
+            return_hidden: return the final-norm hidden states [B, Q, d] instead of logits.
+            attention: 'op' (the native kernel, no autograd) or 'torch' (differentiable SDPA, same result).
+        Returns:
+            logits [B, Q, V] float32, or hidden [B, Q, d] in the model dtype.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if attention not in ("op", "torch"):
+            raise ValueError(f"attention must be 'op' or 'torch', got {attention!r}")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)  # [B, Q, d]
+        B, Q, _ = x.shape
+        if cache.batch_size != B:
+            raise ValueError(f"cache has {cache.batch_size} rows but the input has {B}")
+        if tree_mask is not None and tree_mask.dtype == torch.bool:
+            tree_mask = masks.pack(tree_mask)
+        if tree_mask is not None:
+            tree_mask = tree_mask.to(self.device)
+        if x.device.type == "cpu" or attention == "torch":
+            # The kernel refuses too, but only per layer; checking here keeps every layer untouched.
+            # (Skipped on CUDA for the op path: it would sync, and the kernel never writes past S_max.)
+            over = cache.lens.long() + Q > cache.capacity
+            if bool(over.any()):
+                raise RuntimeError(f"{Q} new tokens after cache lens {cache.lens.tolist()} exceed the cache "
+                                   f"capacity {cache.capacity} (nothing was written)")
+        self.ensure_positions(0)
+        cos = self._rope_cos[positions].to(self.dtype).unsqueeze(2)  # [B, Q, 1, D]
+        sin = self._rope_sin[positions].to(self.dtype).unsqueeze(2)
+        torch_mask = self._torch_mask(cache, Q, tree_mask) if attention == "torch" else None
+
+        c = self.config
+        Hq, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
+            qkv = F.linear(h, layer.wqkv, layer.bqkv)  # [B, Q, (Hq + 2 Hkv) D]
+            q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+            q = q.view(B, Q, Hq, D)
+            k = k.view(B, Q, Hkv, D)
+            v = v.view(B, Q, Hkv, D)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            if attention == "op":
+                a = ops.attention_with_kv_cache(q, k, v, cache.k[i], cache.v[i], cache.lens, tree_mask)  # [B,Q,Hq,D]
+            else:
+                a = self._torch_attention(q, k, v, cache.k[i], cache.v[i], cache.lens, torch_mask)
+            x = x + F.linear(a.reshape(B, Q, Hq * D), layer.wo, layer.bo)
+            h = _rms_norm(x, layer.post_norm, c.rms_norm_eps)
+            gate, up = F.linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+        x = _rms_norm(x, self.norm, c.rms_norm_eps)
+        return x if return_hidden else self.lm_head_logits(x)
+
+    def _torch_mask(self, cache: KVCache, Q: int, tree_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """bool [B, 1, Q, S_max + Q]: committed slots of the row, then the new tokens the tree mask allows."""
+        S = cache.capacity
+        committed = torch.arange(S, device=self.device)[None, :] < cache.lens[:, None].long()  # [B, S]
+        new = (masks.unpack(tree_mask, Q) if tree_mask is not None
+               else torch.ones(Q, Q, dtype=torch.bool, device=self.device).tril())  # [Q, Q]
+        B = cache.batch_size
+        return torch.cat([committed[:, None, :].expand(B, Q, S), new[None].expand(B, Q, Q)], dim=-1)[:, None]
+
+    @staticmethod
+    def _torch_attention(q, k, v, k_cache, v_cache, lens, mask):
+        """Differentiable twin of the op: q [B,Q,Hq,D], k/v [B,Q,Hkv,D] -> [B,Q,Hq,D]; writes k/v to the cache."""
+        B, Q = q.shape[:2]
+        slots = lens.long()[:, None] + torch.arange(Q, device=q.device)[None, :]  # [B, Q]
+        rows = torch.arange(B, device=q.device)[:, None].expand(B, Q)
+        # The cache holds values, not graph nodes: gradients flow through the new tokens' k/v directly.
+        k_cache.transpose(1, 2)[rows, slots] = k.detach().to(k_cache.dtype)
+        v_cache.transpose(1, 2)[rows, slots] = v.detach().to(v_cache.dtype)
+        keys = torch.cat([k_cache, k.transpose(1, 2)], dim=2)  # [B, Hkv, S + Q, D]
+        values = torch.cat([v_cache, v.transpose(1, 2)], dim=2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+        return out.transpose(1, 2)  # [B, Q, Hq, D]
+
+    # ---- identity ---------------------------------------------------------------------------------------------
+    def _compute_fingerprint(self) -> str:
+        """First 16 hex of a sha256 over the config and strided samples of a few weights, rounded to bf16 so
+        that float32 and bfloat16 loads of the same weights (from any source) agree."""
+        h = hashlib.sha256()
+        c = self.config
+        for f in ("arch", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                  "num_kv_heads", "head_dim", "tie_word_embeddings"):
+            h.update(f"{f}={getattr(c, f)};".encode())
+        for f in ("rms_norm_eps", "rope_theta"):
+            h.update(f"{f}={getattr(c, f):.6g};".encode())
+        first, last = self.layers[0], self.layers[-1]
+        tensors = [self.embed_tokens, first.wqkv, first.w_gate_up, last.wqkv, last.w_down, self.norm]
+        if self.lm_head is not None:
+            tensors.append(self.lm_head)
+        for t in tensors:
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 65536)]
+            h.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"arch={c.arch}, layers={c.num_layers}, d={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, "
+                f"vocab={c.vocab_size}, dtype={self.dtype}, fingerprint={self.fingerprint}")
