@@ -158,6 +158,16 @@ class Engine:
         embeds[:, la_slots] = la[None].expand(ids.shape[0], -1, -1)
         return embeds
 
+    def check_capacity(self) -> None:
+        """Before a step: rows whose writes would pass the capacity stop ("length"); then park done rows."""
+        self.rows.stop_for_length(self.cache.lens, self.q_step, self.cache.capacity)
+        self.park_done_rows()
+
+    def park_done_rows(self) -> None:
+        """Finished rows keep riding along (fixed shapes) but see an empty cache: their writes stay in
+        the first slots, far from the capacity, and their attention costs nothing."""
+        self.cache.lens.masked_fill_(self.rows.done, 0)
+
     def start(self, c: torch.Tensor) -> StepState:
         """The first state after prefill (c = each row's last prompt token, not yet in the cache)."""
         return StepState(c=c)
@@ -178,6 +188,7 @@ class AutoregressiveEngine(Engine):
         one = torch.ones_like(nxt)
         self.commit(one, done)
         self.rows.emit(nxt[:, None], one)
+        self.check_capacity()
         return StepState(c=nxt)
 
 
@@ -243,8 +254,10 @@ class PassEngine(Engine):
 
     def step(self, s: StepState) -> StepState:
         _, _, nxt = self.validation_pass(s)
-        self.rows.stop_for_length(self.cache.lens, self.q_step, self.cache.capacity)
-        return self.drafting_pass(nxt)
+        self.check_capacity()
+        state = self.drafting_pass(nxt)
+        self.check_capacity()
+        return state
 
 
 class FusedPassEngine(PassEngine):
@@ -280,7 +293,7 @@ class FusedPassEngine(PassEngine):
         idx = (k + 1) + accepted.long()[:, None] * k + torch.arange(k, device=self.device)[None, :]
         group = hidden.gather(1, idx[:, :, None].expand(-1, -1, hidden.shape[-1]))
         drafts, probs = self.draft_from(self.model.lm_head_logits(group))
-        self.rows.stop_for_length(self.cache.lens, self.q_step, self.cache.capacity)
+        self.check_capacity()
         return StepState(c=nxt, drafts=drafts, draft_probs=probs)
 
 
@@ -297,6 +310,10 @@ class DraftModelEngine(Engine):
         self.want_probs = not self.sampling.greedy
         self.last = None  # [B] the last committed token, fed again to the draft model
         self.first_round = True
+
+    def park_done_rows(self) -> None:
+        super().park_done_rows()
+        self.draft_cache.lens.masked_fill_(self.rows.done, 0)
 
     def draft_positions(self, offsets):
         return self.draft_cache.lens.long()[:, None] + offsets[None, :]
@@ -333,15 +350,16 @@ class DraftModelEngine(Engine):
         dc.lens.copy_(torch.where(done, dc.lens, self.cache.lens - 1))
         self.first_round = False
         nxt = out.gather(1, accepted.long()[:, None]).squeeze(1)
-        self.rows.stop_for_length(self.cache.lens, self.q_step, self.cache.capacity)
+        self.check_capacity()
         return StepState(c=nxt)
 
 
 def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Callable[[], None]] = None) -> int:
     """Iterate steps until every row is done; the host looks at device state every `sync_every` steps.
     Returns the number of steps run."""
-    engine.rows.stop_for_length(engine.cache.lens, engine.q_step, engine.cache.capacity)
+    engine.check_capacity()
     state = engine.start(c)
+    engine.check_capacity()
     steps = 0
     while True:
         state = engine.step(state)

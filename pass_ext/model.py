@@ -112,6 +112,10 @@ class KVCache:
     def reset(self) -> None:
         self.lens.zero_()
 
+    def row(self, b: int) -> "KVCache":
+        """A one-row view of row b: writes and `lens` updates through it land in this cache."""
+        return KVCache(k=[t[b: b + 1] for t in self.k], v=[t[b: b + 1] for t in self.v], lens=self.lens[b: b + 1])
+
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same order of operations as transformers (float32 statistics, scale in the input dtype).
