@@ -157,6 +157,7 @@ template <typename T, int D_MAX, int E, bool EXACT, int RT>
 __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionParams p) {
   using Tile = AttentionTile<T, D_MAX, E, EXACT, RT>;
   constexpr int TRS = Tile::kRowsPerWarp, KT = kKeyTile, STRIDE = Tile::kStride, CH = Tile::kChunk;
+  constexpr int kPVUnroll = TRS >= 8 ? 1 : 4;  // many rows already give the P.V loop its parallelism
   const int D = EXACT ? D_MAX : p.D;
   const int cpr = D / CH;  // 16-byte chunks per K/V/q row
 
@@ -261,11 +262,6 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
 #pragma unroll
     for (int e = 0; e < Tile::kGroups * E; ++e) acc[r][e] = 0.f;
   }
-  // Query token of each of this warp's rows (clamped for padding rows, whose results are dropped).
-  int tok[TRS];
-#pragma unroll
-  for (int r = 0; r < TRS; ++r) tok[r] = min((row0 + warp * TRS + r) / p.G, p.Q - 1);
-
   for (int t = 0; t < n_tiles; ++t) {
     const int stage = t & 1;
     if (t + 1 < n_tiles) {
@@ -296,17 +292,21 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
     }
 
     // Mask: cached keys are always visible; new key j is visible to token i per the tree mask (or j <= i).
-    const int key = k_begin + t * KT + lane;
-    const bool in_range = key < k_end, is_new = key >= L;
-    const int j = key - L;
+    // Only the last tiles hold new keys or padding, so the others skip this (a warp-uniform branch).
+    const int tile_begin = k_begin + t * KT;
+    if (tile_begin + KT > L || tile_begin + KT > k_end) {
+      const int key = tile_begin + lane, j = key - L;
+      const bool in_range = key < k_end, is_new = key >= L;
 #pragma unroll
-    for (int r = 0; r < TRS; ++r) {
-      bool visible = in_range;
-      if (visible && is_new) {
-        visible = p.tree_mask ? ((p.tree_mask[tok[r] * p.mask_words + (j >> 6)] >> (j & 63)) & 1) != 0
-                              : j <= tok[r];
+      for (int r = 0; r < TRS; ++r) {
+        bool visible = in_range;
+        if (visible && is_new) {
+          const int tok = min((row0 + warp * TRS + r) / p.G, p.Q - 1);  // clamped for padding rows
+          visible = p.tree_mask ? ((p.tree_mask[tok * p.mask_words + (j >> 6)] >> (j & 63)) & 1) != 0
+                                : j <= tok;
+        }
+        if (!visible) s[r] = -INFINITY;
       }
-      if (!visible) s[r] = -INFINITY;
     }
 
     // Online softmax. The running max is warp-uniform, so per-lane partial sums rescale consistently and
@@ -327,7 +327,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
 
     // P.V: lane owns E-element groups of the head dim; 4 keys per step so p loads are float4 broadcasts.
     const T* v_tile = sV + stage * KT * STRIDE;
-#pragma unroll 2
+#pragma unroll(kPVUnroll)
     for (int k4 = 0; k4 < KT; k4 += 4) {
       float vf[4][Tile::kGroups * E];
 #pragma unroll
