@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
       const bool valid = key < k_end;
       const T* ks = k_new;  // any in-bounds address for zero-filled padding
       const T* vs = v_new;
-      if (key < L) {
+      if (valid && key < L) {
         const int64_t off = (cache_row + key) * D;
         ks = k_cache + off;
         vs = v_cache + off;
@@ -249,8 +249,11 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
 #pragma unroll
       for (int k = 0; k < CH; ++k) f[k] = 0.f;
     }
+    float4* dst = reinterpret_cast<float4*>(sQ + r * D_MAX + c * CH);
 #pragma unroll
-    for (int k = 0; k < CH; ++k) sQ[r * D_MAX + c * CH + k] = f[k] * p.scale_log2;
+    for (int k = 0; k < CH / 4; ++k)
+      dst[k] = make_float4(f[4 * k] * p.scale_log2, f[4 * k + 1] * p.scale_log2, f[4 * k + 2] * p.scale_log2,
+                           f[4 * k + 3] * p.scale_log2);
   }
 
   float acc[TRS][Tile::kGroups * E];
