@@ -41,7 +41,8 @@ def attention_with_kv_cache(
         q: [B, Q, Hq, D] queries of the new tokens (float32/float64 on CPU; float32/bf16/fp16 on CUDA).
         k_new, v_new: [B, Q, Hkv, D] keys/values of the new tokens, Hq a multiple of Hkv (GQA).
         k_cache, v_cache: [B, Hkv, S_max, D], **mutated**: new token j of row b is written at slot
-            cache_lens[b] + j. Slots at or past S_max are never written.
+            cache_lens[b] + j. Slots at or past S_max are never written (CPU raises when a row would
+            overflow; CUDA cannot raise without a host sync, so it skips those slots and clamps reads).
         cache_lens: [B] int32, committed tokens per row (ragged). Not changed: commit/rollback is the
             caller's `cache_lens += n`.
         tree_mask: bit-packed int64 [Q, ceil(Q/64)] (see `pass_ext.masks`); None means causal.
@@ -49,6 +50,8 @@ def attention_with_kv_cache(
         out: optional [B, Q, Hq, D] output buffer, **mutated**.
     Returns:
         out [B, Q, Hq, D].
+
+    CUDA limits: Q <= 128, D a multiple of 8 up to 256 (64 and 128 are tuned), 16-byte aligned tensors.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])

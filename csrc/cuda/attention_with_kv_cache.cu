@@ -1,0 +1,167 @@
+// CUDA launcher for attention_with_kv_cache: validates, picks the row tile, head-dim path and number of
+// KV splits, and launches the flash-decoding kernel (+ the split combine) from csrc/kernels/attention.cuh.
+//
+// Differences from the CPU reference, by design:
+//  * cache_lens is read on the device only (no host sync, so the op can be captured in a CUDA graph).
+//    The CPU kernel raises when cache_lens[b] < 0 or cache_lens[b] + Q > S_max; here such a row cannot be
+//    checked, so the kernel clamps instead: it attends to slots [0, clamp(cache_lens[b], 0, S_max)) and
+//    writes only the new tokens whose slot cache_lens[b] + j lies in [0, S_max). Memory outside the
+//    cache is never touched; callers keep rows in range (DESIGN §2: a row that would overflow stops).
+//  * Limits: Q <= 128 new tokens per row, D a multiple of 8 up to 256 (64 and 128 have tuned paths),
+//    float32/float16/bfloat16 (no float64), tensors 16-byte aligned.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/attention.cuh"
+#include "op_checks.h"
+
+namespace pass_ext {
+namespace {
+
+namespace k = kernels;
+
+constexpr int64_t kMaxQ = 128;
+constexpr int64_t kMaxSplits = 64;
+
+// Number of KV splits. The host cannot see cache_lens (graph-safe, no sync), so it sizes for the capacity
+// S_max and the kernel divides each row's actual length by this count on the device; splits that get no
+// keys exit at once. Aim for two blocks per SM; a split covers at least kMinSplitKeys keys of capacity.
+int64_t pick_splits(int64_t base_blocks, int64_t capacity_keys, int sms) {
+  const int64_t target = 2 * static_cast<int64_t>(sms);
+  if (base_blocks >= target) return 1;
+  int64_t splits = (target + base_blocks - 1) / base_blocks;
+  splits = std::min(splits, (capacity_keys + k::kMinSplitKeys - 1) / k::kMinSplitKeys);
+  return std::max<int64_t>(1, std::min(splits, kMaxSplits));
+}
+
+template <typename T, int D_MAX, int E, bool EXACT, int RT>
+void launch(k::AttentionParams p, const at::Tensor& q, cudaStream_t stream, int sms) {
+  using Tile = k::AttentionTile<T, D_MAX, E, EXACT, RT>;
+  const int64_t row_tiles = (p.R + RT - 1) / RT;
+  const int64_t bh = int64_t(p.B) * p.Hkv;
+  TORCH_CHECK(row_tiles <= 65535, "attention_with_kv_cache: Q * Hq / Hkv = ", p.R, " query rows per KV head is too many");
+  p.splits = static_cast<int>(pick_splits(bh * row_tiles, int64_t(p.S) + p.Q, sms));
+
+  at::Tensor part_acc, part_ml;
+  if (p.splits > 1) {
+    const auto opts = q.options().dtype(at::kFloat);
+    part_acc = at::empty({bh * p.splits * p.R * p.D}, opts);
+    part_ml = at::empty({bh * p.splits * p.R * 2}, opts);
+    p.part_acc = part_acc.data_ptr<float>();
+    p.part_ml = reinterpret_cast<float2*>(part_ml.data_ptr<float>());
+  }
+
+  auto* kernel = &k::attention_kernel<T, D_MAX, E, EXACT, RT>;
+  const size_t smem = Tile::kSmemBytes;
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(smem <= prop->sharedMemPerBlockOptin, "attention_with_kv_cache: head dim D=", p.D, " needs ", smem,
+              " bytes of shared memory per block, this GPU allows ", prop->sharedMemPerBlockOptin);
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(row_tiles), static_cast<unsigned>(bh));
+  kernel<<<grid, k::kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.splits > 1) {
+    const int64_t rows = bh * p.R;
+    k::attention_combine_kernel<T><<<static_cast<unsigned>((rows + k::kWarps - 1) / k::kWarps), k::kThreads, 0,
+                                     stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Row tile: a block holds RT = 4, 16 or 64 query rows (32 for the generic head dim, whose per-lane
+// accumulators are larger). Small tiles keep decode (Q * G <= 4) from computing padding rows.
+template <typename T, int D_MAX, int E, bool EXACT>
+void dispatch_rows(const k::AttentionParams& p, const at::Tensor& q, cudaStream_t stream, int sms) {
+  constexpr int kBig = D_MAX > 128 ? 32 : 64;
+  if (p.R <= 4)
+    launch<T, D_MAX, E, EXACT, 4>(p, q, stream, sms);
+  else if (p.R <= 16)
+    launch<T, D_MAX, E, EXACT, 16>(p, q, stream, sms);
+  else
+    launch<T, D_MAX, E, EXACT, kBig>(p, q, stream, sms);
+}
+
+template <typename T>
+void dispatch_head_dim(const k::AttentionParams& p, const at::Tensor& q, cudaStream_t stream, int sms) {
+  if (p.D == 64)
+    dispatch_rows<T, 64, 2, true>(p, q, stream, sms);
+  else if (p.D == 128)
+    dispatch_rows<T, 128, 4, true>(p, q, stream, sms);
+  else
+    dispatch_rows<T, 256, 2, false>(p, q, stream, sms);  // any multiple of 8 up to 256
+}
+
+void attention_with_kv_cache_cuda(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                                  at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_lens,
+                                  const std::optional<at::Tensor>& tree_mask, double scale, at::Tensor& out) {
+  check_attention_args(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, out);
+  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
+  const int64_t B = q.size(0), Q = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_new.size(2);
+  const int64_t S = k_cache.size(2);
+  TORCH_CHECK(Q <= kMaxQ, "attention_with_kv_cache on CUDA supports at most ", kMaxQ,
+              " new tokens per row (Q = q.size(1)), got Q=", Q);
+  TORCH_CHECK(D >= 8 && D <= 256 && D % 8 == 0,
+              "attention_with_kv_cache on CUDA needs a head dim D (q.size(3)) that is a multiple of 8 in [8, 256] "
+              "(64 and 128 are the tuned ones), got D=", D);
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "attention_with_kv_cache on CUDA supports q dtypes float32, float16 and bfloat16, got ", dtype);
+  TORCH_CHECK(B * Hkv <= 65535, "attention_with_kv_cache on CUDA supports B * Hkv <= 65535, got B=", B, ", Hkv=",
+              Hkv);
+  TORCH_CHECK(S <= INT32_MAX / 2, "k_cache S_max (", S, ") is too large");
+  for (const auto& [t, name] : {std::pair{q, "q"}, {k_new, "k_new"}, {v_new, "v_new"}, {k_cache, "k_cache"},
+                                {v_cache, "v_cache"}, {out, "out"}}) {
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
+                " must be 16-byte aligned (a view with an odd storage offset is not)");
+  }
+  if (tree_mask.has_value()) TORCH_CHECK(tree_mask->is_cuda(), "tree_mask must be on the GPU like q");
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+
+  k::AttentionParams p{};
+  p.q = q.data_ptr();
+  p.k_new = k_new.data_ptr();
+  p.v_new = v_new.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.cache_lens = cache_lens.data_ptr<int32_t>();
+  p.tree_mask = tree_mask.has_value() ? tree_mask->data_ptr<int64_t>() : nullptr;
+  p.out = out.data_ptr();
+  p.B = static_cast<int>(B);
+  p.Q = static_cast<int>(Q);
+  p.Hq = static_cast<int>(Hq);
+  p.Hkv = static_cast<int>(Hkv);
+  p.D = static_cast<int>(D);
+  p.S = static_cast<int>(S);
+  p.G = static_cast<int>(Hq / Hkv);
+  p.R = static_cast<int>(Q * (Hq / Hkv));
+  p.mask_words = static_cast<int>((Q + 63) / 64);
+  p.scale_log2 = static_cast<float>(scale * M_LOG2E);
+
+  switch (dtype) {
+    case at::kFloat:
+      dispatch_head_dim<float>(p, q, stream, sms);
+      break;
+    case at::kHalf:
+      dispatch_head_dim<__half>(p, q, stream, sms);
+      break;
+    default:
+      dispatch_head_dim<__nv_bfloat16>(p, q, stream, sms);
+      break;
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pass_ext, CUDA, m) { m.impl("attention_with_kv_cache", &attention_with_kv_cache_cuda); }
+
+}  // namespace pass_ext

@@ -1,0 +1,437 @@
+// Device code for attention_with_kv_cache: a flash-decoding kernel (one block per batch row x KV head x
+// row tile x KV split, fp32 online softmax), a combine kernel for the splits, and the fused cache append.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace pass_ext::kernels {
+
+// Everything the kernels need, on raw pointers. Element type T is one of float, __half, __nv_bfloat16.
+//   q [B,Q,Hq,D], k_new/v_new [B,Q,Hkv,D], k_cache/v_cache [B,Hkv,S,D], out [B,Q,Hq,D], cache_lens [B],
+//   tree_mask [Q, mask_words] bit-packed (nullptr = causal),
+//   part_acc [B*Hkv, splits, R, D] fp32 and part_ml [B*Hkv, splits, R] (max, sum), used when splits > 1.
+// A block's "rows" are the R = Q*G query rows that share one KV head: row r is new token r / G of
+// q head h*G + r % G, so every K/V byte a block reads serves all of them.
+struct AttentionParams {
+  const void* q;
+  const void* k_new;
+  const void* v_new;
+  void* k_cache;
+  void* v_cache;
+  const int32_t* cache_lens;
+  const int64_t* tree_mask;
+  void* out;
+  float* part_acc;
+  float2* part_ml;
+  int B, Q, Hq, Hkv, D, S;
+  int G, R, mask_words, splits;
+  float scale_log2;  // softmax scale * log2(e): scores live in the log2 domain (exp2f is one instruction)
+};
+
+constexpr int kThreads = 128;  // 4 warps; every kernel below assumes it
+constexpr int kWarps = kThreads / 32;
+constexpr int kKeyTile = 32;   // keys per pipeline stage: one key per lane in the score phase
+constexpr int kMinSplitKeys = 64;  // a split covers at least this many keys (a multiple of kKeyTile)
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// N contiguous elements of T (N * sizeof(T) in {4, 8, 16, 32}, aligned to that or to 16) -> floats.
+template <typename T, int N>
+__device__ __forceinline__ void load_floats(const T* src, float (&dst)[N]) {
+  constexpr int kBytes = N * static_cast<int>(sizeof(T));
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes % 16 == 0, "unsupported vector width");
+  if constexpr (kBytes % 16 == 0) {
+#pragma unroll
+    for (int w = 0; w < kBytes / 16; ++w) {
+      const uint4 u = reinterpret_cast<const uint4*>(src)[w];
+      const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int k = 0; k < 16 / static_cast<int>(sizeof(T)); ++k) dst[w * (16 / sizeof(T)) + k] = to_float(e[k]);
+    }
+  } else if constexpr (kBytes == 8) {
+    const uint2 u = *reinterpret_cast<const uint2*>(src);
+    const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int k = 0; k < N; ++k) dst[k] = to_float(e[k]);
+  } else {
+    const uint32_t u = *reinterpret_cast<const uint32_t*>(src);
+    const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int k = 0; k < N; ++k) dst[k] = to_float(e[k]);
+  }
+}
+
+// N floats -> N contiguous elements of T, one vector store.
+template <typename T, int N>
+__device__ __forceinline__ void store_floats(T* dst, const float* src) {
+  constexpr int kBytes = N * static_cast<int>(sizeof(T));
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "unsupported vector width");
+  if constexpr (kBytes == 16) {
+    uint4 u;
+    T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+    for (int k = 0; k < N; ++k) e[k] = from_float<T>(src[k]);
+    *reinterpret_cast<uint4*>(dst) = u;
+  } else if constexpr (kBytes == 8) {
+    uint2 u;
+    T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+    for (int k = 0; k < N; ++k) e[k] = from_float<T>(src[k]);
+    *reinterpret_cast<uint2*>(dst) = u;
+  } else {
+    uint32_t u;
+    T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+    for (int k = 0; k < N; ++k) e[k] = from_float<T>(src[k]);
+    *reinterpret_cast<uint32_t*>(dst) = u;
+  }
+}
+
+// 16-byte global -> shared copy that bypasses registers (sm_80+); !valid zero-fills without reading, so
+// padding keys hold zeros (a NaN there would survive p = 0 in p * V).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+#else
+  *reinterpret_cast<uint4*>(smem) = valid ? *reinterpret_cast<const uint4*>(gmem) : make_uint4(0, 0, 0, 0);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Compile-time shape of one attention kernel instance.
+//   D_MAX: head dim bound (smem row length); EXACT: D == D_MAX, otherwise D is read at run time (any
+//   multiple of 8 up to D_MAX). E: contiguous head-dim elements a lane owns in the P.V phase.
+//   RT: query rows per block (RT / 4 per warp).
+template <typename T, int D_MAX, int E, bool EXACT, int RT>
+struct AttentionTile {
+  static_assert(RT % kWarps == 0 && D_MAX % (32 * E) == 0 && D_MAX % 8 == 0, "bad tile shape");
+  static constexpr int kRowsPerWarp = RT / kWarps;
+  static constexpr int kChunk = 16 / sizeof(T);            // elements per 16-byte copy
+  static constexpr int kStride = D_MAX + kChunk;           // +16 B per smem K/V row: conflict-free lanes
+  static constexpr int kGroups = D_MAX / (32 * E);         // E-element groups per lane in P.V
+  static constexpr size_t kKVBytes = size_t(2) * 2 * kKeyTile * kStride * sizeof(T);  // K,V x 2 stages
+  static constexpr size_t kSmemBytes = kKVBytes + sizeof(float) * (size_t(RT) * D_MAX + size_t(RT) * kKeyTile);
+};
+
+// Grid (splits, ceil(R / RT), B * Hkv), kThreads threads, AttentionTile::kSmemBytes dynamic smem.
+// Each block: (1) appends its share of the new tokens' K/V to the cache, (2) streams keys
+// [k_begin, k_end) of its split — cached slots first, then the new tokens from k_new/v_new — through a
+// two-stage cp.async pipeline, (3) keeps a running max/sum per row in fp32 and writes either the final
+// output (splits == 1) or an unnormalised partial for the combine kernel.
+template <typename T, int D_MAX, int E, bool EXACT, int RT>
+__global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionParams p) {
+  using Tile = AttentionTile<T, D_MAX, E, EXACT, RT>;
+  constexpr int TRS = Tile::kRowsPerWarp, KT = kKeyTile, STRIDE = Tile::kStride, CH = Tile::kChunk;
+  constexpr int kPVUnroll = TRS >= 8 ? 1 : 4;  // many rows already give the P.V loop its parallelism
+  const int D = EXACT ? D_MAX : p.D;
+  const int cpr = D / CH;  // 16-byte chunks per K/V/q row
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);                       // [2][KT][STRIDE]
+  T* sV = sK + 2 * KT * STRIDE;                                 // [2][KT][STRIDE]
+  float* sQ = reinterpret_cast<float*>(smem_raw + Tile::kKVBytes);  // [RT][D_MAX], pre-scaled
+  float* sP = sQ + RT * D_MAX;                                  // [RT][KT] probabilities of the tile
+
+  const int split = blockIdx.x, row_tile = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / p.Hkv, h = bh % p.Hkv;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k_new = static_cast<const T*>(p.k_new);
+  const T* v_new = static_cast<const T*>(p.v_new);
+  T* k_cache = static_cast<T*>(p.k_cache);
+  T* v_cache = static_cast<T*>(p.v_cache);
+  const int64_t cache_row = (int64_t(b) * p.Hkv + h) * p.S;  // slot 0 of this (row, head), in rows of D
+
+  // The kernel never trusts cache_lens: reads see slots [0, clamp(len, 0, S)), writes skip slots
+  // outside [0, S). Reads (< L) and writes (>= len) never meet, so blocks need no ordering.
+  const int len = p.cache_lens[b];
+  const int L = min(max(len, 0), p.S);
+
+  // (1) Append. Every block of this (row, head) takes every nblk-th new token.
+  {
+    const int lin = row_tile * gridDim.x + split, nblk = gridDim.x * gridDim.y;
+    if (lin < p.Q) {
+      const int mine = (p.Q - lin + nblk - 1) / nblk;
+      for (int idx = tid; idx < mine * cpr; idx += kThreads) {
+        const int j = lin + (idx / cpr) * nblk, c = idx % cpr;
+        const int64_t slot = int64_t(len) + j;
+        if (slot < 0 || slot >= p.S) continue;
+        const int64_t src = ((int64_t(b) * p.Q + j) * p.Hkv + h) * D;
+        const int64_t dst = (cache_row + slot) * D;
+        reinterpret_cast<uint4*>(k_cache + dst)[c] = reinterpret_cast<const uint4*>(k_new + src)[c];
+        reinterpret_cast<uint4*>(v_cache + dst)[c] = reinterpret_cast<const uint4*>(v_new + src)[c];
+      }
+    }
+  }
+
+  // (2) This split's keys: L cached, then Q new. The split size is computed per row on the device, so
+  // ragged rows balance across splits without the host reading cache_lens.
+  const int N = L + p.Q;
+  int chunk = (N + p.splits - 1) / p.splits;
+  chunk = max((chunk + KT - 1) / KT * KT, kMinSplitKeys);
+  const int k_begin = split * chunk, k_end = min(N, k_begin + chunk);
+  const int row0 = row_tile * RT;
+  if (k_begin >= k_end) {  // only when splits > 1: mark empty so the combine skips it
+    for (int r = tid; r < RT; r += kThreads)
+      if (row0 + r < p.R)
+        p.part_ml[(int64_t(bh) * p.splits + split) * p.R + row0 + r] = make_float2(-INFINITY, 0.f);
+    return;
+  }
+  const int n_tiles = (k_end - k_begin + KT - 1) / KT;
+
+  auto load_tile = [&](int t, int stage) {
+    const int kb = k_begin + t * KT;
+    for (int idx = tid; idx < KT * cpr; idx += kThreads) {
+      const int kk = idx / cpr, c = idx % cpr, key = kb + kk;
+      const bool valid = key < k_end;
+      const T* ks = k_new;  // any in-bounds address for zero-filled padding
+      const T* vs = v_new;
+      if (valid && key < L) {
+        const int64_t off = (cache_row + key) * D;
+        ks = k_cache + off;
+        vs = v_cache + off;
+      } else if (valid) {
+        const int64_t off = ((int64_t(b) * p.Q + (key - L)) * p.Hkv + h) * D;
+        ks = k_new + off;
+        vs = v_new + off;
+      }
+      const int s_off = (stage * KT + kk) * STRIDE + c * CH;
+      cp_async16(sK + s_off, ks + c * CH, valid);
+      cp_async16(sV + s_off, vs + c * CH, valid);
+    }
+    cp_async_commit();
+  };
+  load_tile(0, 0);
+
+  // q rows of this tile -> fp32 smem, pre-scaled into the log2 domain; padding rows are zeros.
+  for (int idx = tid; idx < RT * cpr; idx += kThreads) {
+    const int r = idx / cpr, c = idx % cpr, row = row0 + r;
+    float f[CH];
+    if (row < p.R) {
+      const int i = row / p.G, g = row % p.G;
+      load_floats<T, CH>(q + ((int64_t(b) * p.Q + i) * p.Hq + h * p.G + g) * D + c * CH, f);
+    } else {
+#pragma unroll
+      for (int k = 0; k < CH; ++k) f[k] = 0.f;
+    }
+    float4* dst = reinterpret_cast<float4*>(sQ + r * D_MAX + c * CH);
+#pragma unroll
+    for (int k = 0; k < CH / 4; ++k)
+      dst[k] = make_float4(f[4 * k] * p.scale_log2, f[4 * k + 1] * p.scale_log2, f[4 * k + 2] * p.scale_log2,
+                           f[4 * k + 3] * p.scale_log2);
+  }
+
+  float acc[TRS][Tile::kGroups * E];
+  float m_run[TRS], l_lane[TRS];
+#pragma unroll
+  for (int r = 0; r < TRS; ++r) {
+    m_run[r] = -INFINITY;
+    l_lane[r] = 0.f;
+#pragma unroll
+    for (int e = 0; e < Tile::kGroups * E; ++e) acc[r][e] = 0.f;
+  }
+  for (int t = 0; t < n_tiles; ++t) {
+    const int stage = t & 1;
+    if (t + 1 < n_tiles) {
+      load_tile(t + 1, stage ^ 1);  // overwrites the stage read in iteration t-1 (closed by its barrier)
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    // Scores: lane = key of the tile, the warp's TRS rows in registers.
+    float s[TRS];
+#pragma unroll
+    for (int r = 0; r < TRS; ++r) s[r] = 0.f;
+    const T* k_row = sK + (stage * KT + lane) * STRIDE;
+#pragma unroll
+    for (int c = 0; c < D_MAX / 8; ++c) {
+      if (!EXACT && c * 8 >= D) break;
+      float kf[8];
+      load_floats<T, 8>(k_row + c * 8, kf);
+#pragma unroll
+      for (int r = 0; r < TRS; ++r) {
+        const float4 qa = *reinterpret_cast<const float4*>(sQ + (warp * TRS + r) * D_MAX + c * 8);
+        const float4 qb = *reinterpret_cast<const float4*>(sQ + (warp * TRS + r) * D_MAX + c * 8 + 4);
+        s[r] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] + qb.y * kf[5] +
+                qb.z * kf[6] + qb.w * kf[7];
+      }
+    }
+
+    // Mask: cached keys are always visible; new key j is visible to token i per the tree mask (or j <= i).
+    // Only the last tiles hold new keys or padding, so the others skip this (a warp-uniform branch).
+    const int tile_begin = k_begin + t * KT;
+    if (tile_begin + KT > L || tile_begin + KT > k_end) {
+      const int key = tile_begin + lane, j = key - L;
+      const bool in_range = key < k_end, is_new = key >= L;
+#pragma unroll
+      for (int r = 0; r < TRS; ++r) {
+        bool visible = in_range;
+        if (visible && is_new) {
+          const int tok = min((row0 + warp * TRS + r) / p.G, p.Q - 1);  // clamped for padding rows
+          visible = p.tree_mask ? ((p.tree_mask[tok * p.mask_words + (j >> 6)] >> (j & 63)) & 1) != 0
+                                : j <= tok;
+        }
+        if (!visible) s[r] = -INFINITY;
+      }
+    }
+
+    // Online softmax. The running max is warp-uniform, so per-lane partial sums rescale consistently and
+    // are reduced once at the end.
+#pragma unroll
+    for (int r = 0; r < TRS; ++r) {
+      const float m_new = fmaxf(m_run[r], warp_max(s[r]));
+      const bool none = m_new == -INFINITY;  // no visible key yet: keep zeros, avoid -inf - -inf
+      const float alpha = none ? 1.f : exp2f(m_run[r] - m_new);
+      const float pr = none ? 0.f : exp2f(s[r] - m_new);
+      m_run[r] = m_new;
+      l_lane[r] = l_lane[r] * alpha + pr;
+#pragma unroll
+      for (int e = 0; e < Tile::kGroups * E; ++e) acc[r][e] *= alpha;
+      sP[(warp * TRS + r) * KT + lane] = pr;
+    }
+    __syncwarp();
+
+    // P.V: lane owns E-element groups of the head dim; 4 keys per step so p loads are float4 broadcasts.
+    const T* v_tile = sV + stage * KT * STRIDE;
+#pragma unroll(kPVUnroll)
+    for (int k4 = 0; k4 < KT; k4 += 4) {
+      float vf[4][Tile::kGroups * E];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int gi = 0; gi < Tile::kGroups; ++gi) {
+          const int col = (lane + 32 * gi) * E;
+          float tmp[E];
+          if (EXACT || col < D) {
+            load_floats<T, E>(v_tile + (k4 + kk) * STRIDE + col, tmp);
+          } else {
+#pragma unroll
+            for (int e = 0; e < E; ++e) tmp[e] = 0.f;
+          }
+#pragma unroll
+          for (int e = 0; e < E; ++e) vf[kk][gi * E + e] = tmp[e];
+        }
+#pragma unroll
+      for (int r = 0; r < TRS; ++r) {
+        const float4 pk = *reinterpret_cast<const float4*>(sP + (warp * TRS + r) * KT + k4);
+#pragma unroll
+        for (int e = 0; e < Tile::kGroups * E; ++e)
+          acc[r][e] += pk.x * vf[0][e] + pk.y * vf[1][e] + pk.z * vf[2][e] + pk.w * vf[3][e];
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before the next iteration refills it
+  }
+
+  // (3) Write out: final rows when there is one split, else unnormalised partials and (max, sum).
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int r = 0; r < TRS; ++r) {
+    const float l = warp_sum(l_lane[r]);
+    const int row = row0 + warp * TRS + r;
+    if (row >= p.R) continue;
+    if (p.splits == 1) {
+      const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that saw no key outputs zeros
+      T* o = out + ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * D;
+#pragma unroll
+      for (int gi = 0; gi < Tile::kGroups; ++gi) {
+        const int col = (lane + 32 * gi) * E;
+        if (!EXACT && col >= D) continue;
+        float v[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) v[e] = acc[r][gi * E + e] * inv;
+        store_floats<T, E>(o + col, v);
+      }
+    } else {
+      const int64_t prow = (int64_t(bh) * p.splits + split) * p.R + row;
+      float* o = p.part_acc + prow * D;
+#pragma unroll
+      for (int gi = 0; gi < Tile::kGroups; ++gi) {
+        const int col = (lane + 32 * gi) * E;
+        if (!EXACT && col >= D) continue;
+        store_floats<float, E>(o + col, &acc[r][gi * E]);
+      }
+      if (lane == 0) p.part_ml[prow] = make_float2(m_run[r], l);
+    }
+  }
+}
+
+// Grid ceil(B*Hkv*R / kWarps), kThreads threads: one warp per query row merges the splits' partials with
+// weights 2^(m_s - M) and normalises; splits with an empty sum (no key, or no visible key) are skipped.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_combine_kernel(const AttentionParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t gw = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (gw >= int64_t(p.B) * p.Hkv * p.R) return;
+  const int bh = static_cast<int>(gw / p.R), row = static_cast<int>(gw % p.R);
+  const int b = bh / p.Hkv, h = bh % p.Hkv, D = p.D;
+  const float2* ml = p.part_ml + int64_t(bh) * p.splits * p.R + row;  // split s at ml[s * R]
+
+  float M = -INFINITY;
+  for (int s = 0; s < p.splits; ++s) {
+    const float2 x = ml[int64_t(s) * p.R];
+    if (x.y > 0.f) M = fmaxf(M, x.x);
+  }
+  float total = 0.f;
+  for (int s = 0; s < p.splits; ++s) {
+    const float2 x = ml[int64_t(s) * p.R];
+    if (x.y > 0.f) total += x.y * exp2f(x.x - M);
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+
+  T* o = static_cast<T*>(p.out) + ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * D;
+  for (int d4 = lane; d4 < D / 4; d4 += 32) {
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s = 0; s < p.splits; ++s) {
+      const float2 x = ml[int64_t(s) * p.R];
+      if (!(x.y > 0.f)) continue;  // never read an empty split's acc (it was not written)
+      const float w = exp2f(x.x - M);
+      const float4 v =
+          reinterpret_cast<const float4*>(p.part_acc + ((int64_t(bh) * p.splits + s) * p.R + row) * D)[d4];
+      a.x += w * v.x;
+      a.y += w * v.y;
+      a.z += w * v.z;
+      a.w += w * v.w;
+    }
+    const float res[4] = {a.x * inv, a.y * inv, a.z * inv, a.w * inv};
+    store_floats<T, 4>(o + d4 * 4, res);
+  }
+}
+
+}  // namespace pass_ext::kernels
