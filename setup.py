@@ -3,11 +3,14 @@
 import glob
 import os
 
-import torch
-from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper outside the toolkit: prefer the toolkit.
+if "CUDA_HOME" not in os.environ and os.path.isfile("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def _rel(pattern):
@@ -35,6 +38,14 @@ def _extension():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to read the architecture from: default to the H200/H100 (sm_90 machine code).
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    # torch's CUDA headers include cuSPARSE/cuBLAS headers; a bare toolkit may lack them while the
+    # pip-installed CUDA libraries that torch depends on ship them.
+    if not os.path.isfile(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        import nvidia
+        for base in nvidia.__path__:
+            for sub in ("cu13/include", "cusparse/include", "cublas/include"):
+                if os.path.isdir(os.path.join(base, sub)):
+                    include_dirs.append(os.path.join(base, sub))
     print(f"pass_ext: building CPU + CUDA kernels (TORCH_CUDA_ARCH_LIST="
           f"{os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPU')})")
     nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
