@@ -14,6 +14,7 @@ import torch
 import pass_ext.ops
 
 F32_MAX = torch.finfo(torch.float32).max
+F32_MIN = torch.finfo(torch.float32).tiny
 HAS_CUDA = torch.cuda.is_available() and pass_ext.ops.has_cuda_kernels()
 DEVICES = [
     "cpu",
@@ -42,8 +43,8 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> 
         p = torch.zeros_like(l)
         p[int(torch.argmax(l))] = 1.0  # first maximum; index 0 for an all -inf row
         return p
-    temperature = min(temperature, F32_MAX)
-    z = torch.where(l > -math.inf, (l / temperature).clamp(-F32_MAX, F32_MAX), l)
+    inverse = max(1.0 / min(max(temperature, F32_MIN), F32_MAX), F32_MIN)  # the kernels' clamps
+    z = torch.where(l > -math.inf, (l * inverse).clamp(-F32_MAX, F32_MAX), l)
     if 0 < top_k < vocab:
         kth = torch.topk(z, top_k).values[-1]
         z = torch.where(z >= kth, z, torch.full_like(z, -math.inf))

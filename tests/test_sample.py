@@ -86,7 +86,7 @@ def test_greedy_is_first_argmax(device):
 def test_degenerate_rows_and_out_of_range_params(device):
     fresh_seed()
     vocab = 40
-    logits = torch.randn(12, vocab) * 2
+    logits = torch.randn(14, vocab) * 2
     logits[0, :] = -math.inf  # nothing finite: token 0
     logits[1, :] = math.nan
     logits[2, ::3] = math.nan  # NaN counts as -inf
@@ -95,7 +95,8 @@ def test_degenerate_rows_and_out_of_range_params(device):
     configs = [(1.0, 0, 1.0), (0.5, 5, 0.9), (1.0, 0, 1.0), (1.0, 0, 1.0),
                (1.0, -4, 1.0), (1.0, vocab, 1.0), (1.0, 10 ** 6, 1.0),  # top_k off
                (1.0, 0, 0.0), (1.0, 0, -2.0), (1.0, 0, 1e-9),  # top_p <= 0: only the maximum
-               (1.0, 0, 7.0), (math.inf, 0, math.nan)]  # top_p > 1 and NaN: off; T = inf: flat
+               (1.0, 0, 7.0), (math.inf, 0, math.nan),  # top_p > 1 and NaN: off; T = inf: flat
+               (1e-30, 0, 1.0), (1e-40, 0, 1.0)]  # z overflows: clamped, ties at the top share the mass
     temperature, top_k, top_p = config_params(configs, device)
     out, probs = run_sample(logits, temperature, top_k, top_p)
     assert out[0] == 0 and out[1] == 0 and probs[0, 0] == 1 and probs[1, 0] == 1

@@ -3,8 +3,8 @@
 //
 // Warp of one row l[V] with (T, top_k, top_p):
 //   * NaN logits count as -inf. T <= 0 or NaN is greedy: all mass on argmax l (lowest index among ties).
-//   * Otherwise z = l / T, clamped to +-FLT_MAX (T = +inf is FLT_MAX). A row whose logits are all -inf/NaN
-//     is one-hot at token 0 (its argmax under the tie rule).
+//   * Otherwise z = l * (1/T), clamped to +-FLT_MAX (T clamped to [FLT_MIN, FLT_MAX], 1/T to >= FLT_MIN).
+//     A row whose logits are all -inf/NaN is one-hot at token 0 (its argmax under the tie rule).
 //   * top-k (0 < top_k < V, else off): keep z >= the top_k-th largest z, so ties with it are kept.
 //   * softmax over the kept tokens, as weights w = exp(z - max z) in [0, 1].
 //   * top-p (top_p < 1, else off; top_p <= 0 keeps only the maximum): keep the smallest set of highest-z
@@ -102,11 +102,19 @@ PASS_EXT_HD bool is_nan(float f) { return (float_bits(f) & 0x7fffffffu) > 0x7f80
 
 PASS_EXT_HD float clean_logit(float l) { return is_nan(l) ? -INFINITY : l; }
 
-PASS_EXT_HD bool is_greedy(float temperature) { return !(temperature > 0.f); }
+// Sampling needs T in (0, +inf] (denormals included, decided on the bits so device flush-to-zero agrees);
+// zero, negative and NaN temperatures are greedy.
+PASS_EXT_HD bool is_greedy(float temperature) {
+  const uint32_t u = float_bits(temperature);
+  return !(u > 0u && u <= 0x7f800000u);
+}
 
-// 1/T for a sampling row (T > 0); T = +inf behaves as FLT_MAX.
+// 1/T for a sampling row, with T clamped to the normal floats [FLT_MIN, FLT_MAX] and 1/T to at least FLT_MIN:
+// z = l * (1/T) is then never NaN (0 * inf, inf * 0), and device flush-to-zero changes nothing.
 PASS_EXT_HD float inverse_temperature(float temperature) {
-  return div_rn(1.f, temperature < FLT_MAX ? temperature : FLT_MAX);
+  const float t = temperature < FLT_MIN ? FLT_MIN : (temperature > FLT_MAX ? FLT_MAX : temperature);
+  const float inv = div_rn(1.f, t);
+  return inv < FLT_MIN ? FLT_MIN : inv;
 }
 
 PASS_EXT_HD float scaled_logit(float l, float inv_temperature) {
