@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "cuda/dispatch.cuh"
+#include "cuda/sampling_dispatch.cuh"
 #include "kernels/sampling.cuh"
 #include "op_checks.h"
 
