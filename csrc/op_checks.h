@@ -71,4 +71,62 @@ inline void check_sampling_params(const at::Tensor& logits, int64_t rows, const 
   }
 }
 
+// Logits of the sampling ops: float32/bf16/fp16, contiguous, last dim V in [1, 2^20].
+inline void check_logits(const at::Tensor& logits, const char* name, int64_t dims, const char* shape) {
+  TORCH_CHECK(logits.dim() == dims, name, " must be ", shape, ", got ", logits.sizes());
+  const auto t = logits.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, name,
+              " must be float32, bfloat16 or float16, got ", t);
+  TORCH_CHECK(logits.is_contiguous(), name, " must be contiguous");
+  const int64_t vocab = logits.size(dims - 1);
+  TORCH_CHECK(vocab >= 1 && vocab <= (int64_t{1} << 20), name, " must have a vocabulary size V in [1, 2^20], got ",
+              vocab);
+}
+
+inline void check_output(const at::Tensor& ref, const at::Tensor& t, const char* name, at::ScalarType dtype,
+                         at::IntArrayRef shape) {
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  check_same_device(ref, t, name);
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+inline void check_sample_args(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                              const at::Tensor& top_p, const at::Tensor& seed, const at::Tensor& offset,
+                              const at::Tensor& out, const std::optional<at::Tensor>& probs_out) {
+  check_logits(logits, "logits", 2, "[N, V]");
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  check_sampling_params(logits, rows, temperature, top_k, top_p, seed, offset);
+  check_output(logits, out, "out", at::kLong, {rows});
+  if (probs_out.has_value()) check_output(logits, *probs_out, "probs_out", at::kFloat, {rows, vocab});
+}
+
+inline void check_verify_args(const at::Tensor& target_logits, const at::Tensor& draft_tokens,
+                              const std::optional<at::Tensor>& draft_probs, const at::Tensor& temperature,
+                              const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& seed,
+                              const at::Tensor& offset, const at::Tensor& out_tokens, const at::Tensor& accepted) {
+  check_logits(target_logits, "target_logits", 3, "[B, k+1, V]");
+  const int64_t batch = target_logits.size(0), positions = target_logits.size(1), vocab = target_logits.size(2);
+  TORCH_CHECK(positions >= 1 && positions <= 256, "target_logits must have k+1 in [1, 256] positions, got ",
+              positions);
+  const int64_t drafts = positions - 1;
+  TORCH_CHECK(draft_tokens.scalar_type() == at::kLong, "draft_tokens must be int64, got ", draft_tokens.scalar_type());
+  TORCH_CHECK(draft_tokens.dim() == 2 && draft_tokens.size(0) == batch && draft_tokens.size(1) == drafts,
+              "draft_tokens must be [B=", batch, ", k=", drafts, "] (target_logits has k+1 positions), got ",
+              draft_tokens.sizes());
+  check_same_device(target_logits, draft_tokens, "draft_tokens");
+  TORCH_CHECK(draft_tokens.is_contiguous(), "draft_tokens must be contiguous");
+  if (draft_probs.has_value()) {
+    const auto& q = *draft_probs;
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "draft_probs must be float32, got ", q.scalar_type());
+    TORCH_CHECK(q.dim() == 3 && q.size(0) == batch && q.size(1) == drafts && q.size(2) == vocab,
+                "draft_probs must be [B=", batch, ", k=", drafts, ", V=", vocab, "], got ", q.sizes());
+    check_same_device(target_logits, q, "draft_probs");
+    TORCH_CHECK(q.is_contiguous(), "draft_probs must be contiguous");
+  }
+  check_sampling_params(target_logits, batch, temperature, top_k, top_p, seed, offset);
+  check_output(target_logits, out_tokens, "out_tokens", at::kLong, {batch, positions});
+  check_output(target_logits, accepted, "accepted", at::kInt, {batch});
+}
+
 }  // namespace pass_ext

@@ -77,14 +77,23 @@ def speculative_verify(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Verify k drafts per row with the speculative-sampling rule (greedy rows: temperature 0).
 
+    Per row b, for i = 0..k-1, with p_i the warped target distribution at position i (see `sample`):
+    a greedy row accepts d_i while d_i == argmax(target_logits[b, i]) and otherwise emits that argmax; a
+    sampling row accepts d_i with probability min(1, p_i(d_i) / q_i(d_i)) (U * q < p, U uniform in (0, 1)) and
+    otherwise emits a draw from norm(max(0, p_i - q_i)) (from p_i when that is all zero). After k acceptances
+    the bonus token is argmax / a draw of p_k. The emitted tokens are distributed exactly as sampling from
+    the warped target. Draft ids outside [0, V) are rejected; greedy rows ignore draft_probs.
+
     Args:
         target_logits: [B, k+1, V] float32/bf16/fp16, the target's logits after the newest committed
             token and after each draft.
         draft_tokens: [B, k] int64.
         draft_probs: [B, k, V] float32, the warped draft distributions the drafts were sampled from,
-            or None for greedy drafting (one-hot drafts).
+            or None: q_i is one-hot at d_i (greedy or otherwise deterministic drafting).
         temperature: [B] float32 (0 = greedy), top_k: [B] int32 (0 = off), top_p: [B] float32 in (0, 1].
-        seed, offset: one-element int64 tensors on the logits' device (read on the device: graph-safe).
+        seed, offset: one-element int64 tensors on the logits' device, read on the device (graph-safe) and
+            never changed. Acceptance and residual draws use RNG streams of their own, so verify may share
+            its offset with the `sample` call that made the drafts; advance the offset between steps.
         out_tokens: optional [B, k+1] int64, **mutated**: accepted drafts, then the correction or bonus
             token, then -1.
         accepted: optional [B] int32, **mutated**: accepted drafts per row (0..k).
@@ -115,10 +124,20 @@ def sample(
 ) -> torch.Tensor:
     """Warp logits per row (temperature, then top-k, then top-p) and draw one token per row.
 
+    The warp: temperature <= 0 (or NaN) is greedy, the argmax with the lowest index among ties; otherwise
+    z = logits / T; top-k (0 < top_k < V) keeps z >= the top_k-th largest z (ties kept); softmax; top-p
+    (top_p < 1) keeps the smallest set of highest tokens whose mass reaches top_p plus ties with the last,
+    and renormalises. NaN logits count as -inf; a row with no finite logit yields token 0. Out-of-range
+    parameters never fault: top_k outside (0, V) and top_p >= 1 are off, top_p <= 0 keeps the maximum only.
+    The draw is the exponential race argmax_j p_j / E_j on counter-based Philox numbers, so CPU and CUDA
+    draw the same token for the same (seed, offset, row), up to float rounding at near-ties.
+
     Args:
-        logits: [N, V] float32/bf16/fp16.
+        logits: [N, V] float32/bf16/fp16, 1 <= V <= 2^20.
         temperature: [N] float32 (0 = greedy argmax), top_k: [N] int32 (0 = off), top_p: [N] float32.
-        seed, offset: one-element int64 tensors on the logits' device.
+        seed, offset: one-element int64 tensors on the logits' device, read on the device (graph-safe) and
+            never changed: row n's draw depends on (seed, offset, n) and its logits only, so two calls with
+            the same seed and offset repeat their random numbers row for row; advance the offset between them.
         out: optional [N] int64, **mutated**.
         probs_out: optional [N, V] float32, **mutated**: the warped distribution each token was drawn
             from (one-hot at the argmax for greedy rows) — the draft probabilities speculative_verify needs.

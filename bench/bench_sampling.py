@@ -1,0 +1,193 @@
+"""How fast are pass_ext's sample and speculative_verify against the same math in eager and compiled PyTorch?
+
+Shapes: B in {1, 8, 32, 128}, V in {49152, 151936}, k in {4, 8} drafts (verify), bf16 logits, sampling with
+temperature 0.8, top-k 50 and top-p 0.95. Verify runs its worst case: q equals the warped target, so every
+draft is accepted and all k+1 positions are warped. Times are medians of CUDA-event timings with L2 flushed
+before each run; bandwidth counts the logits bytes read once, against the H200's 4.24 TB/s copy roofline.
+
+    python bench/bench_sampling.py [--quick]
+Writes bench/results/sampling.json (and sampling.png when matplotlib is present); prints the table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+ROOFLINE_TBPS = 4.24
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TEMPERATURE, TOP_K, TOP_P = 0.8, 50, 0.95
+
+
+# ---- the same math in plain PyTorch (baselines) ----
+
+def warp_torch(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """[..., V] logits -> warped probabilities (temperature, top-k with ties, top-p), float32."""
+    z = logits.float() / temperature.view(-1, *([1] * (logits.dim() - 1)))
+    kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+    z = z.masked_fill(z < kth, float("-inf"))
+    p = torch.softmax(z, dim=-1)
+    sorted_p, order = torch.sort(p, dim=-1, descending=True)
+    cum = torch.cumsum(sorted_p, dim=-1)
+    drop_sorted = (cum - sorted_p) >= top_p  # mass before this token already reaches top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    p = p.masked_fill(drop, 0.0)
+    return p / p.sum(-1, keepdim=True)
+
+
+def race_torch(weights: torch.Tensor) -> torch.Tensor:
+    """Categorical draw per row by the exponential race (no host sync, unlike multinomial's checks)."""
+    return torch.argmax(weights / torch.empty_like(weights).exponential_(), dim=-1)
+
+
+def sample_torch(logits, temperature):
+    return race_torch(warp_torch(logits, temperature, TOP_K, TOP_P))
+
+
+def verify_torch(target_logits, drafts, draft_probs, temperature):
+    """Vectorised speculative verification: [B, k+1, V], [B, k], [B, k, V] -> out_tokens [B, k+1], accepted [B]."""
+    batch, k1, vocab = target_logits.shape
+    k = k1 - 1
+    p = warp_torch(target_logits, temperature, TOP_K, TOP_P)
+    p_d = torch.gather(p[:, :k], 2, drafts[..., None])[..., 0]
+    q_d = torch.gather(draft_probs, 2, drafts[..., None])[..., 0]
+    ok = torch.rand_like(p_d) * q_d < p_d
+    accepted = torch.cumprod(ok.int(), dim=1).sum(1)
+    q_pad = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], dim=1)
+    rows = torch.arange(batch, device=p.device)
+    p_stop, q_stop = p[rows, accepted], q_pad[rows, accepted]
+    residual = (p_stop - q_stop).clamp_min(0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_stop)
+    token = race_torch(residual)
+    pos = torch.arange(k1, device=p.device)[None]
+    drafts_pad = torch.cat([drafts, torch.zeros_like(drafts[:, :1])], dim=1)
+    out = torch.where(pos < accepted[:, None], drafts_pad, torch.where(pos == accepted[:, None], token[:, None], -1))
+    return out, accepted.int()
+
+
+# ---- timing ----
+
+def time_us(fn, runs: int, flush: torch.Tensor) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(runs):
+        flush.zero_()  # evict the inputs from the 60 MB L2
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few shapes and runs (smoke test)")
+    args = parser.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from pass_ext import ops
+
+    if not torch.cuda.is_available() or not ops.has_cuda_kernels():
+        sys.exit("bench_sampling needs a CUDA GPU and pass_ext built with its CUDA kernels "
+                 f"(cuda available: {torch.cuda.is_available()}, build: {ops.build_info()})")
+
+    batches, vocabs, drafts_k = ([1, 32], [151936], [4]) if args.quick else ([1, 8, 32, 128], [49152, 151936], [4, 8])
+    runs = 10 if args.quick else 50
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    flush = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=device)
+    torch._dynamo.config.cache_size_limit = 64
+    sample_compiled = torch.compile(sample_torch, dynamic=True)
+    verify_compiled = torch.compile(verify_torch, dynamic=True)
+    seed = torch.tensor([1], dtype=torch.long, device=device)
+    offset = torch.tensor([0], dtype=torch.long, device=device)
+    rows = []
+
+    def record(op, batch, vocab, k, impl, us, logits_bytes):
+        rows.append(dict(op=op, batch=batch, vocab=vocab, k=k, impl=impl, us=round(us, 2),
+                         tbps=round(logits_bytes / (us * 1e-6) / 1e12, 3)))
+
+    for vocab in vocabs:
+        for batch in batches:
+            logits = (torch.randn(batch, vocab, device=device) * 3).bfloat16()
+            temperature = torch.full((batch,), TEMPERATURE, device=device)
+            top_k = torch.full((batch,), TOP_K, dtype=torch.int32, device=device)
+            top_p = torch.full((batch,), TOP_P, device=device)
+            out = torch.empty(batch, dtype=torch.long, device=device)
+            nbytes = logits.numel() * logits.element_size()
+            record("sample", batch, vocab, 0, "pass_ext",
+                   time_us(lambda: ops.sample(logits, temperature, top_k, top_p, seed, offset, out=out), runs, flush),
+                   nbytes)
+            record("sample", batch, vocab, 0, "eager", time_us(lambda: sample_torch(logits, temperature), runs, flush),
+                   nbytes)
+            record("sample", batch, vocab, 0, "compiled",
+                   time_us(lambda: sample_compiled(logits, temperature), runs, flush), nbytes)
+            for k in drafts_k:
+                target = (torch.randn(batch, k + 1, vocab, device=device) * 3).bfloat16()
+                q = torch.empty(batch * k, vocab, device=device)
+                drafts = ops.sample(target[:, :k].reshape(batch * k, vocab), temperature.repeat_interleave(k),
+                                    top_k.repeat_interleave(k), top_p.repeat_interleave(k), seed, offset,
+                                    probs_out=q).reshape(batch, k)
+                q = q.reshape(batch, k, vocab)
+                out_tokens = torch.empty(batch, k + 1, dtype=torch.long, device=device)
+                accepted = torch.empty(batch, dtype=torch.int32, device=device)
+                nbytes = target.numel() * target.element_size()
+                record("verify", batch, vocab, k, "pass_ext", time_us(
+                    lambda: ops.speculative_verify(target, drafts, q, temperature, top_k, top_p, seed, offset,
+                                                   out_tokens, accepted), runs, flush), nbytes)
+                assert bool((accepted == k).all()), "q equals the warped target: every draft must be accepted"
+                record("verify", batch, vocab, k, "eager",
+                       time_us(lambda: verify_torch(target, drafts, q, temperature), runs, flush), nbytes)
+                record("verify", batch, vocab, k, "compiled",
+                       time_us(lambda: verify_compiled(target, drafts, q, temperature), runs, flush), nbytes)
+            print(f"done V={vocab} B={batch}", flush=True)
+
+    os.makedirs(RESULTS, exist_ok=True)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, roofline_tbps=ROOFLINE_TBPS,
+                temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, runs=runs, quick=args.quick)
+    with open(os.path.join(RESULTS, "sampling.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    try:
+        plot(rows)
+    except ImportError:
+        print("matplotlib not installed: no plot")
+
+    print(f"\n{'op':7} {'V':>7} {'B':>4} {'k':>2} | {'pass_ext µs':>11} {'TB/s':>6} | {'eager µs':>9} | "
+          f"{'compiled µs':>11} | speedup vs compiled   (roofline {ROOFLINE_TBPS} TB/s)")
+    keyed = {(r["op"], r["vocab"], r["batch"], r["k"], r["impl"]): r for r in rows}
+    for (op, vocab, batch, k, impl), r in keyed.items():
+        if impl != "pass_ext":
+            continue
+        eager, comp = keyed[(op, vocab, batch, k, "eager")], keyed[(op, vocab, batch, k, "compiled")]
+        print(f"{op:7} {vocab:>7} {batch:>4} {k:>2} | {r['us']:>11.1f} {r['tbps']:>6.2f} | {eager['us']:>9.1f} | "
+              f"{comp['us']:>11.1f} | {comp['us'] / r['us']:.2f}x")
+
+
+def plot(rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, op in zip(axes, ["sample", "verify"]):
+        for impl, style in [("pass_ext", "-o"), ("eager", "--s"), ("compiled", ":^")]:
+            for vocab in sorted({r["vocab"] for r in rows}):
+                for k in sorted({r["k"] for r in rows if r["op"] == op}):
+                    pts = [r for r in rows if (r["op"], r["impl"], r["vocab"], r["k"]) == (op, impl, vocab, k)]
+                    if pts:
+                        label = f"{impl} V={vocab}" + (f" k={k}" if op == "verify" else "")
+                        ax.plot([r["batch"] for r in pts], [r["us"] for r in pts], style, label=label)
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="µs (median)", title=op)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "sampling.png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main()

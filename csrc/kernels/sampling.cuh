@@ -1,0 +1,381 @@
+// Token sampling shared by sample and speculative_verify: the warped distribution of one row of logits
+// (temperature, top-k, top-p), the exponential race that draws from it, and the CUDA block-level passes.
+//
+// Warp of one row l[V] with (T, top_k, top_p):
+//   * NaN logits count as -inf. T <= 0 or NaN is greedy: all mass on argmax l (lowest index among ties).
+//   * Otherwise z = l * (1/T), clamped to +-FLT_MAX (T clamped to [FLT_MIN, FLT_MAX], 1/T to >= FLT_MIN).
+//     A row whose logits are all -inf/NaN is one-hot at token 0 (its argmax under the tie rule).
+//   * top-k (0 < top_k < V, else off): keep z >= the top_k-th largest z, so ties with it are kept.
+//   * softmax over the kept tokens, as weights w = exp(z - max z) in [0, 1].
+//   * top-p (top_p < 1, else off; top_p <= 0 keeps only the maximum): keep the smallest set of highest-z
+//     tokens whose mass reaches top_p, plus every token tied with the last one kept; renormalise.
+// The mass comparisons run on w in fixed point (w * 2^43 as uint64), which adds exactly in any order: the
+// kept set is deterministic under atomics and the same on CPU and GPU given the same w.
+//
+// A categorical draw from weights w is the exponential race: argmax_j w_j / E_j with E_j = -log(U_j) i.i.d.
+// Exp(1) (lowest index among ties), which needs neither normalisation nor a sort and is exact.
+#pragma once
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/philox.cuh"
+
+namespace pass_ext::sampling {
+
+// RNG stream tags (see philox::Stream): distinct per use, so ops may share one offset.
+constexpr uint32_t kStreamSample = 1;    // sample: the token of each row
+constexpr uint32_t kStreamAccept = 2;    // speculative_verify: acceptance uniform of draft i
+constexpr uint32_t kStreamResidual = 3;  // speculative_verify: residual or bonus draw at position i
+
+constexpr int64_t kMaxVocab = int64_t{1} << 20;  // keeps V * 2^43 below 2^63
+constexpr int64_t kMaxDrafts = 255;              // the draw index of the bonus token fits the 8-bit field
+constexpr float kMassScale = 8796093022208.0f;   // 2^43
+constexpr double kMassUnit = 1.0 / 8796093022208.0;
+
+PASS_EXT_HD uint32_t float_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+PASS_EXT_HD float bits_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+// Correctly rounded arithmetic on both sides, whatever the device math flags: z, probabilities and race
+// scores must round the same way on CPU and GPU.
+PASS_EXT_HD float div_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+PASS_EXT_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+// exp of a non-positive argument (a weight in [0, 1]); the device uses the fast exp2-based intrinsic.
+PASS_EXT_HD float exp_weight(float x) {
+#ifdef __CUDA_ARCH__
+  return __expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+// An Exp(1) variate from 32 random bits: -log(1 - u), accurate at both ends of u in (0, 1).
+PASS_EXT_HD float exponential(uint32_t bits) {
+#ifdef __CUDA_ARCH__
+  return -log1pf(-philox::uniform_open(bits));
+#else
+  return -std::log1p(-philox::uniform_open(bits));
+#endif
+}
+
+// Order-preserving map float -> uint32 (a < b  <=>  key(a) < key(b) for non-NaN floats).
+PASS_EXT_HD uint32_t order_key(float f) {
+  const uint32_t u = float_bits(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+PASS_EXT_HD float key_float(uint32_t k) { return bits_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k); }
+
+PASS_EXT_HD bool is_nan(float f) { return (float_bits(f) & 0x7fffffffu) > 0x7f800000u; }
+
+PASS_EXT_HD float clean_logit(float l) { return is_nan(l) ? -INFINITY : l; }
+
+// Sampling needs T in (0, +inf] (denormals included, decided on the bits so device flush-to-zero agrees);
+// zero, negative and NaN temperatures are greedy.
+PASS_EXT_HD bool is_greedy(float temperature) {
+  const uint32_t u = float_bits(temperature);
+  return !(u > 0u && u <= 0x7f800000u);
+}
+
+// 1/T for a sampling row, with T clamped to the normal floats [FLT_MIN, FLT_MAX] and 1/T to at least FLT_MIN:
+// z = l * (1/T) is then never NaN (0 * inf, inf * 0), and device flush-to-zero changes nothing.
+PASS_EXT_HD float inverse_temperature(float temperature) {
+  const float t = temperature < FLT_MIN ? FLT_MIN : (temperature > FLT_MAX ? FLT_MAX : temperature);
+  const float inv = div_rn(1.f, t);
+  return inv < FLT_MIN ? FLT_MIN : inv;
+}
+
+PASS_EXT_HD float scaled_logit(float l, float inv_temperature) {
+  if (is_nan(l) || l == -INFINITY) return -INFINITY;
+  const float z = mul_rn(l, inv_temperature);
+  return z > FLT_MAX ? FLT_MAX : (z < -FLT_MAX ? -FLT_MAX : z);
+}
+
+PASS_EXT_HD int32_t effective_top_k(int32_t top_k, int64_t vocab) { return (top_k > 0 && top_k < vocab) ? top_k : 0; }
+
+PASS_EXT_HD bool top_p_active(float top_p) { return top_p < 1.f; }  // NaN: off
+
+PASS_EXT_HD uint64_t fixed_mass(float w) { return static_cast<uint64_t>(w * kMassScale); }
+
+// The fixed-point mass the top-p set must reach: ceil(top_p * total), at least 1 (so the maximum is always
+// kept) and at most total.
+PASS_EXT_HD uint64_t top_p_target(float top_p, uint64_t total) {
+  const double t = top_p > 0.f ? ceil(static_cast<double>(top_p) * static_cast<double>(total)) : 1.0;
+  if (t >= static_cast<double>(total)) return total;
+  return t < 1.0 ? 1 : static_cast<uint64_t>(t);
+}
+
+// The warped distribution of one row, as a rule applied to each logit: weight(l_j, j) / mass.
+struct Warp {
+  bool one_hot;          // greedy row, or no finite logit: all mass on `argmax`
+  int32_t argmax;        // of l (greedy) or z, lowest index among ties
+  float inv_temperature;
+  float zmax;
+  uint32_t keep_key;     // kept tokens: order_key(z) >= keep_key (top-k and top-p thresholds)
+  float mass;            // sum of the kept weights (>= 1: the maximum has weight 1)
+
+  PASS_EXT_HD float weight(float logit, int32_t j) const {
+    if (one_hot) return j == argmax ? 1.f : 0.f;
+    const float z = scaled_logit(logit, inv_temperature);
+    return order_key(z) >= keep_key ? exp_weight(z - zmax) : 0.f;
+  }
+  PASS_EXT_HD float prob(float logit, int32_t j) const { return div_rn(weight(logit, j), mass); }
+};
+
+// Race score of a token with weight w > 0 and 32 random bits; the token with the largest score wins.
+PASS_EXT_HD float race_score(float w, uint32_t bits) { return div_rn(w, exponential(bits)); }
+
+// Race entries pack (score, -index) in 64 bits so a plain max picks the best score, then the lowest index;
+// 0 means "no token with positive weight". Scores are non-negative, so their bits order like the floats.
+PASS_EXT_HD uint64_t race_entry(float score, int32_t j) {
+  return (static_cast<uint64_t>(float_bits(score)) << 32) | (0xffffffffu - static_cast<uint32_t>(j));
+}
+PASS_EXT_HD int32_t race_winner(uint64_t entry) {
+  return entry == 0 ? -1 : static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(entry));
+}
+
+}  // namespace pass_ext::sampling
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace pass_ext::sampling::cuda {
+
+constexpr int kThreads = 1024;  // one block per row; every block-level helper assumes a multiple of 32
+constexpr unsigned kFullMask = 0xffffffffu;
+using u64 = unsigned long long;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+struct Scratch {
+  u64 hist[256];  // radix-select histogram: token counts or fixed-point masses per 8-bit digit
+  u64 red[32];    // one partial per warp for block reductions
+  u64 above;      // radix select: mass strictly above the chosen digit
+  u64 at_or_above;
+  int digit;
+};
+
+__device__ __forceinline__ u64 warp_max(u64 v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+__device__ __forceinline__ u64 warp_sum(u64 v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+// Block-wide max / sum of integers (exact, so deterministic); every thread gets the result. The leading
+// barrier lets consecutive calls reuse `red`.
+template <bool kMax>
+__device__ __forceinline__ u64 block_reduce(u64 v, Scratch& s) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = kMax ? warp_max(v) : warp_sum(v);
+  __syncthreads();
+  if (lane == 0) s.red[warp] = v;
+  __syncthreads();
+  v = lane < warps ? s.red[lane] : 0;
+  return kMax ? warp_max(v) : warp_sum(v);
+}
+
+// Visits the row in groups of four consecutive tokens (one Philox block each): f(group, first token, l[4]).
+// Tokens past V read as -inf; callers check j < V.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_group(const T* row, int vocab, F&& f) {
+  for (int g = threadIdx.x; g * 4 < vocab; g += blockDim.x) {
+    const int j0 = g * 4;
+    float l[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) l[c] = j0 + c < vocab ? to_float(row[j0 + c]) : -INFINITY;
+    f(g, j0, l);
+  }
+}
+
+// Argmax (lowest index among ties) of the row's keys: raw logits (greedy) or z; returns the packed entry
+// (key << 32 | ~index).
+template <typename T>
+__device__ u64 row_argmax(const T* row, int vocab, bool greedy, float inv_temperature, Scratch& s) {
+  u64 best = 0;
+  for_each_group(row, vocab, [&](int, int j0, const float* l) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if (j0 + c >= vocab) break;
+      const float v = greedy ? clean_logit(l[c]) : scaled_logit(l[c], inv_temperature);
+      best = max(best, (u64(order_key(v)) << 32) | (0xffffffffu - unsigned(j0 + c)));
+    }
+  });
+  return block_reduce<true>(best, s);
+}
+
+// Warp 0 picks the digit of the current radix pass: the largest digit d whose bucket holds positive mass
+// and with mass(above) + mass(digits >= d) >= target. With `first_mass_pass` the target is first derived
+// from the pass's total (top-p). Lane l owns digits 8l..8l+7.
+__device__ __forceinline__ void select_digit(Scratch& s, u64 above, u64& target, bool first_mass_pass,
+                                             float top_p) {
+  const int lane = threadIdx.x & 31;
+  u64 h[8];
+  u64 lane_total = 0;
+#pragma unroll
+  for (int b = 0; b < 8; ++b) lane_total += (h[b] = s.hist[lane * 8 + b]);
+  u64 lanes_at_or_above = lane_total;  // inclusive suffix sum over lanes
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const u64 t = __shfl_down_sync(kFullMask, lanes_at_or_above, o);
+    if (lane + o < 32) lanes_at_or_above += t;
+  }
+  if (first_mass_pass) target = top_p_target(top_p, __shfl_sync(kFullMask, lanes_at_or_above, 0));
+  const u64 lanes_above = lanes_at_or_above - lane_total;
+  int best = -1;
+  u64 run = lanes_above;
+#pragma unroll
+  for (int b = 7; b >= 0; --b) {
+    run += h[b];
+    if (best < 0 && h[b] > 0 && above + run >= target) best = lane * 8 + b;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(kFullMask, best, o));
+  if (best < 0) {  // target unreachable (cannot happen with exact integer masses): keep everything here
+    int lowest = 256;
+#pragma unroll
+    for (int b = 7; b >= 0; --b)
+      if (h[b] > 0) lowest = lane * 8 + b;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) lowest = min(lowest, __shfl_xor_sync(kFullMask, lowest, o));
+    best = lowest < 256 ? lowest : 0;
+  }
+  u64 mine = lanes_above;
+#pragma unroll
+  for (int b = 0; b < 8; ++b)
+    if (lane * 8 + b >= best) mine += h[b];
+  const u64 at_or_above = above + __shfl_sync(kFullMask, mine, best >> 3);
+  if (lane == 0) {
+    s.digit = best;
+    s.at_or_above = at_or_above;
+    s.above = at_or_above - s.hist[best];
+  }
+}
+
+// Radix select over order_key(z) of the tokens with key >= floor_key, 8 bits per pass from the top.
+// kMass = false: finds the target-th largest key (top-k threshold). kMass = true: the largest key whose
+// at-or-above mass reaches top_p_target(top_p, total mass) (top-p threshold); *at_or_above gets that mass.
+template <bool kMass, typename T>
+__device__ uint32_t radix_select(const T* row, int vocab, float inv_temperature, float zmax, uint32_t floor_key,
+                                 u64 target, float top_p, Scratch& s, u64* at_or_above) {
+  uint32_t prefix = 0, mask = 0;
+  u64 above = 0, at = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s.hist[i] = 0;
+    __syncthreads();
+    for_each_group(row, vocab, [&](int, int j0, const float* l) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if (j0 + c >= vocab) break;
+        const float z = scaled_logit(l[c], inv_temperature);
+        const uint32_t key = order_key(z);
+        if (key < floor_key || (key & mask) != prefix) continue;
+        const u64 m = kMass ? fixed_mass(exp_weight(z - zmax)) : 1;
+        if (m) atomicAdd(&s.hist[(key >> shift) & 255u], m);
+      }
+    });
+    __syncthreads();
+    if (threadIdx.x < 32) select_digit(s, above, target, kMass && shift == 24, top_p);
+    __syncthreads();
+    prefix |= uint32_t(s.digit) << shift;
+    mask |= 0xffu << shift;
+    above = s.above;
+    at = s.at_or_above;
+  }
+  if (at_or_above) *at_or_above = at;
+  return prefix;
+}
+
+// The warped distribution of one row (see the header); all threads of the block call it and get the same.
+template <typename T>
+__device__ Warp warp_row(const T* row, int vocab, float temperature, int32_t top_k, float top_p, Scratch& s) {
+  Warp w{};
+  const bool greedy = is_greedy(temperature);
+  w.inv_temperature = greedy ? 1.f : inverse_temperature(temperature);
+  const u64 best = row_argmax(row, vocab, greedy, w.inv_temperature, s);
+  w.argmax = race_winner(best);
+  w.zmax = key_float(uint32_t(best >> 32));
+  w.mass = 1.f;
+  w.one_hot = greedy || w.zmax == -INFINITY;
+  if (w.one_hot) return w;
+  w.keep_key = 0;
+  const int32_t k = effective_top_k(top_k, vocab);
+  if (k > 0) w.keep_key = radix_select<false>(row, vocab, w.inv_temperature, w.zmax, 0, u64(k), 0.f, s, nullptr);
+  u64 mass = 0;
+  if (top_p_active(top_p)) {
+    w.keep_key = radix_select<true>(row, vocab, w.inv_temperature, w.zmax, w.keep_key, 0, top_p, s, &mass);
+  } else {
+    for_each_group(row, vocab, [&](int, int j0, const float* l) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        if (j0 + c < vocab) mass += fixed_mass(w.weight(l[c], j0 + c));
+    });
+    mass = block_reduce<false>(mass, s);
+  }
+  w.mass = float(double(mass) * kMassUnit);
+  return w;
+}
+
+// Exponential race over the row: weight_fn(l_j, j) -> w_j >= 0 (may also record w_j); returns the winner,
+// or -1 when no token has positive weight. Philox runs only for groups holding a positive weight.
+template <typename T, typename WeightFn>
+__device__ int32_t race(const T* row, int vocab, const philox::Stream& rng, WeightFn&& weight_fn, Scratch& s) {
+  u64 best = 0;
+  for_each_group(row, vocab, [&](int g, int j0, const float* l) {
+    float w[4];
+    bool any = false;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      w[c] = j0 + c < vocab ? weight_fn(l[c], j0 + c) : 0.f;
+      any |= w[c] > 0.f;
+    }
+    if (!any) return;
+    const philox::Block r = rng.group(uint32_t(g));
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      if (w[c] > 0.f) best = max(best, u64(race_entry(race_score(w[c], r.v[c]), j0 + c)));
+  });
+  return race_winner(block_reduce<true>(best, s));
+}
+
+}  // namespace pass_ext::sampling::cuda
+#endif  // __CUDACC__

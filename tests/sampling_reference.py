@@ -1,0 +1,94 @@
+"""Plain-PyTorch float64 references for the sampling ops, and the statistics the tests judge them with.
+
+warp() states the rule the kernels implement (see csrc/kernels/sampling.cuh); chi_square_pvalue() compares
+token counts with an exact distribution.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import pass_ext.ops
+
+F32_MAX = torch.finfo(torch.float32).max
+F32_MIN = torch.finfo(torch.float32).tiny
+HAS_CUDA = torch.cuda.is_available() and pass_ext.ops.has_cuda_kernels()
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")]),
+]
+# A statistical test fails when its chi-square p-value is below this, so each one fails by chance with this
+# probability (the suite holds about 15 of them).
+P_FAIL = 1e-4
+
+
+def fresh_seed() -> int:
+    """Seeds torch from the OS and prints the seed (pytest shows it when the test fails)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"torch seed {seed}")
+    return seed
+
+
+def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The warped distribution of one row of logits [V], float64 [V]."""
+    l = logits.double().clone()
+    l[torch.isnan(l)] = -math.inf
+    vocab = l.numel()
+    if not temperature > 0 or not bool((l > -math.inf).any()):
+        p = torch.zeros_like(l)
+        p[int(torch.argmax(l))] = 1.0  # first maximum; index 0 for an all -inf row
+        return p
+    inverse = max(1.0 / min(max(temperature, F32_MIN), F32_MAX), F32_MIN)  # the kernels' clamps
+    z = torch.where(l > -math.inf, (l * inverse).clamp(-F32_MAX, F32_MAX), l)
+    if 0 < top_k < vocab:
+        kth = torch.topk(z, top_k).values[-1]
+        z = torch.where(z >= kth, z, torch.full_like(z, -math.inf))
+    p = torch.softmax(z, 0)
+    if top_p < 1:  # NaN compares False: off
+        order = torch.argsort(z, descending=True, stable=True)
+        cum = torch.cumsum(p[order], 0)
+        reached = torch.nonzero(cum >= top_p)
+        m = int(reached[0]) if len(reached) else vocab - 1
+        p = torch.where(z >= z[order[m]], p, torch.zeros_like(p))
+        p = p / p.sum()
+    return p
+
+
+def warp_rows(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
+    """warp() of every row of [N, V] with per-row parameter tensors, float64 [N, V] on the CPU."""
+    return torch.stack([warp(logits[n].cpu(), float(temperature[n]), int(top_k[n]), float(top_p[n]))
+                        for n in range(logits.shape[0])])
+
+
+def params(rows: int, temperature: float, top_k: int, top_p: float, device) -> tuple[torch.Tensor, ...]:
+    return (torch.full((rows,), temperature, dtype=torch.float32, device=device),
+            torch.full((rows,), top_k, dtype=torch.int32, device=device),
+            torch.full((rows,), top_p, dtype=torch.float32, device=device))
+
+
+def rng(seed: int, offset: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor([seed], dtype=torch.long, device=device),
+            torch.tensor([offset], dtype=torch.long, device=device))
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of observed counts [C] under exact probabilities [C] (Pearson, cells with expectation < 5
+    merged). Cells of probability 0 must be empty: a draw there is a hard failure, not a statistic."""
+    counts, probs = counts.double().cpu().flatten(), probs.double().cpu().flatten()
+    assert counts[probs <= 0].sum() == 0, f"draws outside the support: {counts[probs <= 0]}"
+    n = counts.sum()
+    counts, expected = counts[probs > 0], n * probs[probs > 0]
+    small = expected < 5
+    if small.any():
+        counts = torch.cat([counts[~small], counts[small].sum().reshape(1)])
+        expected = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    if len(counts) < 2:
+        return 1.0
+    stat = ((counts - expected) ** 2 / expected).sum()
+    df = torch.tensor(float(len(counts) - 1), dtype=torch.float64)
+    return float(torch.special.gammaincc(df / 2, stat / 2))

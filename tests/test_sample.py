@@ -1,0 +1,200 @@
+"""sample: the warped distribution (probs_out) against a float64 reference, token frequencies against it,
+greedy rows, edge cases, the RNG contract, and the op boundary. Same assertions on CPU and CUDA."""
+import math
+
+import pytest
+import torch
+
+from pass_ext import ops
+from sampling_reference import DEVICES, HAS_CUDA, P_FAIL, chi_square_pvalue, fresh_seed, params, rng, warp_rows
+
+# (temperature, top_k, top_p) per row of a batch: plain, top-k, top-p, both, greedy.
+CONFIGS = [(1.0, 0, 1.0), (0.7, 50, 1.0), (1.3, 0, 0.9), (0.8, 10, 0.95), (0.0, 0, 1.0), (2.0, 3, 0.5)]
+
+
+def run_sample(logits, temperature, top_k, top_p, seed=1, offset=0):
+    device = logits.device
+    out = torch.full((logits.shape[0],), -12345, dtype=torch.long, device=device)
+    probs = torch.full(logits.shape, math.nan, dtype=torch.float32, device=device)
+    s, o = rng(seed, offset, device)
+    ops.sample(logits, temperature, top_k, top_p, s, o, out=out, probs_out=probs)
+    return out, probs
+
+
+def config_params(configs, device):
+    t, k, p = zip(*configs)
+    return (torch.tensor(t, dtype=torch.float32, device=device), torch.tensor(k, dtype=torch.int32, device=device),
+            torch.tensor(p, dtype=torch.float32, device=device))
+
+
+def assert_probs_match(logits, temperature, top_k, top_p, probs, out):
+    ref = warp_rows(logits.float(), temperature, top_k, top_p)
+    torch.testing.assert_close(probs.cpu().double(), ref, atol=1e-6, rtol=1e-4)
+    drawn = ref[torch.arange(len(out)), out.cpu()]
+    assert (drawn > 0).all(), f"tokens drawn outside the support: {out.tolist()}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [7, 1001, 49152, 151936])
+def test_probs_match_reference(device, dtype, vocab):
+    fresh_seed()
+    rows = len(CONFIGS)
+    logits = (torch.randn(rows, vocab) * 3).to(dtype).to(device)
+    temperature, top_k, top_p = config_params(CONFIGS, device)
+    out, probs = run_sample(logits, temperature, top_k, top_p)
+    assert_probs_match(logits, temperature, top_k, top_p, probs, out)
+    assert out[4] == logits[4].float().argmax()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_at_the_thresholds_are_kept(device):
+    fresh_seed()
+    # Integer logits: many exact ties at the k-th value and at the top-p cut.
+    logits = torch.randint(0, 5, (8, 33)).float().to(device)
+    configs = [(1.0, 3, 1.0), (1.0, 1, 1.0), (0.5, 7, 1.0), (1.0, 0, 0.55), (1.0, 5, 0.7), (0.9, 0, 0.3),
+               (1.0, 32, 1.0), (0.0, 0, 1.0)]
+    temperature, top_k, top_p = config_params(configs, device)
+    out, probs = run_sample(logits, temperature, top_k, top_p)
+    assert_probs_match(logits, temperature, top_k, top_p, probs, out)
+    kth = torch.topk(logits[0], 3).values[-1]
+    assert ((probs[0] > 0) == (logits[0] >= kth)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_is_first_argmax(device):
+    fresh_seed()
+    logits = torch.randint(-3, 3, (16, 50)).float()  # ties: the lowest index must win
+    logits[3, 7] = math.nan
+    logits[4, :] = -math.inf
+    logits[5, :] = math.nan
+    logits[6, 11] = math.inf
+    logits = logits.to(device)
+    # T = 0, negative and NaN temperatures are all greedy.
+    temperature = torch.tensor([0.0, -1.0, math.nan, 0.0] * 4, device=device)
+    top_k = torch.randint(0, 60, (16,), dtype=torch.int32, device=device)
+    top_p = torch.rand(16, device=device)
+    out, probs = run_sample(logits, temperature, top_k, top_p)
+    clean = torch.nan_to_num(logits.cpu(), nan=-math.inf)
+    expected = torch.tensor([int(torch.nonzero(r == r.max())[0]) for r in clean])
+    assert torch.equal(out.cpu(), expected)
+    assert out[4] == 0 and out[5] == 0 and out[6] == 11
+    assert torch.equal(probs.cpu(), torch.nn.functional.one_hot(expected, 50).float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_degenerate_rows_and_out_of_range_params(device):
+    fresh_seed()
+    vocab = 40
+    logits = torch.randn(14, vocab) * 2
+    logits[0, :] = -math.inf  # nothing finite: token 0
+    logits[1, :] = math.nan
+    logits[2, ::3] = math.nan  # NaN counts as -inf
+    logits[3, [5, 9]] = math.inf  # +inf: the infinite tokens share the mass
+    logits = logits.to(device)
+    configs = [(1.0, 0, 1.0), (0.5, 5, 0.9), (1.0, 0, 1.0), (1.0, 0, 1.0),
+               (1.0, -4, 1.0), (1.0, vocab, 1.0), (1.0, 10 ** 6, 1.0),  # top_k off
+               (1.0, 0, 0.0), (1.0, 0, -2.0), (1.0, 0, 1e-9),  # top_p <= 0: only the maximum
+               (1.0, 0, 7.0), (math.inf, 0, math.nan),  # top_p > 1 and NaN: off; T = inf: flat
+               (1e-30, 0, 1.0), (1e-40, 0, 1.0)]  # z overflows: clamped, ties at the top share the mass
+    temperature, top_k, top_p = config_params(configs, device)
+    out, probs = run_sample(logits, temperature, top_k, top_p)
+    assert out[0] == 0 and out[1] == 0 and probs[0, 0] == 1 and probs[1, 0] == 1
+    assert out[3] in (5, 9)
+    torch.testing.assert_close(probs[3, [5, 9]].cpu(), torch.tensor([0.5, 0.5]))
+    assert_probs_match(logits, temperature, top_k, top_p, probs, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [(1.0, 0, 1.0), (0.6, 4, 1.0), (1.5, 0, 0.8), (1.0, 6, 0.9), (1.0, 3, 0.6)],
+                         ids=["plain", "top_k", "top_p", "top_k_top_p", "ties"])
+def test_frequencies_match_warped_distribution(device, config):
+    fresh_seed()
+    vocab, rows, calls = 12, 4000, 5
+    base = torch.randn(vocab) * 1.5
+    if config[1] == 3:
+        base = torch.tensor([2.0, 2, 1, 1, 1, 0, 0, -1, 3, 0.5, 0.5, 2])
+    logits = base.expand(rows, vocab).contiguous().to(device)
+    temperature, top_k, top_p = params(rows, *config, device)
+    expected = warp_rows(base[None], temperature[:1], top_k[:1], top_p[:1])[0]
+    counts = torch.zeros(vocab, dtype=torch.long)
+    seed = int(torch.randint(0, 2 ** 62, ()))
+    for call in range(calls):  # rows and offsets both index independent draws
+        out, _ = run_sample(logits, temperature, top_k, top_p, seed=seed, offset=call)
+        counts += torch.bincount(out.cpu(), minlength=vocab)
+    pvalue = chi_square_pvalue(counts, expected)
+    assert pvalue > P_FAIL, f"counts {counts.tolist()} vs expected {(expected * counts.sum()).tolist()}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rng_contract(device):
+    fresh_seed()
+    rows, vocab = 64, 1000
+    logits = torch.randn(rows, vocab, device=device)
+    temperature, top_k, top_p = params(rows, 1.0, 0, 1.0, device)
+    a, _ = run_sample(logits, temperature, top_k, top_p, seed=7, offset=3)
+    b, _ = run_sample(logits, temperature, top_k, top_p, seed=7, offset=3)
+    assert torch.equal(a, b), "same seed and offset must reproduce the draw"
+    assert not torch.equal(a, run_sample(logits, temperature, top_k, top_p, seed=8, offset=3)[0])
+    assert not torch.equal(a, run_sample(logits, temperature, top_k, top_p, seed=7, offset=4)[0])
+    # A row's draw depends on (seed, offset, row index) and its logits only, not on the other rows.
+    c, _ = run_sample(logits[:5].clone(), temperature[:5], top_k[:5], top_p[:5], seed=7, offset=3)
+    assert torch.equal(a[:5], c)
+    # The op reads the seed and offset tensors and leaves them unchanged.
+    s, o = rng(7, 3, device)
+    ops.sample(logits, temperature, top_k, top_p, s, o)
+    assert int(s) == 7 and int(o) == 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_and_cuda_draw_the_same_tokens(dtype):
+    fresh_seed()
+    rows, vocab = 256, 32000
+    logits = (torch.randn(rows, vocab) * 2).to(dtype)
+    configs = [CONFIGS[i % len(CONFIGS)] for i in range(rows)]
+    temperature, top_k, top_p = config_params(configs, "cpu")
+    out_cpu, probs_cpu = run_sample(logits, temperature, top_k, top_p, seed=11, offset=5)
+    out_gpu, probs_gpu = run_sample(logits.cuda(), temperature.cuda(), top_k.cuda(), top_p.cuda(), seed=11, offset=5)
+    torch.testing.assert_close(probs_gpu.cpu(), probs_cpu, atol=1e-6, rtol=1e-4)
+    # Same Philox numbers; only float rounding at near-ties may differ.
+    assert (out_cpu == out_gpu.cpu()).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    logits = torch.randn(5, 37, device=device)
+    temperature, top_k, top_p = config_params(CONFIGS[:5], device)
+    s, o = rng(3, 9, device)
+    out = torch.empty(5, dtype=torch.long, device=device)
+    probs = torch.empty(5, 37, device=device)
+    torch.library.opcheck(torch.ops.pass_ext.sample.default, (logits, temperature, top_k, top_p, s, o, out, probs))
+    torch.library.opcheck(torch.ops.pass_ext.sample.default, (logits, temperature, top_k, top_p, s, o, out, None))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_name_the_argument(device):
+    rows, vocab = 3, 11
+    logits = torch.randn(rows, vocab, device=device)
+    temperature, top_k, top_p = params(rows, 1.0, 0, 1.0, device)
+    s, o = rng(0, 0, device)
+    out = torch.empty(rows, dtype=torch.long, device=device)
+    good = dict(logits=logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=s, offset=o, out=out,
+                probs_out=None)
+    bad = {
+        "logits": [logits[0], logits.double(), torch.empty(rows, 0, device=device), logits.t()],
+        "temperature": [temperature.double(), temperature[:2]],
+        "top_k": [top_k.long()],
+        "top_p": [top_p[None]],
+        "seed": [s.int(), torch.zeros(2, dtype=torch.long, device=device)],
+        "offset": [o.float()],
+        "out": [out.int(), out[:2]],
+        "probs_out": [torch.empty(rows, vocab, dtype=torch.float64, device=device),
+                      torch.empty(rows, vocab + 1, device=device)],
+    }
+    for name, values in bad.items():
+        for value in values:
+            args = dict(good, **{name: value})
+            with pytest.raises(RuntimeError, match=name):
+                torch.ops.pass_ext.sample(*args.values())
