@@ -73,7 +73,9 @@ def _as_rows(ids, vocab_size: int) -> list:
                              f"{ids.dtype} tensor of shape {tuple(ids.shape)}")
         rows = ids.tolist()
     elif isinstance(ids, Sequence) and not isinstance(ids, (str, bytes)):
-        rows = [list(r) for r in ids] if ids and isinstance(ids[0], Sequence) else [list(ids)]
+        if len(ids) == 0:
+            raise ValueError("ids holds no rows (batch of zero)")
+        rows = [list(r) for r in ids] if isinstance(ids[0], Sequence) else [list(ids)]
     else:
         raise TypeError(f"ids must be a LongTensor [B, T] or a list of token-id lists, got {type(ids).__name__}")
     if len(rows) == 0:

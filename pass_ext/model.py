@@ -168,9 +168,9 @@ class DecoderLayer(nn.Module):
 
 
 class Model(nn.Module):
-    """The decoder. Build it with `pass_ext.load_model`; weights are frozen, activations differentiable."""
+    """The decoder. Build it with `pass_ext.load_model`; weights are frozen, activations differentiable.
 
-    lookahead = None
+    `lookahead` (None or LookaheadEmbeddings) is a submodule, so it moves with the model."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, Any], name: Optional[str] = None,
                  tokenizer: Any = None, tokenizer_loader: Optional[Callable[[], Any]] = None):

