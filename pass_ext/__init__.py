@@ -10,7 +10,7 @@ from .ops import build_info
 
 def load_lookahead(model: Model, path: str) -> LookaheadEmbeddings:
     """Load look-ahead embeddings from a safetensors file onto `model` (refused if made for another model)."""
-    la = LookaheadEmbeddings.load(path, model)
+    la = LookaheadEmbeddings.load(path, model).to(model.device)
     model.lookahead = la
     return la
 

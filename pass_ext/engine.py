@@ -154,7 +154,7 @@ class Engine:
     def lookahead_embeds(self, ids: torch.Tensor, la_slots: torch.Tensor, la_index: torch.Tensor):
         """Input vectors for ids [B, Q] with the look-ahead embedding LA_{la_index[j]+1} at slots la_slots[j]."""
         embeds = self.model.embed(ids)
-        la = self.model.lookahead.weight.to(embeds.dtype)[la_index]          # [n, d]
+        la = self.model.lookahead.weight.to(embeds.device, embeds.dtype)[la_index]          # [n, d]
         embeds[:, la_slots] = la[None].expand(ids.shape[0], -1, -1)
         return embeds
 

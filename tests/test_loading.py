@@ -124,9 +124,9 @@ def test_tiny_hf_dir_roundtrip(tiny_hf_model, tmp_path, shard):
     hf.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
     if shard:
         assert (tmp_path / "model.safetensors.index.json").is_file()
-    model = pass_ext.load_model(str(tmp_path))
+    model = pass_ext.load_model(str(tmp_path), device="cpu")
     assert model.tokenizer is None
-    assert model.fingerprint == pass_ext.load_model(hf).fingerprint
+    assert model.fingerprint == pass_ext.load_model(hf, device="cpu").fingerprint
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         ref = hf(ids).logits

@@ -76,7 +76,7 @@ def test_rollback_equals_committed_sequence(tiny_hf_model):
 ])
 def test_rope_scaling_matches_transformers(tiny_hf_model, scaling):
     hf = tiny_hf_model("llama", seed=3, rope_scaling=dict(scaling, rope_theta=500000.0))
-    model = pass_ext.load_model(hf)
+    model = pass_ext.load_model(hf, device="cpu")
     assert model.config.rope_scaling["rope_type"] == scaling["rope_type"]
     assert model.config.rope_theta == 500000.0
     seq = torch.randint(0, 64, (1, 60), generator=torch.Generator().manual_seed(2))
@@ -113,7 +113,7 @@ def test_fused_tree_mask_equals_linear_sequences(tiny_hf_model, arch, attention)
     """Each look-ahead group under the fused mask sees exactly what a plain causal forward on
     prefix + c..d_j + group would see."""
     hf = tiny_hf_model(arch, seed=4)
-    model = pass_ext.load_model(hf)
+    model = pass_ext.load_model(hf, device="cpu")
     g = torch.Generator().manual_seed(3)
     k, P = 3, 9
     prefix = torch.randint(0, 64, (1, P), generator=g)
@@ -140,7 +140,7 @@ def test_fused_tree_mask_equals_linear_sequences(tiny_hf_model, arch, attention)
 
 def test_ragged_batch_equals_rows_alone(tiny_hf_model):
     hf = tiny_hf_model("qwen2", seed=5)
-    model = pass_ext.load_model(hf)
+    model = pass_ext.load_model(hf, device="cpu")
     g = torch.Generator().manual_seed(4)
     lens = [3, 12, 7]
     seqs = [torch.randint(0, 64, (1, n + 5), generator=g) for n in lens]
@@ -161,7 +161,7 @@ def test_ragged_batch_equals_rows_alone(tiny_hf_model):
 
 def test_torch_attention_matches_op_and_is_differentiable(tiny_hf_model):
     hf = tiny_hf_model("qwen2", seed=6)
-    model = pass_ext.load_model(hf)
+    model = pass_ext.load_model(hf, device="cpu")
     assert all(not p.requires_grad for p in model.parameters())
     g = torch.Generator().manual_seed(5)
     k, P = 2, 6
@@ -187,7 +187,7 @@ def test_torch_attention_matches_op_and_is_differentiable(tiny_hf_model):
 
 
 def test_return_hidden_and_lm_head(tiny_hf_model):
-    model = pass_ext.load_model(tiny_hf_model("llama", seed=7, tie_word_embeddings=True))
+    model = pass_ext.load_model(tiny_hf_model("llama", seed=7, tie_word_embeddings=True), device="cpu")
     assert model.config.tie_word_embeddings and model.lm_head is None
     ids = torch.randint(0, 64, (2, 5))
     hidden = run(model, model.new_cache(2, 8), ids, 0, return_hidden=True)
@@ -198,7 +198,7 @@ def test_return_hidden_and_lm_head(tiny_hf_model):
 
 @pytest.mark.parametrize("attention", ["op", "torch"])
 def test_capacity_overflow_raises_and_writes_nothing(tiny_hf_model, attention):
-    model = pass_ext.load_model(tiny_hf_model("llama", seed=8))
+    model = pass_ext.load_model(tiny_hf_model("llama", seed=8), device="cpu")
     cache = model.new_cache(2, 10)
     run(model, cache, torch.randint(0, 64, (2, 6)), 0)
     cache.commit(torch.tensor([6, 4]))
@@ -211,7 +211,7 @@ def test_capacity_overflow_raises_and_writes_nothing(tiny_hf_model, attention):
 
 
 def test_cache_bookkeeping(tiny_hf_model):
-    model = pass_ext.load_model(tiny_hf_model("llama"))
+    model = pass_ext.load_model(tiny_hf_model("llama"), device="cpu")
     cache = model.new_cache(3, 17)
     assert cache.capacity == 17 and cache.batch_size == 3
     assert len(cache.k) == len(cache.v) == model.config.num_layers
@@ -230,7 +230,7 @@ def test_cache_bookkeeping(tiny_hf_model):
 def test_positions_beyond_max_position_embeddings(tiny_hf_model):
     """Rope tables grow with the cache (look-ahead positions may run past the last slot)."""
     hf = tiny_hf_model("llama", seed=9, max_position_embeddings=16)
-    model = pass_ext.load_model(hf)
+    model = pass_ext.load_model(hf, device="cpu")
     seq = torch.randint(0, 64, (1, 40))
     out = run(model, model.new_cache(1, 40), seq, 0)
     torch.testing.assert_close(out, hf_logits(hf, seq), **TOL)
@@ -238,11 +238,11 @@ def test_positions_beyond_max_position_embeddings(tiny_hf_model):
 
 def test_bfloat16_and_fingerprint(tiny_hf_model):
     hf = tiny_hf_model("qwen2", seed=10)
-    f32 = pass_ext.load_model(hf, dtype=torch.float32)
-    bf16 = pass_ext.load_model(hf, dtype=torch.bfloat16)
+    f32 = pass_ext.load_model(hf, dtype=torch.float32, device="cpu")
+    bf16 = pass_ext.load_model(hf, dtype=torch.bfloat16, device="cpu")
     assert bf16.dtype == torch.bfloat16 and bf16.device.type == "cpu"
     assert f32.fingerprint == bf16.fingerprint and len(f32.fingerprint) == 16
-    assert pass_ext.load_model(tiny_hf_model("qwen2", seed=11)).fingerprint != f32.fingerprint
+    assert pass_ext.load_model(tiny_hf_model("qwen2", seed=11), device="cpu").fingerprint != f32.fingerprint
     ids = torch.randint(0, 64, (1, 8))
     a = run(f32, f32.new_cache(1, 8), ids, 0)
     b = run(bf16, bf16.new_cache(1, 8), ids, 0)
