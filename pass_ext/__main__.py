@@ -60,6 +60,56 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _texts(spec: str) -> list:
+    """Corpus names (see pass_ext.corpora) or text files/directories, comma separated."""
+    import os
+
+    from . import corpora
+    out = []
+    for item in filter(None, spec.split(",")):
+        if item == "python-stdlib":
+            out += corpora.python_stdlib()
+        elif item == "shakespeare":
+            out += [t for i, t in enumerate(corpora.shakespeare()) if i % 8 != 7]  # every 8th work is held out
+        elif os.path.isdir(item):
+            for root, _, files in os.walk(item):
+                for f in sorted(files):
+                    if f.endswith((".py", ".txt", ".md", ".rst")):
+                        with open(os.path.join(root, f), encoding="utf-8", errors="replace") as fh:
+                            out.append(fh.read())
+        elif os.path.isfile(item):
+            with open(item, encoding="utf-8", errors="replace") as fh:
+                out.append(fh.read())
+        else:
+            raise ValueError(f"--data item {item!r} is neither a corpus name (python-stdlib, shakespeare) "
+                             "nor an existing file or directory")
+    return out
+
+
+def cmd_train(args) -> int:
+    import os
+
+    import torch
+
+    import pass_ext
+    from . import corpora
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = pass_ext.load_model(args.model, dtype=dtype, device=args.device)
+    init = None
+    if os.path.exists(args.out):
+        init = pass_ext.LookaheadEmbeddings.load(args.out, model)
+        print(f"resuming from {args.out} ({init.meta.get('steps', 0)} steps so far)", file=sys.stderr)
+    data = _texts(args.data)
+    held = corpora.splits()
+    eval_texts = held["eval_code"][: args.eval_docs] + [t[:4000] for t in held["eval_english"][:2]]
+    la = pass_ext.train_lookahead(model, data, k=args.k, steps=args.steps, seq_len=args.seq_len,
+                                  batch_size=args.batch_size, lr=args.lr, objective=args.objective,
+                                  init=init, eval_data=eval_texts, eval_every=args.eval_every, seed=args.seed)
+    la.save(args.out)
+    print(f"saved {la.k} look-ahead embeddings to {args.out}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pass_ext", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -79,6 +129,22 @@ def main(argv=None) -> int:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--quiet", action="store_true", help="print the text at the end instead of streaming it")
     g.set_defaults(fn=cmd_generate)
+
+    t = sub.add_parser("train", help="train look-ahead embeddings for a model (resumes from --out if it exists)")
+    _add_model_args(t)
+    t.add_argument("--out", required=True, help="output .safetensors (resumed from when it exists)")
+    t.add_argument("--data", default="python-stdlib,shakespeare",
+                   help="comma-separated corpus names (python-stdlib, shakespeare) or text files/directories")
+    t.add_argument("--k", type=int, default=8, help="look-ahead tokens to train")
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--objective", default="kl", choices=["kl", "ce"])
+    t.add_argument("--eval-every", type=int, default=50)
+    t.add_argument("--eval-docs", type=int, default=16, help="held-out HumanEval prompts to evaluate on")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=cmd_train)
 
     args = parser.parse_args(argv)
     try:

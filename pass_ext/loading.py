@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from . import registry
+from . import lookahead, registry
 from .model import SUPPORTED_ARCHS, Model, ModelConfig
 
 __all__ = ["load_model", "model_from_hf"]
@@ -25,7 +25,8 @@ _GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 def load_model(source: Any, dtype: Optional[torch.dtype] = None,
                device: Optional[Union[str, torch.device]] = None) -> Model:
-    """Load a frozen decoder.
+    """Load a frozen decoder, with the look-ahead embeddings shipped for it (recognised by its fingerprint,
+    however it was loaded) attached as `model.lookahead`.
 
     Args:
         source: a transformers PreTrainedModel, a local HF directory (config.json + *.safetensors, tokenizer
@@ -37,6 +38,14 @@ def load_model(source: Any, dtype: Optional[torch.dtype] = None,
         FileNotFoundError: a path that does not exist (or an HF dir without config.json / safetensors).
         ValueError: an unknown short name, an unreadable GGUF, or an unsupported architecture.
     """
+    model = _load(source, dtype, device)
+    shipped = lookahead.shipped_path(model.fingerprint)
+    if shipped is not None:
+        model.lookahead = lookahead.LookaheadEmbeddings.load(shipped, model).to(model.device)
+    return model
+
+
+def _load(source: Any, dtype: Optional[torch.dtype], device: Optional[Union[str, torch.device]]) -> Model:
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
