@@ -210,3 +210,12 @@ def test_draft_model_with_other_vocabulary_is_refused(tiny):
     other = pass_ext.load_model(tiny_peaky_llama(vocab=24, seed=4), dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="vocabulary"):
         pass_ext.generate(model, [[2, 3]], method="draft", draft_model=other)
+
+
+def test_generate_takes_a_transformers_model_and_converts_it_once():
+    hf = tiny_peaky_llama(seed=9)
+    a = pass_ext.generate(hf, [[2, 3, 4]], method="ar", max_new_tokens=8, eos_token_id=False)
+    b = pass_ext.generate(hf, [[2, 3, 4]], method="ar", max_new_tokens=8, eos_token_id=False)
+    assert torch.equal(a.sequences, b.sequences)
+    from pass_ext.generate import _converted
+    assert hf in _converted
