@@ -22,7 +22,7 @@ class _TextStream:
 
     def __call__(self, row: int, tokens: list) -> None:
         self.ids.extend(tokens)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if not text.endswith("\ufffd"):
             sys.stdout.write(text[len(self.printed):])
             sys.stdout.flush()
@@ -54,7 +54,7 @@ def cmd_generate(args) -> int:
                             top_p=args.top_p, seed=args.seed, draft_model=draft,
                             stream=None if args.quiet else _TextStream(tok))
     if args.quiet:
-        sys.stdout.write(tok.decode(out.new_tokens[0], skip_special_tokens=True))
+        sys.stdout.write(tok.decode(out.new_tokens[0], skip_special_tokens=True, clean_up_tokenization_spaces=False))
     print()
     print(out.stats.summary() + f", stop: {out.stats.stop_reasons[0]}", file=sys.stderr)
     return 0
