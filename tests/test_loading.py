@@ -240,3 +240,14 @@ def test_registry_cache_dir_env(monkeypatch, tmp_path):
     assert registry.cached_path("smollm2-135m") == tmp_path / "c" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     monkeypatch.delenv("PASS_EXT_CACHE")
     assert registry.cache_dir() == Path.home() / ".cache" / "pass_ext"
+
+
+def test_shipped_lookahead_embeddings_load_with_their_model(smollm2, tmp_path):
+    """SmolLM2's shipped embeddings attach by fingerprint, also when the same model comes from a local file."""
+    from pass_ext import lookahead
+    model = smollm2.model
+    assert lookahead.shipped_path(model.fingerprint) is not None
+    assert model.lookahead is not None and model.lookahead.fingerprint == model.fingerprint
+    local = pass_ext.load_model(str(smollm2.path), device="cpu")
+    assert local.fingerprint == model.fingerprint and local.lookahead is not None
+    assert torch.equal(local.lookahead.weight, model.lookahead.weight)
