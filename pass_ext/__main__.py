@@ -104,7 +104,8 @@ def cmd_train(args) -> int:
     eval_texts = held["eval_code"][: args.eval_docs] + [t[:4000] for t in held["eval_english"][:2]]
     la = pass_ext.train_lookahead(model, data, k=args.k, steps=args.steps, seq_len=args.seq_len,
                                   batch_size=args.batch_size, lr=args.lr, objective=args.objective,
-                                  init=init, eval_data=eval_texts, eval_every=args.eval_every, seed=args.seed)
+                                  init=init, eval_data=eval_texts, eval_every=args.eval_every, seed=args.seed,
+                                  on_eval=lambda step, result, snapshot: snapshot.save(args.out))
     la.save(args.out)
     print(f"saved {la.k} look-ahead embeddings to {args.out}", file=sys.stderr)
     return 0

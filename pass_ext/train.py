@@ -122,7 +122,7 @@ def train_lookahead(
     eval_every: int = 50,
     seed: int = 0,
     progress: bool = True,
-    on_eval: Optional[Callable[[int, dict], None]] = None,
+    on_eval: Optional[Callable[[int, dict, LookaheadEmbeddings], None]] = None,
 ) -> LookaheadEmbeddings:
     """Train k look-ahead embeddings for a frozen `model`.
 
@@ -131,6 +131,7 @@ def train_lookahead(
         objective: "kl" (self-distillation to the model's own next-token distributions) or "ce" (the data's tokens).
         init: embeddings to resume from (their first k rows; more rows are added if they hold fewer).
         eval_data: held-out sequences: loss and top-1 agreement per LA position are reported every eval_every steps.
+        on_eval: called as on_eval(step, result, embeddings so far) after each evaluation (checkpointing).
     Returns:
         trained LookaheadEmbeddings (meta records the training settings).
     """
@@ -154,6 +155,7 @@ def train_lookahead(
     else:
         la = LookaheadEmbeddings.init(model, k, seed=seed)
     la = la.to(dev)
+    steps_before = int(la.meta.get("steps", 0))
     block = make_block(seq_len, k, list(range(0, seq_len - 1 - k, cut_stride)))
     opt = torch.optim.Adam([la.weight], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -177,10 +179,16 @@ def train_lookahead(
             bar.write(f"step {step + 1}: held-out loss {result['loss']:.3f}, top-1 agreement "
                       + " ".join(f"{a:.2f}" for a in result["agreement"]))
             if on_eval is not None:
-                on_eval(step + 1, result)
-    la.meta.update({"objective": objective, "steps": la.meta.get("steps", 0) + steps, "seq_len": seq_len,
-                    "lr": lr, "batch_size": batch_size, "history": history[-5:]})
-    return la.cpu()
+                on_eval(step + 1, result, _snapshot(la, step + 1, steps_before, objective, seq_len, lr,
+                                                    batch_size, history))
+    return _snapshot(la, steps, steps_before, objective, seq_len, lr, batch_size, history)
+
+
+def _snapshot(la, steps_done, steps_before, objective, seq_len, lr, batch_size, history) -> LookaheadEmbeddings:
+    """A CPU copy of the embeddings with the training facts in its meta."""
+    meta = dict(la.meta, objective=objective, steps=steps_before + steps_done, seq_len=seq_len, lr=lr,
+                batch_size=batch_size, history=history[-5:])
+    return LookaheadEmbeddings(la.weight.detach().cpu(), la.fingerprint, meta)
 
 
 @torch.no_grad()
