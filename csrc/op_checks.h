@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <cmath>
 
 namespace pass_ext {
 
@@ -13,12 +14,18 @@ inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const 
 
 inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                                  const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_lens,
-                                 const std::optional<at::Tensor>& tree_mask, const at::Tensor& out) {
+                                 const std::optional<at::Tensor>& tree_mask, double scale, const at::Tensor& out) {
   TORCH_CHECK(q.dim() == 4, "q must be [B, Q, Hq, D], got ", q.sizes());
   TORCH_CHECK(k_new.dim() == 4, "k_new must be [B, Q, Hkv, D], got ", k_new.sizes());
   TORCH_CHECK(v_new.sizes() == k_new.sizes(), "v_new must match k_new ", k_new.sizes(), ", got ", v_new.sizes());
   const int64_t B = q.size(0), Q = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_new.size(2);
-  TORCH_CHECK(B >= 1 && Q >= 1, "q must hold at least one row and one new token, got ", q.sizes());
+  TORCH_CHECK(B >= 1 && Q >= 1 && Hq >= 1 && D >= 1,
+              "q must be [B, Q, Hq, D] with every size >= 1 (at least one row, new token, head and channel), got ",
+              q.sizes());
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "q must be float32, float64, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(std::isfinite(scale), "scale must be a finite number, got ", scale);
   TORCH_CHECK(k_new.size(0) == B && k_new.size(1) == Q && k_new.size(3) == D, "k_new must be [B=", B, ", Q=", Q,
               ", Hkv, D=", D, "], got ", k_new.sizes());
   TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, "q heads (", Hq, ") must be a multiple of k_new heads (", Hkv, ")");
@@ -96,6 +103,7 @@ inline void check_sample_args(const at::Tensor& logits, const at::Tensor& temper
                               const at::Tensor& out, const std::optional<at::Tensor>& probs_out) {
   check_logits(logits, "logits", 2, "[N, V]");
   const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(rows >= 1, "logits must hold at least one row N >= 1, got ", logits.sizes());
   check_sampling_params(logits, rows, temperature, top_k, top_p, seed, offset);
   check_output(logits, out, "out", at::kLong, {rows});
   if (probs_out.has_value()) check_output(logits, *probs_out, "probs_out", at::kFloat, {rows, vocab});
@@ -107,6 +115,7 @@ inline void check_verify_args(const at::Tensor& target_logits, const at::Tensor&
                               const at::Tensor& offset, const at::Tensor& out_tokens, const at::Tensor& accepted) {
   check_logits(target_logits, "target_logits", 3, "[B, k+1, V]");
   const int64_t batch = target_logits.size(0), positions = target_logits.size(1), vocab = target_logits.size(2);
+  TORCH_CHECK(batch >= 1, "target_logits must hold at least one row B >= 1, got ", target_logits.sizes());
   TORCH_CHECK(positions >= 1 && positions <= 256, "target_logits must have k+1 in [1, 256] positions, got ",
               positions);
   const int64_t drafts = positions - 1;

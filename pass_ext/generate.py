@@ -3,6 +3,7 @@ and return sequences, per-row new tokens and statistics."""
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 import warnings
@@ -48,7 +49,7 @@ class GenerateOutput:
     prompt_lengths: list = field(default_factory=list)
 
 
-def _as_model(model):
+def _as_model(model, name: str = "model"):
     from .model import Model
     if isinstance(model, Model):
         return model
@@ -61,6 +62,9 @@ def _as_model(model):
         if model not in _converted:
             _converted[model] = load_model(model)
         return _converted[model]
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a pass_ext.Model, a transformers PreTrainedModel, a path to an HF "
+                        f"directory or .gguf file, or a short model name; got {type(model).__name__}")
     return load_model(model)
 
 
@@ -84,7 +88,10 @@ def _as_rows(ids, vocab_size: int) -> list:
         if len(r) == 0:
             raise ValueError(f"ids row {b} is empty: every prompt needs at least one token")
         for t in r:
-            if not isinstance(t, int) or not 0 <= t < vocab_size:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"ids row {b} holds {t!r} ({type(t).__name__}): token ids must be ints in "
+                                f"[0, {vocab_size})")
+            if not 0 <= t < vocab_size:
                 raise ValueError(f"ids row {b} holds token id {t!r} outside the vocabulary [0, {vocab_size})")
     return rows
 
@@ -154,7 +161,9 @@ def _resolve_k(method, model, lookahead, draft_model) -> int:
         if isinstance(k, int) and k > la.k:
             raise ValueError(f"lookahead={k} exceeds the {la.k} look-ahead embeddings loaded for this model "
                              f"(allowed: 1..{la.k})")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > 16:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"lookahead must be an int in 1..16 for method={method!r}, got {k!r}")
+    if k < 1 or k > 16:
         raise ValueError(f"lookahead must be an int in 1..16 for method={method!r}, got {k!r}")
     return k
 
@@ -213,13 +222,25 @@ def generate(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    # Checked before any work: a bad seed or pad id would otherwise fail deep inside torch, and a chunk
+    # size below 1 would skip the prefill and silently generate from a cache without the prompt.
+    for name, value, low, high in (("seed", seed, -2 ** 63, 2 ** 63), ("pad_token_id", pad_token_id, 0, 2 ** 63),
+                                   ("prefill_chunk", prefill_chunk, 1, 2 ** 63)):
+        if value is None and name != "prefill_chunk":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if not low <= value < high:
+            raise ValueError(f"{name} must be an int in [{low}, {high}), got {value!r}")
     model = _as_model(model)
     if draft_model is not None:
         if method != "draft":
             raise ValueError(f"draft_model is only used by method='draft', not {method!r}")
-        draft_model = _as_model(draft_model)
+        draft_model = _as_model(draft_model, "draft_model")
         if draft_model.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"draft_model's vocabulary ({draft_model.config.vocab_size}) differs from the "
                              f"model's ({model.config.vocab_size}): speculative sampling needs the same tokenizer")

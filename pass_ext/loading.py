@@ -46,9 +46,15 @@ def load_model(source: Any, dtype: Optional[torch.dtype] = None,
 
 
 def _load(source: Any, dtype: Optional[torch.dtype], device: Optional[Union[str, torch.device]]) -> Model:
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (or a torch.device), got {device!r}") from e
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, torch.float16), "
+                        f"got {dtype!r}")
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -59,7 +65,8 @@ def _load(source: Any, dtype: Optional[torch.dtype], device: Optional[Union[str,
         return model_from_hf(source.config, source.state_dict(), dtype, device,
                              tokenizer_loader=_tokenizer_loader_for_object(source))
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"cannot load a model from {type(source).__name__}")
+        raise TypeError(f"source must be a transformers PreTrainedModel, a path to an HF directory or .gguf file, "
+                        f"or a short model name ({', '.join(registry.known_names())}); got {type(source).__name__}")
     text = os.fspath(source)
     if text in registry.MODELS:
         return _load_gguf(registry.fetch(text), dtype, device, name=text)
@@ -208,9 +215,12 @@ def gguf_architecture(path: Path) -> str:
 
         if read(4) != b"GGUF":
             raise ValueError(f"{path} is not a valid GGUF file (bad magic)")
-        version, _, n_kv = struct.unpack("<IQQ", read(20))
+        version, n_tensors, n_kv = struct.unpack("<IQQ", read(20))
         if version < 2:
             raise ValueError(f"{path}: GGUF version {version} is not supported (need 2 or later)")
+        if n_tensors == 0:
+            # transformers would fill every weight with a random initialisation and load it without error
+            raise ValueError(f"{path} is not a usable GGUF model file (it holds no tensors)")
         for _ in range(n_kv):
             key_len = struct.unpack("<Q", read(8))[0]
             if key_len > 1 << 16:
@@ -231,12 +241,17 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, name: Optio
     if arch not in _GGUF_ARCHS:
         raise ValueError(f"unsupported architecture {arch!r} in {path}; supported: {', '.join(SUPPORTED_ARCHS)}")
     try:
-        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
-                                                  local_files_only=True)
+        hf, info = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                        local_files_only=True, output_loading_info=True)
     except (MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as e:  # the gguf reader fails in many ways on a damaged file
         raise ValueError(f"could not load GGUF file {path}: {type(e).__name__}: {e}") from e
+    if info.get("missing_keys"):
+        # transformers initialises missing weights at random; a model built on them would run and be wrong
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"GGUF file {path} lacks {len(missing)} weights the {arch} architecture needs "
+                         f"(e.g. {', '.join(missing[:3])})")
     model = model_from_hf(hf.config, hf.state_dict(), dtype, device, name=name,
                           tokenizer_loader=_tokenizer_loader(path.parent, path.name))
     del hf

@@ -73,6 +73,11 @@ class LookaheadEmbeddings(torch.nn.Module):
     @classmethod
     def load(cls, path: str, model=None) -> "LookaheadEmbeddings":
         """Load from a safetensors file; with `model`, refuse embeddings made for another model."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike naming a .safetensors file, got {type(path).__name__}")
+        if model is not None and not hasattr(model, "fingerprint"):
+            raise TypeError(f"model must be a pass_ext.Model (or None), got {type(model).__name__}")
+        path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"look-ahead file not found: {path}")
         try:
@@ -84,7 +89,16 @@ class LookaheadEmbeddings(torch.nn.Module):
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a pass_ext look-ahead file (format={meta.get('format')!r}, "
                              f"expected {FORMAT!r})")
-        la = cls(weight, meta["fingerprint"], json.loads(meta.get("meta", "{}")))
+        if not meta.get("fingerprint"):
+            raise ValueError(f"{path} is a damaged look-ahead file: its metadata has no model fingerprint")
+        try:
+            extra = json.loads(meta.get("meta", "{}"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is a damaged look-ahead file: its 'meta' entry is not JSON ({e})") from e
+        if not weight.is_floating_point() or not torch.isfinite(weight).all():
+            # NaN drafts would be rejected every step: slower than no look-ahead at all, with no error
+            raise ValueError(f"{path} holds look-ahead weights that are not finite floating-point numbers")
+        la = cls(weight, meta["fingerprint"], extra)
         if model is not None:
             la.check_model(model)
         return la

@@ -38,7 +38,7 @@ def attention_with_kv_cache(
     """Append Q new tokens' K/V to the cache and attend to the cached prefix plus the visible new tokens.
 
     Args:
-        q: [B, Q, Hq, D] queries of the new tokens (float32/float64 on CPU; float32/bf16/fp16 on CUDA).
+        q: [B, Q, Hq, D] (all >= 1) queries of the new tokens (float32/float64 on CPU; float32/bf16/fp16 on CUDA).
         k_new, v_new: [B, Q, Hkv, D] keys/values of the new tokens, Hq a multiple of Hkv (GQA).
         k_cache, v_cache: [B, Hkv, S_max, D], **mutated**: new token j of row b is written at slot
             cache_lens[b] + j. Slots at or past S_max are never written (CPU raises when a row would
@@ -46,7 +46,7 @@ def attention_with_kv_cache(
         cache_lens: [B] int32, committed tokens per row (ragged). Not changed: commit/rollback is the
             caller's `cache_lens += n`.
         tree_mask: bit-packed int64 [Q, ceil(Q/64)] (see `pass_ext.masks`); None means causal.
-        scale: softmax scale, default 1/sqrt(D).
+        scale: softmax scale (finite), default 1/sqrt(D).
         out: optional [B, Q, Hq, D] output buffer, **mutated**.
     Returns:
         out [B, Q, Hq, D].
@@ -55,11 +55,14 @@ def attention_with_kv_cache(
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    q = q.contiguous()  # before empty_like, which would copy a non-contiguous q's strides into out
     if out is None:
         out = torch.empty_like(q)
+    # Read-only inputs are made contiguous here (a no-op when they are); the caches and out are written in
+    # place, so they must be contiguous already and the op says so otherwise.
     torch.ops.pass_ext.attention_with_kv_cache(
-        q.contiguous(), k_new.contiguous(), v_new.contiguous(), k_cache, v_cache, cache_lens,
-        tree_mask, float(scale), out)
+        q, k_new.contiguous(), v_new.contiguous(), k_cache, v_cache, cache_lens.contiguous(),
+        None if tree_mask is None else tree_mask.contiguous(), float(scale), out)
     return out
 
 
@@ -85,11 +88,13 @@ def speculative_verify(
     the warped target. Draft ids outside [0, V) are rejected; greedy rows ignore draft_probs.
 
     Args:
-        target_logits: [B, k+1, V] float32/bf16/fp16, the target's logits after the newest committed
-            token and after each draft.
+        target_logits: [B, k+1, V] float32/bf16/fp16 (B >= 1, k <= 255), the target's logits after the newest
+            committed token and after each draft.
         draft_tokens: [B, k] int64.
         draft_probs: [B, k, V] float32, the warped draft distributions the drafts were sampled from,
-            or None: q_i is one-hot at d_i (greedy or otherwise deterministic drafting).
+            or None: q_i is one-hot at d_i (greedy or otherwise deterministic drafting). Not validated (that
+            would cost a pass over B*k*V values): NaN entries reject, negative ones accept, and the output
+            keeps its structure (valid tokens, -1 after the stop) whatever they hold.
         temperature: [B] float32 (0 = greedy), top_k: [B] int32 (0 = off), top_p: [B] float32 in (0, 1].
         seed, offset: one-element int64 tensors on the logits' device, read on the device (graph-safe) and
             never changed. Acceptance and residual draws use RNG streams of their own, so verify may share
@@ -108,7 +113,8 @@ def speculative_verify(
     torch.ops.pass_ext.speculative_verify(
         target_logits.contiguous(), draft_tokens.contiguous(),
         None if draft_probs is None else draft_probs.contiguous(),
-        temperature, top_k, top_p, seed, offset, out_tokens, accepted)
+        temperature.contiguous(), top_k.contiguous(), top_p.contiguous(), seed.contiguous(), offset.contiguous(),
+        out_tokens, accepted)
     return out_tokens, accepted
 
 
@@ -127,13 +133,14 @@ def sample(
     The warp: temperature <= 0 (or NaN) is greedy, the argmax with the lowest index among ties; otherwise
     z = logits / T; top-k (0 < top_k < V) keeps z >= the top_k-th largest z (ties kept); softmax; top-p
     (top_p < 1) keeps the smallest set of highest tokens whose mass reaches top_p plus ties with the last,
-    and renormalises. NaN logits count as -inf; a row with no finite logit yields token 0. Out-of-range
+    and renormalises. NaN logits count as -inf; a row with no finite logit (all NaN or -inf) yields token 0
+    with probs_out one-hot at 0; +inf logits share the mass equally. Out-of-range
     parameters never fault: top_k outside (0, V) and top_p >= 1 are off, top_p <= 0 keeps the maximum only.
     The draw is the exponential race argmax_j p_j / E_j on counter-based Philox numbers, so CPU and CUDA
     draw the same token for the same (seed, offset, row), up to float rounding at near-ties.
 
     Args:
-        logits: [N, V] float32/bf16/fp16, 1 <= V <= 2^20.
+        logits: [N, V] float32/bf16/fp16, N >= 1, 1 <= V <= 2^20.
         temperature: [N] float32 (0 = greedy argmax), top_k: [N] int32 (0 = off), top_p: [N] float32.
         seed, offset: one-element int64 tensors on the logits' device, read on the device (graph-safe) and
             never changed: row n's draw depends on (seed, offset, n) and its logits only, so two calls with
@@ -146,7 +153,8 @@ def sample(
     """
     if out is None:
         out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    torch.ops.pass_ext.sample(logits.contiguous(), temperature, top_k, top_p, seed, offset, out, probs_out)
+    torch.ops.pass_ext.sample(logits.contiguous(), temperature.contiguous(), top_k.contiguous(), top_p.contiguous(),
+                              seed.contiguous(), offset.contiguous(), out, probs_out)
     return out
 
 

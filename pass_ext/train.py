@@ -140,10 +140,17 @@ def train_lookahead(
         raise ValueError(f"k must be an int in 1..16, got {k!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    for name, value in (("steps", steps), ("seq_len", seq_len), ("batch_size", batch_size),
+                        ("cut_stride", cut_stride), ("eval_every", eval_every)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if seq_len < k + 3:
         raise ValueError(f"seq_len must be at least k + 3 = {k + 3}, got {seq_len}")
     seqs = _as_sequences(model, data, seq_len, "data")
-    evals = _as_sequences(model, eval_data, seq_len, "eval_data") if eval_data else []
+    evals = (_as_sequences(model, eval_data, seq_len, "eval_data")
+             if eval_data is not None and len(eval_data) > 0 else [])
     dev = model.device
     if init is not None:
         init.check_model(model)
@@ -204,7 +211,11 @@ def evaluate(model, la, seqs, block, k, objective="kl", batch_size=4) -> dict:
 
 
 def _as_sequences(model, data, seq_len: int, name: str) -> list:
-    if not data:
+    if isinstance(data, torch.Tensor):
+        data = data.tolist()
+    if isinstance(data, (str, bytes)) or not isinstance(data, Sequence):
+        raise TypeError(f"{name} must be a list of texts or of token-id sequences, got {type(data).__name__}")
+    if len(data) == 0:
         raise ValueError(f"{name} is empty")
     if isinstance(data[0], str):
         if model.tokenizer is None:
@@ -214,4 +225,9 @@ def _as_sequences(model, data, seq_len: int, name: str) -> list:
         seqs = [list(s)[:seq_len] for s in data if len(s) >= seq_len]
     if not seqs:
         raise ValueError(f"{name} holds no sequence of {seq_len} tokens")
+    vocab = model.config.vocab_size
+    for s in seqs:
+        for t in s:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"{name} holds token id {t!r}: token ids must be ints in [0, {vocab})")
     return seqs

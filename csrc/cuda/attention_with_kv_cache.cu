@@ -101,7 +101,7 @@ void dispatch_head_dim(const k::AttentionParams& p, const at::Tensor& q, cudaStr
 void attention_with_kv_cache_cuda(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                                   at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_lens,
                                   const std::optional<at::Tensor>& tree_mask, double scale, at::Tensor& out) {
-  check_attention_args(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, out);
+  check_attention_args(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, out);
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
   const int64_t B = q.size(0), Q = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_new.size(2);
   const int64_t S = k_cache.size(2);
