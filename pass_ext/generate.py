@@ -135,9 +135,12 @@ def _eos_ids(model, eos_token_id) -> list:
         eos_token_id = model.config.eos_token_id
     if eos_token_id is None or eos_token_id is False:
         return []
+    if eos_token_id is True:
+        raise TypeError("eos_token_id must be an int, a list of ints, None (the model's) or False (no EOS stop), "
+                        "got True")
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     for t in ids:
-        if not isinstance(t, int) or not 0 <= t < model.config.vocab_size:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < model.config.vocab_size:
             raise ValueError(f"eos_token_id {t!r} is outside the vocabulary [0, {model.config.vocab_size})")
     return ids
 

@@ -219,3 +219,9 @@ def test_generate_takes_a_transformers_model_and_converts_it_once():
     assert torch.equal(a.sequences, b.sequences)
     from pass_ext.generate import _converted
     assert hf in _converted
+
+
+def test_eos_true_is_refused(tiny):
+    hf, model, _ = tiny
+    with pytest.raises(TypeError, match="eos_token_id"):
+        pass_ext.generate(model, [[2, 3]], method="ar", eos_token_id=True)
