@@ -188,8 +188,8 @@ _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
-def gguf_architecture(path: Path) -> str:
-    """general.architecture from a GGUF header, read without parsing the (large) tokenizer arrays.
+def gguf_header(path: Path) -> tuple[str, int]:
+    """(general.architecture, tensor count) from a GGUF header, read without parsing the (large) tokenizer arrays.
     Raises ValueError naming the file when it is not a readable GGUF."""
     with open(path, "rb") as f:
         def read(n: int) -> bytes:
@@ -218,9 +218,6 @@ def gguf_architecture(path: Path) -> str:
         version, n_tensors, n_kv = struct.unpack("<IQQ", read(20))
         if version < 2:
             raise ValueError(f"{path}: GGUF version {version} is not supported (need 2 or later)")
-        if n_tensors == 0:
-            # transformers would fill every weight with a random initialisation and load it without error
-            raise ValueError(f"{path} is not a usable GGUF model file (it holds no tensors)")
         for _ in range(n_kv):
             key_len = struct.unpack("<Q", read(8))[0]
             if key_len > 1 << 16:
@@ -228,7 +225,7 @@ def gguf_architecture(path: Path) -> str:
             key = read(key_len).decode("utf-8", errors="replace")
             kind = struct.unpack("<I", read(4))[0]
             if key == "general.architecture" and kind == _GGUF_STRING:
-                return read(struct.unpack("<Q", read(8))[0]).decode("utf-8", errors="replace")
+                return read(struct.unpack("<Q", read(8))[0]).decode("utf-8", errors="replace"), n_tensors
             skip(kind)
     raise ValueError(f"{path} is not a valid GGUF file (no general.architecture)")
 
@@ -237,9 +234,12 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, name: Optio
     from transformers import AutoModelForCausalLM
 
     path = Path(path).resolve()
-    arch = gguf_architecture(path)
+    arch, n_tensors = gguf_header(path)
     if arch not in _GGUF_ARCHS:
         raise ValueError(f"unsupported architecture {arch!r} in {path}; supported: {', '.join(SUPPORTED_ARCHS)}")
+    if n_tensors == 0:
+        # transformers would fill every weight with a random initialisation and load it without error
+        raise ValueError(f"{path} is not a usable GGUF model file (it holds no tensors)")
     try:
         hf, info = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
                                                         local_files_only=True, output_loading_info=True)
