@@ -48,7 +48,6 @@ void sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, const 
                  const std::optional<at::Tensor>& probs_out) {
   check_sample_args(logits, temperature, top_k, top_p, seed, offset, out, probs_out);
   const int64_t rows = logits.size(0);
-  if (rows == 0) return;
   TORCH_CHECK(rows <= INT32_MAX, "logits has too many rows for one launch: ", rows);
   const c10::cuda::CUDAGuard guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -88,7 +88,6 @@ void speculative_verify_cuda(const at::Tensor& target_logits, const at::Tensor& 
   check_verify_args(target_logits, draft_tokens, draft_probs, temperature, top_k, top_p, seed, offset, out_tokens,
                     accepted);
   const int64_t batch = target_logits.size(0);
-  if (batch == 0) return;
   TORCH_CHECK(batch <= INT32_MAX, "target_logits has too many rows for one launch: ", batch);
   const c10::cuda::CUDAGuard guard(target_logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
