@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .lookahead import LookaheadEmbeddings
+from .masks import pack
 
 OBJECTIVES = ("kl", "ce")
 
@@ -30,6 +31,7 @@ class Block:
     la_index: torch.Tensor    # [n] int64, which LA_i (0-based) stands there
     teacher: torch.Tensor     # [n] int64, real position whose next-token distribution is the target
     label: torch.Tensor       # [n] int64, real position of the token to predict (teacher + 1)
+    packed: torch.Tensor      # [Q, ceil(Q/64)] int64, `mask` bit-packed for the attention op
 
 
 def make_block(T: int, k: int, cuts: Sequence[int]) -> Block:
@@ -50,7 +52,7 @@ def make_block(T: int, k: int, cuts: Sequence[int]) -> Block:
             mask[row, base: row + 1] = True
             positions[row] = t + i
             teacher[g * k + i - 1] = t + i
-    return Block(mask, positions, torch.arange(T, Q), la_index, teacher, teacher + 1)
+    return Block(mask, positions, torch.arange(T, Q), la_index, teacher, teacher + 1, pack(mask))
 
 
 def token_chunks(tokenizer, texts: Iterable[str], length: int) -> list:
@@ -76,9 +78,8 @@ def _la_forward(model, la: LookaheadEmbeddings, ids: torch.Tensor, block: Block,
     embeds = embeds.index_put((torch.arange(B, device=dev)[:, None], block.la_slots.to(dev)[None, :]),
                               la[None].expand(B, -1, -1))
     cache = model.new_cache(B, full.shape[1])
-    from .masks import pack
     positions = block.positions.to(dev)[None].expand(B, -1)
-    return model(None, positions=positions, cache=cache, tree_mask=pack(block.mask).to(dev),
+    return model(None, positions=positions, cache=cache, tree_mask=block.packed.to(dev),
                  inputs_embeds=embeds, return_hidden=True, attention="torch")
 
 
