@@ -78,13 +78,14 @@ class Rows:
         self.out.scatter_(1, cols, tokens)
         self.n += n
         full = (self.n >= self.max_new) & ~self.done & ~hit_eos
-        self.reason = torch.where(hit_eos, EOS, torch.where(full, MAX_NEW, self.reason))
+        # In place (here and below): a captured step must write the buffers the next replay reads.
+        self.reason.copy_(torch.where(hit_eos, EOS, torch.where(full, MAX_NEW, self.reason)))
         self.done |= hit_eos | full
 
     def stop_for_length(self, lens: torch.Tensor, q_next: int, capacity: int) -> None:
         """Rows whose next step would write at or past the cache capacity stop with reason "length"."""
         over = ~self.done & (lens.long() + q_next > capacity)
-        self.reason = torch.where(over, LENGTH, self.reason)
+        self.reason.masked_fill_(over, LENGTH)
         self.done |= over
 
 
@@ -103,8 +104,14 @@ class Stats:
         self.active_forwards += (~done).long() * passes
 
     def accepted(self, accepted: torch.Tensor, done: torch.Tensor) -> None:
-        onehot = torch.nn.functional.one_hot(accepted.long().clamp(0, self.k), self.k + 1)
-        self.hist += (onehot * (~done).long()[:, None]).sum(0)
+        self.hist.index_add_(0, accepted.long().clamp(0, self.k), (~done).long())
+
+    def host_counters(self) -> tuple:
+        return self.forward_passes, self.draft_forward_passes
+
+    def add_host_counters(self, forward: int, draft: int) -> None:
+        self.forward_passes += forward
+        self.draft_forward_passes += draft
 
 
 @dataclass
@@ -346,7 +353,11 @@ class DraftModelEngine(Engine):
         self.commit(count, done)
         self.rows.emit(out, count)
         # The last committed token is c (a = 0) or draft a; the draft cache rolls back to hold all but it.
-        self.last = torch.cat([s.c[:, None], drafts], 1).gather(1, accepted.long()[:, None]).squeeze(1)
+        last = torch.cat([s.c[:, None], drafts], 1).gather(1, accepted.long()[:, None]).squeeze(1)
+        if self.last is None:
+            self.last = last
+        else:  # in place: a captured step reads this buffer on the next replay
+            self.last.copy_(last)
         dc.lens.copy_(torch.where(done, dc.lens, self.cache.lens - 1))
         self.first_round = False
         nxt = out.gather(1, accepted.long()[:, None]).squeeze(1)
@@ -354,15 +365,65 @@ class DraftModelEngine(Engine):
         return StepState(c=nxt)
 
 
-def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Callable[[], None]] = None) -> int:
+class StepGraph:
+    """One decode step captured as a CUDA graph (DESIGN §4): `replay()` runs forward, verify, commit, stop
+    checks and next inputs in one launch, on the state buffers the step was captured with.
+
+    Capturing runs no work, so the constructor first runs one real step eagerly on the capture stream (it
+    warms up cuBLAS and the allocator there) and returns its state through `state`. Everything a step
+    changes lives in device tensors updated in place; the host-side pass counters are replayed by delta."""
+
+    def __init__(self, engine: Engine, state: StepState):
+        dev = engine.device
+        self.engine = engine
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            state = engine.step(state)  # warm-up, a real step
+            self.state = StepState(
+                c=state.c.clone(),
+                drafts=None if state.drafts is None else state.drafts.clone(),
+                draft_probs=None if state.draft_probs is None else state.draft_probs.clone())
+            before = engine.stats.host_counters()
+            self.graph = torch.cuda.CUDAGraph()
+            self.graph.capture_begin()
+            try:
+                out = engine.step(self.state)
+                self.state.c.copy_(out.c)
+                if out.drafts is not None:
+                    self.state.drafts.copy_(out.drafts)
+                if out.draft_probs is not None:
+                    self.state.draft_probs.copy_(out.draft_probs)
+            finally:
+                self.graph.capture_end()
+            after = engine.stats.host_counters()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        engine.stats.forward_passes, engine.stats.draft_forward_passes = before
+        self.delta = (after[0] - before[0], after[1] - before[1])
+
+    def replay(self) -> StepState:
+        self.graph.replay()
+        self.engine.stats.add_host_counters(*self.delta)
+        return self.state
+
+
+def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Callable[[], None]] = None,
+        cuda_graphs: bool = False) -> int:
     """Iterate steps until every row is done; the host looks at device state every `sync_every` steps.
-    Returns the number of steps run."""
+    With `cuda_graphs` (CUDA only), the first step runs eagerly (the draft method's first round has its own
+    shape), the second is captured and every later step is a replay. Returns the number of steps run."""
     engine.check_capacity()
     state = engine.start(c)
     engine.check_capacity()
     steps = 0
+    graph: Optional[StepGraph] = None
     while True:
-        state = engine.step(state)
+        if graph is not None:
+            graph.replay()
+        elif cuda_graphs and steps >= 1:
+            graph = StepGraph(engine, state)  # runs one real step, then captures the next
+        else:
+            state = engine.step(state)
         steps += 1
         if steps % sync_every == 0:
             if on_sync is not None:

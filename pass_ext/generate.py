@@ -155,6 +155,11 @@ def _resolve_k(method, model, lookahead, draft_model) -> int:
         k = 4 if lookahead is None else lookahead
     else:
         la = model.lookahead
+        if lookahead == "auto":
+            if la is None:
+                raise ValueError(f"lookahead='auto' with method={method!r} needs look-ahead embeddings, and this "
+                                 "model has none loaded")
+            return "auto"
         if la is None:
             raise ValueError(
                 f"method={method!r} needs look-ahead embeddings, and this model has none loaded: load them with "
@@ -164,8 +169,12 @@ def _resolve_k(method, model, lookahead, draft_model) -> int:
         if isinstance(k, int) and k > la.k:
             raise ValueError(f"lookahead={k} exceeds the {la.k} look-ahead embeddings loaded for this model "
                              f"(allowed: 1..{la.k})")
+    if k == "auto":
+        raise ValueError("lookahead='auto' picks k for PaSS (method='pass' or 'pass-paper'), not for "
+                         f"method={method!r}")
     if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"lookahead must be an int in 1..16 for method={method!r}, got {k!r}")
+        raise TypeError(f"lookahead must be an int in 1..16 (or 'auto' for PaSS) for method={method!r}, "
+                        f"got {k!r}")
     if k < 1 or k > 16:
         raise ValueError(f"lookahead must be an int in 1..16 for method={method!r}, got {k!r}")
     return k
@@ -203,6 +212,7 @@ def generate(
     max_length: Optional[int] = None,
     sync_every: Optional[int] = None,
     prefill_chunk: int = 512,
+    cuda_graphs: Optional[bool] = None,
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` per row; every method returns what plain decoding would (greedy:
     the same tokens; sampling: the same distribution).
@@ -213,7 +223,9 @@ def generate(
         ids: LongTensor [B, T], or a list of B token-id lists of different lengths (ragged batch).
         method: "ar" (plain decoding), "pass" (fused one-pass PaSS), "pass-paper" (the paper's two passes),
             "draft" (speculative sampling with `draft_model`).
-        lookahead: drafts per step k (PaSS: default = the loaded embeddings' k; "draft": default 4).
+        lookahead: drafts per step k (PaSS: default = the loaded embeddings' k; "draft": default 4), or
+            "auto" (PaSS): k picked per batch, 0 included, from measured acceptance and step cost
+            (see pass_ext.autotune); the choice is in `stats.k`.
         temperature, top_k, top_p: warping, one value or one per row (temperature 0 = greedy).
         seed: RNG seed for sampling (None: a random one).
         eos_token_id: int or list (default: the model's); False disables EOS stopping.
@@ -222,6 +234,8 @@ def generate(
         max_length: cache capacity per row in tokens (prompt, generated tokens and the step's scratch
             slots); rows that would pass it stop with reason "length". Default: room for everything.
         sync_every: steps between host syncs (streaming, stop checks). Default 1 with `stream`, else 4.
+        cuda_graphs: capture the decode step once and replay it (CUDA only). Default: on for CUDA, unless
+            the environment sets PASS_EXT_CUDA_GRAPHS=0.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -260,9 +274,27 @@ def generate(
     if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
         raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
 
+    if cuda_graphs is None:
+        cuda_graphs = dev.type == "cuda" and os.environ.get("PASS_EXT_CUDA_GRAPHS", "1") != "0"
+    elif not isinstance(cuda_graphs, bool):
+        raise TypeError(f"cuda_graphs must be True, False or None (default), got {cuda_graphs!r}")
+    elif cuda_graphs and dev.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {dev}")
+    sampled = not sampling.greedy
+    engine_method = method
+    if k == "auto":
+        from . import autotune
+        longest_prompt = max(len(r) for r in rows)
+        costs = autotune.step_costs(model, method, B, longest_prompt + max_new_tokens // 2, sampled,
+                                    model.lookahead.k)
+        k = autotune.choose_k(costs, autotune.acceptance_of(model.lookahead, sampled),
+                              base=2 if method == "pass-paper" else 1, max_k=model.lookahead.k)
+        if k == 0:
+            engine_method = "ar"
+
     engine_cls = {"ar": E.AutoregressiveEngine, "pass": E.FusedPassEngine, "pass-paper": E.PassEngine,
-                  "draft": E.DraftModelEngine}[method]
-    q_step = {"ar": 1, "pass": (k + 1) ** 2, "pass-paper": k + 1, "draft": k + 1}[method]
+                  "draft": E.DraftModelEngine}[engine_method]
+    q_step = {"ar": 1, "pass": (k + 1) ** 2, "pass-paper": k + 1, "draft": k + 1}[engine_method]
     longest = max(len(r) for r in rows)
     capacity = longest + max_new_tokens + q_step + 1 if max_length is None else max_length
     if isinstance(capacity, bool) or not isinstance(capacity, int):
@@ -290,12 +322,15 @@ def generate(
         stats = E.Stats(B, k, dev)
         eng = engine_cls(model, cache, sampling, rng, out_rows, stats, k=k, **extra)
         on_sync = _streamer(stream, out_rows, rows) if stream is not None else None
-        E.run(eng, c, sync_every, on_sync)
+        E.run(eng, c, sync_every, on_sync, cuda_graphs=cuda_graphs)
         if on_sync is not None:
             on_sync(final=True)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     elapsed = time.perf_counter() - t0
+    if engine_method in ("pass", "pass-paper"):
+        from . import autotune
+        autotune.record_acceptance(model.lookahead, sampled, stats.hist.tolist())
     return _output(rows, out_rows, stats, method, k, elapsed, pad)
 
 

@@ -225,3 +225,89 @@ def test_eos_true_is_refused(tiny):
     hf, model, _ = tiny
     with pytest.raises(TypeError, match="eos_token_id"):
         pass_ext.generate(model, [[2, 3]], method="ar", eos_token_id=True)
+
+
+# ---------------------------------------------------------------- CUDA graphs and lookahead="auto"
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["ar"] + METHODS)
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_cuda_graph_replay_equals_eager(method, temperature):
+    """A replayed step runs the same kernels on the same RNG offsets as the eager step: same tokens."""
+    model = pass_ext.load_model(tiny_peaky_llama(), dtype=torch.float32, device="cuda")
+    model.lookahead = LookaheadEmbeddings.init(model, 4, seed=1)
+    draft = pass_ext.load_model(tiny_peaky_llama(layers=1, seed=3), dtype=torch.float32, device="cuda")
+    prompts = [[3, 4, 5], [6], [7, 8, 9, 10, 11, 12], [2, 2]]
+    kw = dict(lookahead=3 if method != "ar" else None, max_new_tokens=37, temperature=temperature, top_k=8,
+              seed=11, eos_token_id=False)
+    eager = run(model, prompts, method, draft, cuda_graphs=False, **kw)
+    graphed = run(model, prompts, method, draft, cuda_graphs=True, **kw)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert graphed.stats.accepted_length_histogram == eager.stats.accepted_length_histogram
+    assert graphed.stats.forward_passes == eager.stats.forward_passes
+    assert graphed.stats.draft_forward_passes == eager.stats.draft_forward_passes
+
+
+def test_cuda_graphs_refused_on_cpu():
+    model = pass_ext.load_model(tiny_peaky_llama(), dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        pass_ext.generate(model, [[1, 2]], method="ar", cuda_graphs=True)
+    with pytest.raises(TypeError, match="cuda_graphs"):
+        pass_ext.generate(model, [[1, 2]], method="ar", cuda_graphs="yes")
+
+
+@pytest.mark.parametrize("method", ["pass", "pass-paper"])
+def test_auto_lookahead_is_lossless_and_measured(tiny, method):
+    hf, model, _ = tiny
+    model.__dict__.pop("step_costs", None)
+    model.lookahead.meta.pop("acceptance", None)
+    prompts = [[3, 4, 5], [6, 7]]
+    ref = run(model, prompts, "ar", max_new_tokens=24, eos_token_id=False)
+    out = run(model, prompts, method, lookahead="auto", max_new_tokens=24, eos_token_id=False)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert 0 <= out.stats.k <= model.lookahead.k
+    # The costs were measured once per bucket and kept on the model, every one a positive time.
+    costs = model.step_costs
+    assert costs and all(v > 0 for v in costs.values())
+    assert {key[-1] for key in costs} >= {0, 1}
+    if out.stats.k > 0:  # the call's acceptance was recorded for the next choice
+        assert model.lookahead.meta["acceptance"]["greedy"]
+
+
+def test_auto_lookahead_picks_plain_decoding_when_drafting_cannot_pay(tiny):
+    """With step costs that make any k slower than plain decoding even at full acceptance, auto runs k = 0,
+    and still returns plain decoding's tokens."""
+    from pass_ext import autotune
+    hf, model, _ = tiny
+    prompts = [[3, 4, 5]]
+    ctx = autotune.context_bucket(3 + 10 // 2)
+    model.__dict__["step_costs"] = {("ar", 1, ctx, False, 0): 1.0}
+    for k in range(1, 5):
+        model.step_costs[("pass", 1, ctx, False, k)] = 10.0 * (k + 1)
+    model.lookahead.meta["acceptance"] = {"greedy": [1.0] * 4}
+    ref = run(model, prompts, "ar", max_new_tokens=10, eos_token_id=False)
+    out = run(model, prompts, "pass", lookahead="auto", max_new_tokens=10, eos_token_id=False)
+    assert out.stats.k == 0
+    assert torch.equal(out.sequences, ref.sequences)
+    model.__dict__.pop("step_costs")
+    model.lookahead.meta.pop("acceptance")
+
+
+def test_autotune_choice_and_running_acceptance():
+    from pass_ext import autotune
+    assert autotune.expected_tokens([0.5, 0.5], 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert autotune.expected_tokens([0.5], 3, base=2) == pytest.approx(2 + 0.5 + 0.25 + 0.125)
+    costs = {0: 1.0, 1: 1.1, 2: 1.2, 4: 1.5}
+    assert autotune.choose_k(costs, [0.9, 0.9, 0.9, 0.9], 1, 4) == 4      # 4.1/1.5 beats 2.71/1.2
+    assert autotune.choose_k(costs, [0.05] * 4, 1, 4) == 0                 # drafts almost never land
+    assert autotune.choose_k(costs, None, 1, 2) == 2                       # no estimate: largest k that can pay
+    assert autotune.choose_k({0: 1.0, 1: 2.5}, None, 1, 1) == 0            # cannot pay even at full acceptance
+
+    class LA:
+        meta = {}
+    autotune.record_acceptance(LA, False, [10, 10, 20])     # reached: 40, 30, 20 -> a = 0.75, 0.667
+    assert LA.meta["acceptance"]["greedy"] == pytest.approx([0.75, 20 / 30])
+    autotune.record_acceptance(LA, False, [40, 0, 0])       # a1 = 0, position 2 reached 0 times: kept
+    assert LA.meta["acceptance"]["greedy"] == pytest.approx([0.7 * 0.75, 20 / 30])
+    assert "sampled" not in LA.meta["acceptance"]

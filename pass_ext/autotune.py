@@ -1,0 +1,138 @@
+"""`lookahead="auto"`: pick the number of drafts k per batch (k = 0 is plain decoding) from measured
+acceptance and measured step cost, so that PaSS is never slower than plain decoding at any batch size.
+
+One step of PaSS at k costs c(B, k) and yields on average E(k) = base + sum_{i<=k} prod_{j<=i} a_j tokens per
+row (a_j: the probability that draft j is accepted once drafts 1..j-1 were; base 1 for fused mode and plain
+decoding, 2 for paper mode, whose drafting pass also emits a token). Auto picks argmax_k E(k) / c(B, k).
+
+- Step cost is measured, not modelled: the first time a (method, batch, context) bucket is seen, each
+  candidate k's real decode step runs on a scratch cache (as a CUDA graph on CUDA) and is timed. The table
+  lives on the model (`model.step_costs`), so the calibration is paid once per bucket.
+- Acceptance is measured too: every PaSS call updates a running average per position on the look-ahead
+  embeddings (`lookahead.meta["acceptance"]`, greedy and sampled kept apart); the first guess comes from the
+  acceptance measured when the embeddings were made, stored in the same field of their file.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Optional
+
+import torch
+
+from . import engine as E
+
+CANDIDATES = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
+EMA = 0.3          # weight of the newest call's acceptance in the running average
+_MIN_STEPS = 8     # a call's acceptance counts once a position was reached this often
+
+
+def expected_tokens(acceptance: list, k: int, base: int = 1) -> float:
+    """base + sum_{i=1..k} prod_{j<=i} a_j; positions past the list reuse its last value (0 if empty)."""
+    total, run = float(base), 1.0
+    for i in range(k):
+        a = acceptance[i] if i < len(acceptance) else (acceptance[-1] if acceptance else 0.0)
+        run *= min(max(float(a), 0.0), 1.0)
+        total += run
+    return total
+
+
+def _setting(sampled: bool) -> str:
+    return "sampled" if sampled else "greedy"
+
+
+def acceptance_of(la, sampled: bool) -> Optional[list]:
+    """The running per-position acceptance for greedy or sampled rows, or None before any measurement."""
+    acc = (la.meta.get("acceptance") or {}).get(_setting(sampled))
+    return list(acc) if acc else None
+
+
+def record_acceptance(la, sampled: bool, histogram: list) -> None:
+    """Fold one call's accepted-length histogram (verify steps that accepted 0..k drafts) into the running
+    per-position acceptance. Positions reached fewer than _MIN_STEPS times are left as they were."""
+    k = len(histogram) - 1
+    if k < 1:
+        return
+    reached = [sum(histogram[i:]) for i in range(k + 1)]
+    store = la.meta.setdefault("acceptance", {})
+    old = list(store.get(_setting(sampled)) or [])
+    new = list(old)
+    for i in range(1, k + 1):
+        if reached[i - 1] < _MIN_STEPS:
+            break
+        a = reached[i] / reached[i - 1]
+        if i - 1 < len(new):
+            new[i - 1] = (1 - EMA) * new[i - 1] + EMA * a
+        else:
+            new.append(a)
+    store[_setting(sampled)] = new
+
+
+def choose_k(costs: dict, acceptance: Optional[list], base: int, max_k: int) -> int:
+    """argmax_k E(k) / cost(k) over the measured costs {k: seconds} (k = 0 costs plain decoding). Without
+    an acceptance estimate, the largest k that could still win even if every draft were accepted."""
+    ar = costs.get(0)
+    if acceptance is None:
+        best = max((k for k in costs if k > 0 and k <= max_k and (k + base) / costs[k] > 1.0 / ar), default=0)
+        return best
+    score = {k: (1.0 if k == 0 else expected_tokens(acceptance, k, base)) / c for k, c in costs.items()
+             if k <= max_k}
+    return max(score, key=lambda k: (score[k], -k))
+
+
+def context_bucket(n: int) -> int:
+    """Contexts are timed at powers of two (attention cost grows slowly with the context length)."""
+    return 1 << max(7, math.ceil(math.log2(max(n, 1))))
+
+
+def step_costs(model, method: str, batch: int, context: int, sampled: bool, max_k: int) -> dict:
+    """{k: seconds per decode step} for k in CANDIDATES up to max_k, measured once per bucket."""
+    table = model.__dict__.setdefault("step_costs", {})
+    ctx = context_bucket(context)
+    out = {}
+    for k in CANDIDATES:
+        if k > max_k:
+            break
+        key = ("ar" if k == 0 else method, batch, ctx, sampled, k)
+        if key not in table:
+            table[key] = measure_step(model, key[0], batch, ctx, sampled, k)
+        out[k] = table[key]
+    return out
+
+
+def measure_step(model, method: str, batch: int, context: int, sampled: bool, k: int, reps: int = 8) -> float:
+    """Seconds per decode step of `method` at k on a scratch cache with `context` committed tokens per row
+    (the contents are zeros: the cost of a step does not depend on them). On CUDA the step is a replayed
+    CUDA graph, as in generation."""
+    dev = model.device
+    q_step = {"ar": 1, "pass": (k + 1) ** 2, "pass-paper": k + 1}[method]
+    per_step = q_step * (2 if method == "pass-paper" else 1)
+    capacity = context + per_step * (reps + 4) + 1
+    with torch.no_grad():
+        cache = model.new_cache(batch, capacity)
+        cache.lens.fill_(context)
+        temp = torch.full((batch,), 1.0 if sampled else 0.0, device=dev)
+        sampling = E.Sampling(temp, torch.full((batch,), 10 if sampled else 0, dtype=torch.int32, device=dev),
+                              torch.ones(batch, device=dev))
+        rows = E.Rows(batch, capacity, [], 0, dev)
+        stats = E.Stats(batch, k, dev)
+        cls = {"ar": E.AutoregressiveEngine, "pass": E.FusedPassEngine, "pass-paper": E.PassEngine}[method]
+        eng = cls(model, cache, sampling, E.Rng(0, dev), rows, stats, k=k)
+        state = eng.start(torch.zeros(batch, dtype=torch.long, device=dev))
+        if dev.type == "cuda":
+            graph = E.StepGraph(eng, state)
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / reps
+        times = []
+        for _ in range(max(2, reps // 4)):
+            t0 = time.perf_counter()
+            state = eng.step(state)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
