@@ -100,12 +100,17 @@ def cmd_train(args) -> int:
         init = pass_ext.LookaheadEmbeddings.load(args.out, model)
         print(f"resuming from {args.out} ({init.meta.get('steps', 0)} steps so far)", file=sys.stderr)
     data = _texts(args.data)
+    if args.self_generate:
+        from .train import self_generated
+        data = data + self_generated(model, data, args.self_generate,
+                                    new_tokens=args.self_new_tokens, seed=args.seed)
     held = corpora.splits()
     eval_texts = held["eval_code"][: args.eval_docs] + [t[:4000] for t in held["eval_english"][:2]]
     la = pass_ext.train_lookahead(model, data, k=args.k, steps=args.steps, seq_len=args.seq_len,
                                   batch_size=args.batch_size, lr=args.lr, objective=args.objective,
                                   init=init, eval_data=eval_texts, eval_every=args.eval_every, seed=args.seed,
-                                  on_eval=lambda step, result, snapshot: snapshot.save(args.out))
+                                  on_eval=lambda step, result, snapshot: snapshot.save(args.out),
+                                  time_limit=None if args.max_minutes is None else 60.0 * args.max_minutes)
     la.save(args.out)
     print(f"saved {la.k} look-ahead embeddings to {args.out}", file=sys.stderr)
     return 0
@@ -145,6 +150,10 @@ def main(argv=None) -> int:
     t.add_argument("--eval-every", type=int, default=50)
     t.add_argument("--eval-docs", type=int, default=16, help="held-out HumanEval prompts to evaluate on")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--self-generate", type=int, default=0, metavar="N",
+                   help="also train on N sequences the model writes itself from prompts cut from --data")
+    t.add_argument("--self-new-tokens", type=int, default=192, help="tokens per self-generated sequence")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
     t.set_defaults(fn=cmd_train)
 
     args = parser.parse_args(argv)

@@ -124,6 +124,7 @@ def train_lookahead(
     seed: int = 0,
     progress: bool = True,
     on_eval: Optional[Callable[[int, dict, LookaheadEmbeddings], None]] = None,
+    time_limit: Optional[float] = None,
 ) -> LookaheadEmbeddings:
     """Train k look-ahead embeddings for a frozen `model`.
 
@@ -133,6 +134,7 @@ def train_lookahead(
         init: embeddings to resume from (their first k rows; more rows are added if they hold fewer).
         eval_data: held-out sequences: loss and top-1 agreement per LA position are reported every eval_every steps.
         on_eval: called as on_eval(step, result, embeddings so far) after each evaluation (checkpointing).
+        time_limit: seconds; training stops after the step that passes it (evaluated and checkpointed).
     Returns:
         trained LookaheadEmbeddings (meta records the training settings).
     """
@@ -170,8 +172,12 @@ def train_lookahead(
     rnd = random.Random(seed)
     for p in model.parameters():
         p.requires_grad_(False)
+    if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
+        raise ValueError(f"time_limit must be a number of seconds > 0 or None, got {time_limit!r}")
     bar = tqdm(range(steps), desc="train look-ahead", disable=not progress)
     history = []
+    t_start = time.perf_counter()
+    done = steps
     for step in bar:
         batch = torch.tensor([seqs[rnd.randrange(len(seqs))] for _ in range(batch_size)], device=dev)
         loss, agree = lookahead_loss(model, la, batch, block, k, objective)
@@ -180,7 +186,8 @@ def train_lookahead(
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", top1=" ".join(f"{a:.2f}" for a in agree.tolist()[:4]))
-        if evals and ((step + 1) % eval_every == 0 or step + 1 == steps):
+        out_of_time = time_limit is not None and time.perf_counter() - t_start > time_limit
+        if evals and ((step + 1) % eval_every == 0 or step + 1 == steps or out_of_time):
             result = evaluate(model, la, evals, block, k, objective, batch_size)
             result["step"] = step + 1
             history.append(result)
@@ -189,7 +196,45 @@ def train_lookahead(
             if on_eval is not None:
                 on_eval(step + 1, result, _snapshot(la, step + 1, steps_before, objective, seq_len, lr,
                                                     batch_size, history))
-    return _snapshot(la, steps, steps_before, objective, seq_len, lr, batch_size, history)
+        if out_of_time:
+            bar.write(f"time limit of {time_limit:.0f} s reached after {step + 1} of {steps} steps")
+            done = step + 1
+            break
+    return _snapshot(la, done, steps_before, objective, seq_len, lr, batch_size, history)
+
+
+def self_generated(model, texts: Sequence[str], n_seqs: int, *, prompt_len: int = 64, new_tokens: int = 192,
+                   batch_size: int = 64, temperatures: Sequence[float] = (0.0, 0.8), top_k: int = 10,
+                   seed: int = 0, progress: bool = True) -> list:
+    """Token sequences of a random `prompt_len`-token window of `texts` followed by the model's own
+    continuation (plain decoding, rows alternating between `temperatures`, top-k `top_k` when sampling).
+
+    Look-ahead embeddings learn to predict what the model will say; its own text is exactly that, so this
+    is the data distribution they meet when decoding. The prompts come from `texts` only (keep evaluation
+    prompts out of them)."""
+    from tqdm.auto import tqdm
+
+    from .generate import generate
+    if model.tokenizer is None:
+        raise ValueError("self_generated needs a model with a tokenizer")
+    if isinstance(n_seqs, bool) or not isinstance(n_seqs, int) or n_seqs < 1:
+        raise ValueError(f"n_seqs must be an int >= 1, got {n_seqs!r}")
+    rnd = random.Random(seed)
+    texts = list(texts)
+    texts = rnd.sample(texts, min(len(texts), 400))  # windows from a sample of documents: tokenising is slow
+    stream = token_chunks(model.tokenizer, texts, prompt_len)
+    if not stream:
+        raise ValueError(f"texts hold no window of {prompt_len} tokens")
+    out = []
+    for start in tqdm(range(0, n_seqs, batch_size), desc="self-generated data", disable=not progress):
+        n = min(batch_size, n_seqs - start)
+        prompts = [stream[rnd.randrange(len(stream))] for _ in range(n)]
+        temps = [float(temperatures[(start + i) % len(temperatures)]) for i in range(n)]
+        res = generate(model, prompts, method="ar", max_new_tokens=new_tokens, temperature=temps,
+                       top_k=[top_k if t > 0 else 0 for t in temps], seed=seed + start)
+        for p, new in zip(prompts, res.new_tokens):
+            out.append(list(p) + new.tolist())
+    return out
 
 
 def _snapshot(la, steps_done, steps_before, objective, seq_len, lr, batch_size, history) -> LookaheadEmbeddings:
@@ -218,12 +263,15 @@ def _as_sequences(model, data, seq_len: int, name: str) -> list:
         raise TypeError(f"{name} must be a list of texts or of token-id sequences, got {type(data).__name__}")
     if len(data) == 0:
         raise ValueError(f"{name} is empty")
-    if isinstance(data[0], str):
-        if model.tokenizer is None:
-            raise ValueError(f"{name} holds texts but the model has no tokenizer: pass token-id sequences")
-        seqs = token_chunks(model.tokenizer, data, seq_len)
-    else:
-        seqs = [list(s)[:seq_len] for s in data if len(s) >= seq_len]
+    texts = [d for d in data if isinstance(d, str)]
+    if texts and model.tokenizer is None:
+        raise ValueError(f"{name} holds texts but the model has no tokenizer: pass token-id sequences")
+    seqs = token_chunks(model.tokenizer, texts, seq_len) if texts else []
+    # Token-id sequences (e.g. from self_generated) join the texts' pieces: each is cut into seq_len pieces.
+    for s in data:
+        if not isinstance(s, str):
+            s = list(s)
+            seqs += [s[i: i + seq_len] for i in range(0, len(s) - seq_len + 1, seq_len)]
     if not seqs:
         raise ValueError(f"{name} holds no sequence of {seq_len} tokens")
     vocab = model.config.vocab_size

@@ -79,3 +79,28 @@ def test_bad_training_arguments(setup):
         train_lookahead(model, train, k=2, steps=1, objective="mse", progress=False)
     with pytest.raises(ValueError, match="no sequence"):
         train_lookahead(model, train, k=2, steps=1, seq_len=500, progress=False)
+
+
+def test_time_limit_stops_early_and_records_the_steps_done(setup):
+    model, train, held = setup
+    la = train_lookahead(model, train, k=2, steps=100000, seq_len=24, batch_size=2, eval_data=held,
+                         time_limit=0.5, progress=False)
+    assert 1 <= la.meta["steps"] < 100000
+    assert la.meta["history"] and la.meta["history"][-1]["step"] == la.meta["steps"]
+    with pytest.raises(ValueError, match="time_limit"):
+        train_lookahead(model, train, k=2, steps=1, seq_len=24, time_limit=0, progress=False)
+
+
+def test_self_generated_data_is_the_models_own_continuation(smollm2):
+    from pass_ext.train import self_generated
+    smollm2 = smollm2.model
+    text = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    def __init__(self, x, y):\n" * 8
+    seqs = self_generated(smollm2, [text], 3, prompt_len=12, new_tokens=6, batch_size=2, temperatures=(0.0,),
+                          progress=False)
+    assert len(seqs) == 3
+    for s in seqs:
+        assert 12 < len(s) <= 18
+        ref = pass_ext.generate(smollm2, [s[:12]], method="ar", max_new_tokens=6)
+        assert s[12:] == ref.new_tokens[0].tolist()  # greedy rows: exactly plain decoding's text
+    with pytest.raises(ValueError, match="n_seqs"):
+        self_generated(smollm2, [text], 0)
