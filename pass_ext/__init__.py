@@ -1,7 +1,7 @@
 """pass_ext: PaSS (Parallel Speculative Sampling) with custom kernels — lossless multi-token decoding
 from one model and k learned look-ahead embeddings."""
 from . import masks, ops
-from .generate import GenerateOutput, GenerateStats, generate
+from .generate import GenerateOutput, GenerateStats, generate, release_workspace
 from .loading import load_model
 from .lookahead import LookaheadEmbeddings
 from .model import KVCache, Model, ModelConfig
@@ -22,5 +22,6 @@ def train_lookahead(model, data, **kwargs) -> LookaheadEmbeddings:
 
 
 __all__ = ["ops", "masks", "build_info", "load_model", "Model", "KVCache", "ModelConfig", "generate",
-           "GenerateOutput", "GenerateStats", "LookaheadEmbeddings", "load_lookahead", "train_lookahead"]
+           "GenerateOutput", "GenerateStats", "LookaheadEmbeddings", "load_lookahead", "train_lookahead",
+           "release_workspace"]
 __version__ = "0.1.0"

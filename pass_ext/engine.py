@@ -58,6 +58,15 @@ class Rows:
         self.reason = torch.zeros(batch, dtype=torch.long, device=device)
         self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
 
+    def reset(self, pad_id: int, eos_ids: list[int]) -> None:
+        """Ready for a new call with the same shapes (buffers kept: a captured step writes them)."""
+        self.out.fill_(pad_id)
+        self.n.zero_()
+        self.done.zero_()
+        self.reason.zero_()
+        if self.eos is not None:
+            self.eos.copy_(torch.tensor(eos_ids, dtype=torch.long))
+
     def emit(self, tokens: torch.Tensor, count: torch.Tensor) -> None:
         """tokens [B, m] int64, the first count[b] valid: append them to each running row, up to and
         including an EOS and up to max_new tokens."""
@@ -99,6 +108,11 @@ class Stats:
         self.forward_passes = 0
         self.draft_forward_passes = 0
 
+    def reset(self) -> None:
+        self.hist.zero_()
+        self.active_forwards.zero_()
+        self.forward_passes = self.draft_forward_passes = 0
+
     def forward(self, done: torch.Tensor, passes: int = 1) -> None:
         self.forward_passes += passes
         self.active_forwards += (~done).long() * passes
@@ -133,6 +147,9 @@ class Engine:
         self.model, self.cache, self.sampling, self.rng, self.rows, self.stats = model, cache, sampling, rng, rows, stats
         self.k = k
         self.device = cache.lens.device
+        # Cast and moved once: a step must not copy from the host (a captured step cannot).
+        la = getattr(model, "lookahead", None)
+        self.la_weight = None if la is None else la.weight.detach().to(self.device, model.dtype)
 
     # -- shared pieces -----------------------------------------------------------------------------
     def positions(self, offsets: torch.Tensor) -> torch.Tensor:
@@ -161,7 +178,7 @@ class Engine:
     def lookahead_embeds(self, ids: torch.Tensor, la_slots: torch.Tensor, la_index: torch.Tensor):
         """Input vectors for ids [B, Q] with the look-ahead embedding LA_{la_index[j]+1} at slots la_slots[j]."""
         embeds = self.model.embed(ids)
-        la = self.model.lookahead.weight.to(embeds.device, embeds.dtype)[la_index]          # [n, d]
+        la = self.la_weight[la_index]                                                     # [n, d]
         embeds[:, la_slots] = la[None].expand(ids.shape[0], -1, -1)
         return embeds
 
@@ -178,6 +195,12 @@ class Engine:
     def start(self, c: torch.Tensor) -> StepState:
         """The first state after prefill (c = each row's last prompt token, not yet in the cache)."""
         return StepState(c=c)
+
+    def reset(self) -> None:
+        """Ready for a new call on the same buffers (the caller refilled cache, sampling, rng, rows, stats)."""
+        la = getattr(self.model, "lookahead", None)
+        if self.la_weight is not None and la is not None:
+            self.la_weight.copy_(la.weight.detach())
 
     def step(self, state: StepState) -> StepState:
         raise NotImplementedError
@@ -214,6 +237,11 @@ class PassEngine(Engine):
         self.la_index = torch.arange(k, device=dev)
         self.draft_sampling = self.sampling.repeat(k)
         self.want_probs = not self.sampling.greedy
+
+    def reset(self) -> None:
+        super().reset()
+        for dst, src in zip(vars(self.draft_sampling).values(), vars(self.sampling.repeat(self.k)).values()):
+            dst.copy_(src)
 
     def draft_from(self, la_logits: torch.Tensor):
         """la_logits [B, k, V] -> drafts [B, k] and their warped distributions (None when all greedy)."""
@@ -322,6 +350,10 @@ class DraftModelEngine(Engine):
         super().park_done_rows()
         self.draft_cache.lens.masked_fill_(self.rows.done, 0)
 
+    def reset(self) -> None:
+        super().reset()
+        self.first_round = True
+
     def draft_positions(self, offsets):
         return self.draft_cache.lens.long()[:, None] + offsets[None, :]
 
@@ -401,6 +433,14 @@ class StepGraph:
         engine.stats.forward_passes, engine.stats.draft_forward_passes = before
         self.delta = (after[0] - before[0], after[1] - before[1])
 
+    def prime(self, state: StepState) -> None:
+        """Load a state (from eager steps of a new call on the same buffers) into the captured inputs."""
+        self.state.c.copy_(state.c)
+        if state.drafts is not None:
+            self.state.drafts.copy_(state.drafts)
+        if state.draft_probs is not None:
+            self.state.draft_probs.copy_(state.draft_probs)
+
     def replay(self) -> StepState:
         self.graph.replay()
         self.engine.stats.add_host_counters(*self.delta)
@@ -408,20 +448,27 @@ class StepGraph:
 
 
 def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Callable[[], None]] = None,
-        cuda_graphs: bool = False) -> int:
+        cuda_graphs: bool = False, graph: Optional[StepGraph] = None) -> tuple[int, Optional[StepGraph]]:
     """Iterate steps until every row is done; the host looks at device state every `sync_every` steps.
+
     With `cuda_graphs` (CUDA only), the first step runs eagerly (the draft method's first round has its own
-    shape), the second is captured and every later step is a replay. Returns the number of steps run."""
+    shape); then `graph`, a step captured earlier on the same engine and buffers, is primed with the state
+    and replayed, or a new one is captured. Returns (steps run, the graph)."""
     engine.check_capacity()
     state = engine.start(c)
     engine.check_capacity()
     steps = 0
-    graph: Optional[StepGraph] = None
+    primed = False
     while True:
-        if graph is not None:
+        if primed:
             graph.replay()
         elif cuda_graphs and steps >= 1:
-            graph = StepGraph(engine, state)  # runs one real step, then captures the next
+            if graph is None:
+                graph = StepGraph(engine, state)  # runs one real step, then captures the next
+            else:
+                graph.prime(state)
+                graph.replay()
+            primed = True
         else:
             state = engine.step(state)
         steps += 1
@@ -429,4 +476,4 @@ def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Call
             if on_sync is not None:
                 on_sync()
             if bool(engine.rows.done.all()):
-                return steps
+                return steps, graph

@@ -32,6 +32,7 @@ class GenerateStats:
     tokens_per_s: float                 # all rows' new tokens / elapsed_s
     stop_reasons: list                  # per row: "eos", "max_new_tokens" or "length"
     new_tokens: int = 0
+    prefill_s: float = 0.0              # of elapsed_s, the prompt prefill
 
     def summary(self) -> str:
         acc = ", ".join(f"{a:.2f}" for a in self.acceptance_by_position) or "-"
@@ -296,7 +297,8 @@ def generate(
                   "draft": E.DraftModelEngine}[engine_method]
     q_step = {"ar": 1, "pass": (k + 1) ** 2, "pass-paper": k + 1, "draft": k + 1}[engine_method]
     longest = max(len(r) for r in rows)
-    capacity = longest + max_new_tokens + q_step + 1 if max_length is None else max_length
+    # Default capacity rounded up to 128 slots: calls with similar prompts share one workspace (and graph).
+    capacity = -(-(longest + max_new_tokens + q_step + 1) // 128) * 128 if max_length is None else max_length
     if isinstance(capacity, bool) or not isinstance(capacity, int):
         raise TypeError(f"max_length must be an int, got {max_length!r}")
     if longest - 1 + q_step > capacity:
@@ -310,19 +312,31 @@ def generate(
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        cache = model.new_cache(B, capacity)
-        c = prefill(model, cache, rows, prefill_chunk)
-        extra = {}
-        if method == "draft":
-            dcache = draft_model.new_cache(B, capacity)
-            prefill(draft_model, dcache, rows, prefill_chunk)
-            extra = dict(draft_model=draft_model, draft_cache=dcache)
-        rng = E.Rng(seed, dev)
-        out_rows = E.Rows(B, max_new_tokens, eos, pad, dev)
-        stats = E.Stats(B, k, dev)
-        eng = engine_cls(model, cache, sampling, rng, out_rows, stats, k=k, **extra)
+        key = (engine_method, B, k, capacity, max_new_tokens, sampled, len(eos),
+               id(model.lookahead) if engine_method in ("pass", "pass-paper") else None,
+               id(draft_model) if method == "draft" else None)
+        ws = _workspace(model, key) if cuda_graphs else None
+        if ws is None:
+            cache = model.new_cache(B, capacity)
+            dcache = draft_model.new_cache(B, capacity) if method == "draft" else None
+            out_rows = E.Rows(B, max_new_tokens, eos, pad, dev)
+            stats = E.Stats(B, k, dev)
+            extra = dict(draft_model=draft_model, draft_cache=dcache) if method == "draft" else {}
+            eng = engine_cls(model, cache, sampling, E.Rng(seed, dev), out_rows, stats, k=k, **extra)
+            ws = _Workspace(key, eng, dcache)
+            if cuda_graphs:
+                model.__dict__["_pass_ext_workspace"] = ws
+        else:
+            ws.reset(sampling, seed, eos, pad)
+        eng, out_rows, stats = ws.engine, ws.engine.rows, ws.engine.stats
+        c = prefill(model, eng.cache, rows, prefill_chunk)
+        if ws.draft_cache is not None:
+            prefill(draft_model, ws.draft_cache, rows, prefill_chunk)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        prefill_s = time.perf_counter() - t0
         on_sync = _streamer(stream, out_rows, rows) if stream is not None else None
-        E.run(eng, c, sync_every, on_sync, cuda_graphs=cuda_graphs)
+        _, ws.graph = E.run(eng, c, sync_every, on_sync, cuda_graphs=cuda_graphs, graph=ws.graph)
         if on_sync is not None:
             on_sync(final=True)
         if dev.type == "cuda":
@@ -331,7 +345,48 @@ def generate(
     if engine_method in ("pass", "pass-paper"):
         from . import autotune
         autotune.record_acceptance(model.lookahead, sampled, stats.hist.tolist())
-    return _output(rows, out_rows, stats, method, k, elapsed, pad)
+    out = _output(rows, out_rows, stats, method, k, elapsed, pad)
+    out.stats.prefill_s = prefill_s
+    return out
+
+
+class _Workspace:
+    """What one generate call's decode loop works on — engine (with its cache, sampling, RNG, rows and
+    stats), draft cache, captured step — kept on the model so that the next call with the same shapes
+    reuses the buffers and replays the same CUDA graph instead of capturing a new one."""
+
+    def __init__(self, key, engine: E.Engine, draft_cache):
+        self.key, self.engine, self.draft_cache = key, engine, draft_cache
+        self.graph: Optional[E.StepGraph] = None
+
+    def reset(self, sampling: E.Sampling, seed: int, eos: list, pad: int) -> None:
+        eng = self.engine
+        eng.cache.lens.zero_()
+        if self.draft_cache is not None:
+            self.draft_cache.lens.zero_()
+        for dst, src in zip(vars(eng.sampling).values(), vars(sampling).values()):
+            dst.copy_(src)
+        eng.rng.seed.fill_(seed)
+        eng.rng.offset.zero_()
+        eng.rows.reset(pad, eos)
+        eng.stats.reset()
+        eng.reset()
+
+
+def _workspace(model, key) -> Optional[_Workspace]:
+    """The model's workspace when its shapes match `key`; otherwise drop it (one is kept per model, so
+    memory stays bounded) and return None."""
+    ws = model.__dict__.get("_pass_ext_workspace")
+    if ws is not None and ws.key == key:
+        return ws
+    model.__dict__.pop("_pass_ext_workspace", None)
+    return None
+
+
+def release_workspace(model) -> None:
+    """Free the cache, buffers and CUDA graph that `generate` keeps on `model` for its next call."""
+    model = _as_model(model)
+    model.__dict__.pop("_pass_ext_workspace", None)
 
 
 def _streamer(stream, out_rows: E.Rows, prompts: list):

@@ -311,3 +311,28 @@ def test_autotune_choice_and_running_acceptance():
     autotune.record_acceptance(LA, False, [40, 0, 0])       # a1 = 0, position 2 reached 0 times: kept
     assert LA.meta["acceptance"]["greedy"] == pytest.approx([0.7 * 0.75, 20 / 30])
     assert "sampled" not in LA.meta["acceptance"]
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["ar"] + METHODS)
+def test_workspace_reuse_replays_the_same_graph_and_resets_everything(method):
+    """A second call with the same shapes reuses the buffers and the captured step: its output must not
+    depend on the first call (new prompts, new seed, new sampling, new EOS)."""
+    model = pass_ext.load_model(tiny_peaky_llama(), dtype=torch.float32, device="cuda")
+    model.lookahead = LookaheadEmbeddings.init(model, 4, seed=1)
+    draft = pass_ext.load_model(tiny_peaky_llama(layers=1, seed=3), dtype=torch.float32, device="cuda")
+    kw = dict(lookahead=3 if method != "ar" else None, max_new_tokens=30)
+    first = run(model, [[3, 4, 5], [6]], method, draft, temperature=0.9, top_k=8, seed=1, eos_token_id=False, **kw)
+    ws = model.__dict__["_pass_ext_workspace"]
+    graph = ws.graph
+    second_args = dict(temperature=[0.7, 1.1], top_k=[0, 5], seed=2, eos_token_id=[4], pad_token_id=9, **kw)
+    second = run(model, [[7, 8], [9, 10, 11]], method, draft, **second_args)
+    assert model.__dict__["_pass_ext_workspace"] is ws and ws.graph is graph  # reused, not recaptured
+    pass_ext.release_workspace(model)
+    fresh = run(model, [[7, 8], [9, 10, 11]], method, draft, **second_args)
+    assert torch.equal(second.sequences, fresh.sequences)
+    assert second.stats.stop_reasons == fresh.stats.stop_reasons
+    assert second.stats.accepted_length_histogram == fresh.stats.accepted_length_histogram
+    assert second.stats.forward_passes == fresh.stats.forward_passes
+    assert not torch.equal(first.sequences[:, :2], second.sequences[:, :2])
