@@ -323,7 +323,7 @@ def test_workspace_reuse_replays_the_same_graph_and_resets_everything(method):
     model.lookahead = LookaheadEmbeddings.init(model, 4, seed=1)
     draft = pass_ext.load_model(tiny_peaky_llama(layers=1, seed=3), dtype=torch.float32, device="cuda")
     kw = dict(lookahead=3 if method != "ar" else None, max_new_tokens=30)
-    first = run(model, [[3, 4, 5], [6]], method, draft, temperature=0.9, top_k=8, seed=1, eos_token_id=False, **kw)
+    first = run(model, [[3, 4, 5], [6]], method, draft, temperature=0.9, top_k=8, seed=1, eos_token_id=[5], **kw)
     ws = model.__dict__["_pass_ext_workspace"]
     graph = ws.graph
     second_args = dict(temperature=[0.7, 1.1], top_k=[0, 5], seed=2, eos_token_id=[4], pad_token_id=9, **kw)
