@@ -259,17 +259,19 @@ def _cuda_kernel_names(fn) -> list[str]:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
-@pytest.mark.parametrize("dtype,Q,D,expect_mma", [
+@pytest.mark.parametrize("dtype,Q,D,default", [
     (torch.bfloat16, 4, 128, True),    # 4 tokens x group 4 = 16 rows
     (torch.float16, 25, 64, True),
     (torch.bfloat16, 3, 128, False),   # 12 rows: CUDA cores
     (torch.float32, 25, 128, False),   # fp32 stays on CUDA cores
     (torch.bfloat16, 25, 96, False),   # head dims other than 64/128 too
 ])
-def test_kernel_choice_cuda(dtype, Q, D, expect_mma):
-    """The launcher sends exactly the qualifying calls to the tensor-core kernel (unless switched off)."""
-    if os.environ.get("PASS_EXT_ATTENTION_TC") == "0":
-        expect_mma = False
+def test_kernel_choice_cuda(dtype, Q, D, default):
+    """The launcher sends exactly the calls ops.attention_uses_tensor_cores names to the tensor-core kernel
+    (`default`: the choice without PASS_EXT_ATTENTION_TC* in the environment)."""
+    expect_mma = ops.attention_uses_tensor_cores(dtype, Q, 32, 8, D)
+    if not any(name.startswith("PASS_EXT_ATTENTION_TC") for name in os.environ):
+        assert expect_mma == default
     args = make_inputs(2, Q, 32, 8, D, [50, 7], 100, dtype, "cuda")
     out = torch.empty_like(args[0])
     names = _cuda_kernel_names(lambda: ops.attention_with_kv_cache(*args, None, None, out))

@@ -1,10 +1,10 @@
 // CUDA launcher for attention_with_kv_cache: validates, picks the kernel (tensor cores or CUDA cores), row tile,
 // head-dim path and number of KV splits, and launches it (+ the split combine) from csrc/kernels/attention*.cuh.
 //
-// Kernel choice: fp16/bf16 with D = 64 or 128 and at least 16 packed query rows per KV head (Q * Hq / Hkv >= 16)
-// run on tensor cores (attention_mma.cuh, sm_80+ code); everything else, and every call when the environment
-// sets PASS_EXT_ATTENTION_TC=0 (read once per process), runs the CUDA-core kernel (attention.cuh). Both
-// have the same semantics, down to the clamping below.
+// Kernel choice: fp16/bf16 with D = 64 or 128 and at least 16 packed query rows per KV head (Q * Hq / Hkv >= 16;
+// PASS_EXT_ATTENTION_TC_MIN_ROWS moves the threshold) run on tensor cores (attention_mma.cuh, sm_80+ code);
+// everything else, and every call when the environment sets PASS_EXT_ATTENTION_TC=0 (both read once per
+// process), runs the CUDA-core kernel (attention.cuh). Both have the same semantics, down to the clamping below.
 //
 // Differences from the CPU reference, by design:
 //  * cache_lens is read on the device only (no host sync, so the op can be captured in a CUDA graph).
@@ -137,6 +137,21 @@ bool tensor_cores_allowed() {
   return allowed;
 }
 
+// Packed query rows per KV head from which the tensor-core kernel runs: PASS_EXT_ATTENTION_TC_MIN_ROWS, default
+// 16 (one full m16 tile). Fewer rows pad the tile, yet may still beat the CUDA-core kernel; the variable lets a
+// benchmark decide without a rebuild. Read once.
+int64_t tensor_core_min_rows() {
+  static const int64_t rows = [] {
+    const char* v = std::getenv("PASS_EXT_ATTENTION_TC_MIN_ROWS");
+    if (v == nullptr || *v == '\0') return int64_t{16};
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    TORCH_CHECK(*end == '\0' && n >= 1, "PASS_EXT_ATTENTION_TC_MIN_ROWS must be a positive integer, got '", v, "'");
+    return static_cast<int64_t>(n);
+  }();
+  return rows;
+}
+
 // Whether the code loaded for `kernel` on `device` has the sm_80 instructions. A build whose architecture
 // list stops below 8.0 JIT-compiles PTX in which the tensor-core kernel only traps; such a GPU/build pair
 // takes the CUDA-core kernel. Cached per (kernel, device): the query happens once, not per call.
@@ -185,7 +200,8 @@ bool dispatch_mma_rows(const k::AttentionParams& p, const at::Tensor& q, cudaStr
 // Runs the tensor-core kernel when the call qualifies (see the file header); false: nothing launched.
 template <typename T>
 bool try_tensor_cores(const k::AttentionParams& p, const at::Tensor& q, cudaStream_t stream, int sms) {
-  if (!tensor_cores_allowed() || p.R < 16 || at::cuda::getCurrentDeviceProperties()->major < 8) return false;
+  if (!tensor_cores_allowed() || p.R < tensor_core_min_rows() || at::cuda::getCurrentDeviceProperties()->major < 8)
+    return false;
   if (p.D == 64) return dispatch_mma_rows<T, 64>(p, q, stream, sms);
   if (p.D == 128) return dispatch_mma_rows<T, 128>(p, q, stream, sms);
   return false;
