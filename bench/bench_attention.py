@@ -65,7 +65,11 @@ def plan(Q: int, Hq: int, Hkv: int, D: int, B: int, S: int, dtype: torch.dtype) 
                                                                 (64 if D <= 128 else 32))
     base = B * Hkv * -(-R // rows)
     splits = 1
-    if base < 2 * SMS:
+    if tc:  # fill SMs x blocks per SM in one wave (occupancy as built for sm_90: registers or smem bound)
+        slots = SMS * (2 if D == 128 else 3 if rows == 64 else 4)
+        if base < slots:
+            splits = max(1, min(slots // base, -(-(S + Q) // 64), 64))
+    elif base < 2 * SMS:  # two blocks per SM, rounded up
         splits = max(1, min(-(-2 * SMS // base), -(-(S + Q) // 64), 64))
     return {"kernel": "tensor-cores" if tc else "cuda-cores", "R": R, "rows_per_block": rows, "splits": splits}
 

@@ -152,21 +152,43 @@ int64_t tensor_core_min_rows() {
   return rows;
 }
 
-// Whether the code loaded for `kernel` on `device` has the sm_80 instructions. A build whose architecture
-// list stops below 8.0 JIT-compiles PTX in which the tensor-core kernel only traps; such a GPU/build pair
-// takes the CUDA-core kernel. Cached per (kernel, device): the query happens once, not per call.
-bool has_sm80_code(const void* kernel, int device) {
+// Tensor-core kernel instance on one device: whether its loaded code has the sm_80 instructions (a build whose
+// architecture list stops below 8.0 JIT-compiles PTX in which the kernel only traps; such a GPU/build pair
+// takes the CUDA-core kernel) and how many of its blocks an SM holds. Queried once per (kernel, device),
+// after the shared-memory opt-in, which the occupancy depends on.
+struct MmaKernelInfo {
+  bool has_sm80_code;
+  int blocks_per_sm;
+};
+
+template <typename Kernel>
+MmaKernelInfo mma_kernel_info(Kernel* kernel, size_t smem, int64_t D, int device) {
   static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, bool> cache;
+  static std::map<std::pair<const void*, int>, MmaKernelInfo> cache;
   const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(kernel, device);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
   auto it = cache.find(key);
   if (it == cache.end()) {
     cudaFuncAttributes attr{};
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    it = cache.emplace(key, attr.binaryVersion >= 80).first;
+    MmaKernelInfo info{attr.binaryVersion >= 80, 0};
+    if (info.has_sm80_code) {
+      set_smem(kernel, smem, D);
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, kernel, k::kThreads, smem));
+    }
+    it = cache.emplace(key, info).first;
   }
   return it->second;
+}
+
+// KV splits of the tensor-core kernel: as many as fill the resident block slots (SMs x blocks per SM) in
+// one wave. Rounding up instead (pick_splits) can leave a second, nearly empty wave: 320 blocks on 264
+// slots take two block times.
+int64_t pick_splits_one_wave(int64_t base_blocks, int64_t capacity_keys, int64_t slots) {
+  if (base_blocks >= slots) return 1;
+  int64_t splits = slots / base_blocks;
+  splits = std::min(splits, (capacity_keys + k::kMinSplitKeys - 1) / k::kMinSplitKeys);
+  return std::max<int64_t>(1, std::min(splits, kMaxSplits));
 }
 
 // One block = kRows packed query rows of one KV head; row tiles innermost in the grid (see the kernel).
@@ -175,10 +197,14 @@ template <typename T, int D, int KW>
 bool launch_mma(k::AttentionParams p, const at::Tensor& q, cudaStream_t stream, int sms) {
   using Tile = k::MmaTile<T, D, KW>;
   auto* kernel = &k::attention_mma_kernel<T, D, KW>;
-  if (!has_sm80_code(reinterpret_cast<const void*>(kernel), q.get_device())) return false;
+  const MmaKernelInfo info = mma_kernel_info(kernel, Tile::kSmemBytes, p.D, q.get_device());
+  if (!info.has_sm80_code) return false;
+  TORCH_CHECK(info.blocks_per_sm >= 1, "attention_with_kv_cache: the tensor-core kernel does not fit on an SM of "
+              "this GPU; set PASS_EXT_ATTENTION_TC=0");
   const int64_t row_tiles = (p.R + Tile::kRows - 1) / Tile::kRows;
   const int64_t bh = int64_t(p.B) * p.Hkv;
-  p.splits = static_cast<int>(pick_splits(bh * row_tiles, int64_t(p.S) + p.Q, sms));
+  p.splits = static_cast<int>(
+      pick_splits_one_wave(bh * row_tiles, int64_t(p.S) + p.Q, int64_t(sms) * info.blocks_per_sm));
   const auto partials = alloc_partials(p, q);
   set_smem(kernel, Tile::kSmemBytes, p.D);
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.splits), static_cast<unsigned>(bh));
