@@ -152,29 +152,33 @@ int64_t tensor_core_min_rows() {
   return rows;
 }
 
-// Tensor-core kernel instance on one device: whether its loaded code has the sm_80 instructions (a build whose
-// architecture list stops below 8.0 JIT-compiles PTX in which the kernel only traps; such a GPU/build pair
-// takes the CUDA-core kernel) and how many of its blocks an SM holds. Queried once per (kernel, device),
-// after the shared-memory opt-in, which the occupancy depends on.
+// Tensor-core kernel instance on one device: whether it can run there, and how many of its blocks an SM holds.
+// It cannot when its loaded code lacks the sm_80 instructions (a build whose architecture list stops below 8.0
+// JIT-compiles PTX in which the kernel only traps) or when its shared memory exceeds the GPU's opt-in limit
+// (about 100 KB on sm_86/sm_89 against 104 KB at D=128); such calls take the CUDA-core kernel. Queried once
+// per (kernel, device), after the shared-memory opt-in, which the occupancy depends on.
 struct MmaKernelInfo {
-  bool has_sm80_code;
+  bool usable;
   int blocks_per_sm;
 };
 
 template <typename Kernel>
-MmaKernelInfo mma_kernel_info(Kernel* kernel, size_t smem, int64_t D, int device) {
+MmaKernelInfo mma_kernel_info(Kernel* kernel, size_t smem, int device) {
   static std::mutex mutex;
   static std::map<std::pair<const void*, int>, MmaKernelInfo> cache;
   const std::lock_guard<std::mutex> lock(mutex);
   const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
   auto it = cache.find(key);
   if (it == cache.end()) {
+    MmaKernelInfo info{false, 0};
     cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    MmaKernelInfo info{attr.binaryVersion >= 80, 0};
-    if (info.has_sm80_code) {
-      set_smem(kernel, smem, D);
+    if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+      (void)cudaGetLastError();  // no code for this GPU at all: the CUDA-core launch reports it
+    } else if (attr.binaryVersion >= 80 && smem <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) {
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, kernel, k::kThreads, smem));
+      info.usable = info.blocks_per_sm >= 1;
     }
     it = cache.emplace(key, info).first;
   }
@@ -192,21 +196,18 @@ int64_t pick_splits_one_wave(int64_t base_blocks, int64_t capacity_keys, int64_t
 }
 
 // One block = kRows packed query rows of one KV head; row tiles innermost in the grid (see the kernel).
-// Returns false, launching nothing, when this GPU has no sm_80 code for the kernel.
+// Returns false, launching nothing, when the kernel cannot run on this GPU (see MmaKernelInfo).
 template <typename T, int D, int KW>
 bool launch_mma(k::AttentionParams p, const at::Tensor& q, cudaStream_t stream, int sms) {
   using Tile = k::MmaTile<T, D, KW>;
   auto* kernel = &k::attention_mma_kernel<T, D, KW>;
-  const MmaKernelInfo info = mma_kernel_info(kernel, Tile::kSmemBytes, p.D, q.get_device());
-  if (!info.has_sm80_code) return false;
-  TORCH_CHECK(info.blocks_per_sm >= 1, "attention_with_kv_cache: the tensor-core kernel does not fit on an SM of "
-              "this GPU; set PASS_EXT_ATTENTION_TC=0");
+  const MmaKernelInfo info = mma_kernel_info(kernel, Tile::kSmemBytes, q.get_device());
+  if (!info.usable) return false;
   const int64_t row_tiles = (p.R + Tile::kRows - 1) / Tile::kRows;
   const int64_t bh = int64_t(p.B) * p.Hkv;
   p.splits = static_cast<int>(
       pick_splits_one_wave(bh * row_tiles, int64_t(p.S) + p.Q, int64_t(sms) * info.blocks_per_sm));
-  const auto partials = alloc_partials(p, q);
-  set_smem(kernel, Tile::kSmemBytes, p.D);
+  const auto partials = alloc_partials(p, q);  // the smem opt-in was made with the info query
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.splits), static_cast<unsigned>(bh));
   kernel<<<grid, k::kThreads, Tile::kSmemBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
