@@ -4,9 +4,12 @@ Shapes: B in {1, 8, 32, 128}, V in {49152, 151936}, k in {4, 8} drafts (verify),
 temperature 0.8, top-k 50 and top-p 0.95. Verify runs its worst case: q equals the warped target, so every
 draft is accepted and all k+1 positions are warped. Times are medians of CUDA-event timings with L2 flushed
 before each run; bandwidth counts the logits bytes read once, against the H200's 4.24 TB/s copy roofline.
+Targets (issue #5): <= 15 µs for B <= 32, V = 151936, k <= 8; >= 70% of the roofline at B = 128.
+Baselines in the same run: the same math in eager PyTorch and torch.compile'd (dynamic shapes); a
+baseline that fails is recorded as n/a.
 
-    python bench/bench_sampling.py [--quick]
-Writes bench/results/sampling.json (and sampling.png when matplotlib is present); prints the table last.
+    python bench/bench_sampling.py [--quick] [--budget-s S]
+Writes bench/results/sampling[_quick].json (and .png when matplotlib is present); prints the table last.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -72,6 +76,8 @@ def verify_torch(target_logits, drafts, draft_probs, temperature):
 # ---- timing ----
 
 def time_us(fn, runs: int, flush: torch.Tensor) -> float:
+    """Median µs of `runs` CUDA-event timings after 3 warm-ups (compiles happen there), L2 flushed before each.
+    The 256 MB flush keeps the GPU busy while the host enqueues the call, so host overhead stays out."""
     for _ in range(3):
         fn()
     times = []
@@ -86,9 +92,17 @@ def time_us(fn, runs: int, flush: torch.Tensor) -> float:
     return statistics.median(times)
 
 
+def short_error(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few shapes and runs (smoke test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="V = 151936, B in {1, 32, 128}, k in {4, 8}: the targets (about 2 minutes on an H200)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="after this many seconds only pass_ext is timed (default 150 with --quick, else none)")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from pass_ext import ops
@@ -97,21 +111,36 @@ def main() -> None:
         sys.exit("bench_sampling needs a CUDA GPU and pass_ext built with its CUDA kernels "
                  f"(cuda available: {torch.cuda.is_available()}, build: {ops.build_info()})")
 
-    batches, vocabs, drafts_k = ([1, 32], [151936], [4]) if args.quick else ([1, 8, 32, 128], [49152, 151936], [4, 8])
-    runs = 10 if args.quick else 50
+    batches, vocabs, drafts_k = ([1, 32, 128], [151936], [4, 8]) if args.quick else \
+        ([1, 8, 32, 128], [49152, 151936], [4, 8])
+    runs = 20 if args.quick else 50
+    budget = args.budget_s if args.budget_s is not None else (150.0 if args.quick else float("inf"))
     device = torch.device("cuda")
     torch.manual_seed(0)
     flush = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=device)
-    torch._dynamo.config.cache_size_limit = 64
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
     sample_compiled = torch.compile(sample_torch, dynamic=True)
     verify_compiled = torch.compile(verify_torch, dynamic=True)
     seed = torch.tensor([1], dtype=torch.long, device=device)
     offset = torch.tensor([0], dtype=torch.long, device=device)
     rows = []
+    t0 = time.monotonic()
 
-    def record(op, batch, vocab, k, impl, us, logits_bytes):
-        rows.append(dict(op=op, batch=batch, vocab=vocab, k=k, impl=impl, us=round(us, 2),
-                         tbps=round(logits_bytes / (us * 1e-6) / 1e12, 3)))
+    def record(op, batch, vocab, k, impl, fn, logits_bytes):
+        """Time fn into a row; a failure (or a skip once the budget is spent) is an n/a row, not a crash."""
+        row = dict(op=op, batch=batch, vocab=vocab, k=k, impl=impl, us=None, tbps=None, pct_roofline=None)
+        if impl != "pass_ext" and time.monotonic() - t0 > budget:
+            row["error"] = "skipped: time budget (--budget-s) used up"
+        else:
+            try:
+                us = time_us(fn, runs, flush)
+                tbps = logits_bytes / (us * 1e-6) / 1e12
+                row.update(us=round(us, 2), tbps=round(tbps, 3), pct_roofline=round(100 * tbps / ROOFLINE_TBPS, 1))
+            except Exception as exc:
+                row["error"] = short_error(exc)
+        rows.append(row)
 
     for vocab in vocabs:
         for batch in batches:
@@ -122,12 +151,9 @@ def main() -> None:
             out = torch.empty(batch, dtype=torch.long, device=device)
             nbytes = logits.numel() * logits.element_size()
             record("sample", batch, vocab, 0, "pass_ext",
-                   time_us(lambda: ops.sample(logits, temperature, top_k, top_p, seed, offset, out=out), runs, flush),
-                   nbytes)
-            record("sample", batch, vocab, 0, "eager", time_us(lambda: sample_torch(logits, temperature), runs, flush),
-                   nbytes)
-            record("sample", batch, vocab, 0, "compiled",
-                   time_us(lambda: sample_compiled(logits, temperature), runs, flush), nbytes)
+                   lambda: ops.sample(logits, temperature, top_k, top_p, seed, offset, out=out), nbytes)
+            record("sample", batch, vocab, 0, "eager", lambda: sample_torch(logits, temperature), nbytes)
+            record("sample", batch, vocab, 0, "compiled", lambda: sample_compiled(logits, temperature), nbytes)
             for k in drafts_k:
                 target = (torch.randn(batch, k + 1, vocab, device=device) * 3).bfloat16()
                 q = torch.empty(batch * k, vocab, device=device)
@@ -138,38 +164,64 @@ def main() -> None:
                 out_tokens = torch.empty(batch, k + 1, dtype=torch.long, device=device)
                 accepted = torch.empty(batch, dtype=torch.int32, device=device)
                 nbytes = target.numel() * target.element_size()
-                record("verify", batch, vocab, k, "pass_ext", time_us(
-                    lambda: ops.speculative_verify(target, drafts, q, temperature, top_k, top_p, seed, offset,
-                                                   out_tokens, accepted), runs, flush), nbytes)
-                assert bool((accepted == k).all()), "q equals the warped target: every draft must be accepted"
+                record("verify", batch, vocab, k, "pass_ext", lambda: ops.speculative_verify(
+                    target, drafts, q, temperature, top_k, top_p, seed, offset, out_tokens, accepted), nbytes)
+                if not bool((accepted == k).all()):  # reported, not raised: the other numbers still come out
+                    rows[-1]["error"] = f"check failed: accepted {accepted.tolist()[:8]}..., every row should be {k}"
+                    print(f"WARNING verify V={vocab} B={batch} k={k}: {rows[-1]['error']}")
                 record("verify", batch, vocab, k, "eager",
-                       time_us(lambda: verify_torch(target, drafts, q, temperature), runs, flush), nbytes)
+                       lambda: verify_torch(target, drafts, q, temperature), nbytes)
                 record("verify", batch, vocab, k, "compiled",
-                       time_us(lambda: verify_compiled(target, drafts, q, temperature), runs, flush), nbytes)
-            print(f"done V={vocab} B={batch}", flush=True)
+                       lambda: verify_compiled(target, drafts, q, temperature), nbytes)
+                del target, q
+            print(f"done V={vocab} B={batch} ({time.monotonic() - t0:.0f} s)", flush=True)
 
     os.makedirs(RESULTS, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, roofline_tbps=ROOFLINE_TBPS,
-                temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, runs=runs, quick=args.quick)
-    with open(os.path.join(RESULTS, "sampling.json"), "w") as f:
+                temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, runs=runs, quick=args.quick,
+                seconds=round(time.monotonic() - t0, 1))
+    suffix = "_quick" if args.quick else ""
+    with open(os.path.join(RESULTS, f"sampling{suffix}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     try:
-        plot(rows)
+        plot(rows, os.path.join(RESULTS, f"sampling{suffix}.png"))
     except ImportError:
         print("matplotlib not installed: no plot")
 
-    print(f"\n{'op':7} {'V':>7} {'B':>4} {'k':>2} | {'pass_ext µs':>11} {'TB/s':>6} | {'eager µs':>9} | "
-          f"{'compiled µs':>11} | speedup vs compiled   (roofline {ROOFLINE_TBPS} TB/s)")
+    for r in rows:
+        if r.get("error"):
+            print(f"n/a {r['op']} {r['impl']} V={r['vocab']} B={r['batch']} k={r['k']}: {r['error']}")
+    fmt = lambda r: f"{r['us']:>9.1f}" if r and r["us"] is not None else f"{'n/a':>9}"  # noqa: E731
+    print(f"\n{'op':7} {'V':>7} {'B':>4} {'k':>2} | {'pass_ext µs':>11} {'TB/s':>6} {'%roof':>5} | {'eager µs':>9} | "
+          f"{'compiled µs':>11} | speedup vs compiled   (roofline {ROOFLINE_TBPS} TB/s, {meta['device']})")
     keyed = {(r["op"], r["vocab"], r["batch"], r["k"], r["impl"]): r for r in rows}
     for (op, vocab, batch, k, impl), r in keyed.items():
         if impl != "pass_ext":
             continue
-        eager, comp = keyed[(op, vocab, batch, k, "eager")], keyed[(op, vocab, batch, k, "compiled")]
-        print(f"{op:7} {vocab:>7} {batch:>4} {k:>2} | {r['us']:>11.1f} {r['tbps']:>6.2f} | {eager['us']:>9.1f} | "
-              f"{comp['us']:>11.1f} | {comp['us'] / r['us']:.2f}x")
+        eager, comp = keyed.get((op, vocab, batch, k, "eager")), keyed.get((op, vocab, batch, k, "compiled"))
+        ours = f"{r['us']:>11.1f} {r['tbps']:>6.2f} {r['pct_roofline']:>5.0f}" if r["us"] is not None else \
+            f"{'n/a':>11} {'':>6} {'':>5}"
+        speedup = f"{comp['us'] / r['us']:.2f}x" if comp and comp["us"] and r["us"] else "n/a"
+        print(f"{op:7} {vocab:>7} {batch:>4} {k:>2} | {ours} | {fmt(eager)} | {fmt(comp):>11} | {speedup}")
+    targets(rows)
 
 
-def plot(rows):
+def targets(rows) -> None:
+    """The issue's targets: <= 15 µs for B <= 32, V = 151936, k <= 8; >= 70% of the roofline at B = 128."""
+    print("\ntargets (V = 151936): <= 15 µs at B <= 32 (k <= 8); >= 70% of the copy roofline at B = 128")
+    for r in rows:
+        if r["impl"] != "pass_ext" or r["vocab"] != 151936 or r["k"] > 8:
+            continue
+        what = f"{r['op']:7} B={r['batch']:<4} k={r['k']}"
+        if r["us"] is None:
+            print(f"  {what}  n/a")
+        elif r["batch"] <= 32:
+            print(f"  {what} {r['us']:7.1f} µs   {'met' if r['us'] <= 15 else 'MISSED'}")
+        elif r["batch"] == 128:
+            print(f"  {what} {r['pct_roofline']:6.1f} %    {'met' if r['pct_roofline'] >= 70 else 'MISSED'}")
+
+
+def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -179,14 +231,17 @@ def plot(rows):
         for impl, style in [("pass_ext", "-o"), ("eager", "--s"), ("compiled", ":^")]:
             for vocab in sorted({r["vocab"] for r in rows}):
                 for k in sorted({r["k"] for r in rows if r["op"] == op}):
-                    pts = [r for r in rows if (r["op"], r["impl"], r["vocab"], r["k"]) == (op, impl, vocab, k)]
+                    pts = [r for r in rows if (r["op"], r["impl"], r["vocab"], r["k"]) == (op, impl, vocab, k)
+                           and r["us"] is not None]
                     if pts:
                         label = f"{impl} V={vocab}" + (f" k={k}" if op == "verify" else "")
                         ax.plot([r["batch"] for r in pts], [r["us"] for r in pts], style, label=label)
+        ax.axhline(15, color="k", ls="--", lw=1, label="15 µs target (B <= 32)")
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="µs (median)", title=op)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "sampling.png"), dpi=120)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,15 @@ allocate them when they are not given and return them.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
 
 from . import _C  # noqa: F401  (loads the native library, which registers torch.ops.pass_ext.*)
 
-__all__ = ["attention_with_kv_cache", "speculative_verify", "sample", "build_info", "has_cuda_kernels"]
+__all__ = ["attention_with_kv_cache", "speculative_verify", "sample", "build_info", "has_cuda_kernels",
+           "attention_uses_tensor_cores"]
 
 
 def build_info() -> str:
@@ -22,6 +24,17 @@ def build_info() -> str:
 
 def has_cuda_kernels() -> bool:
     return build_info() == "cpu+cuda"
+
+
+def attention_uses_tensor_cores(dtype: torch.dtype, Q: int, Hq: int, Hkv: int, D: int) -> bool:
+    """Whether a CUDA call of attention_with_kv_cache with these shapes runs the tensor-core kernel (the
+    launcher's rule, for tests and benchmarks): fp16/bf16, D in {64, 128}, and Q * Hq / Hkv packed query rows
+    per KV head >= PASS_EXT_ATTENTION_TC_MIN_ROWS (default 16), unless PASS_EXT_ATTENTION_TC=0. The GPU must
+    run sm_80+ code (any H100/H200/A100 build)."""
+    if os.environ.get("PASS_EXT_ATTENTION_TC") == "0":
+        return False
+    min_rows = int(os.environ.get("PASS_EXT_ATTENTION_TC_MIN_ROWS") or 16)
+    return dtype in (torch.float16, torch.bfloat16) and D in (64, 128) and Q * (Hq // Hkv) >= min_rows
 
 
 def attention_with_kv_cache(
@@ -52,6 +65,8 @@ def attention_with_kv_cache(
         out [B, Q, Hq, D].
 
     CUDA limits: Q <= 128, D a multiple of 8 up to 256 (64 and 128 are tuned), 16-byte aligned tensors.
+    fp16/bf16 calls with D 64/128 and Q * Hq / Hkv >= 16 run on tensor cores (`attention_uses_tensor_cores`);
+    PASS_EXT_ATTENTION_TC=0 in the environment keeps every call on the CUDA-core kernel.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])

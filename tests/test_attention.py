@@ -3,6 +3,9 @@ outputs, exact cache writes, tree masks, GQA, ragged lengths, argument checks an
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -163,15 +166,18 @@ def test_long_context_split_kv_cuda(Q):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
-def test_out_of_range_lengths_never_write_outside_cache_cuda():
-    """The device cannot raise, so it clamps: no slot outside [0, S_max) is written, nothing else is hurt."""
+@pytest.mark.parametrize("dtype,Hq", [(torch.float32, 4), (torch.bfloat16, 8), (torch.float16, 16)],
+                         ids=["fp32-cuda-cores", "bf16-tensor-cores", "fp16-tensor-cores"])
+def test_out_of_range_lengths_never_write_outside_cache_cuda(dtype, Hq):
+    """The device cannot raise, so it clamps: no slot outside [0, S_max) is written, nothing else is hurt.
+    Hq = 8 and 16 give 20 and 40 query rows per KV head: the tensor-core kernel."""
     B, Q, Hkv, D, S = 4, 5, 2, 64, 32
-    q, k_new, v_new, k_cache, v_cache, _ = make_inputs(B, Q, 4, Hkv, D, [0] * B, S, torch.float32, "cuda")
+    q, k_new, v_new, k_cache, v_cache, _ = make_inputs(B, Q, Hq, Hkv, D, [0] * B, S, dtype, "cuda")
     lens = [S - 2, -3, 10**6, 4]
     cache_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     # Guard rows on both sides of the caches: a stray write lands in them.
-    k_big = torch.full((B + 2, Hkv, S, D), SENTINEL, device="cuda")
-    v_big = torch.full((B + 2, Hkv, S, D), SENTINEL, device="cuda")
+    k_big = torch.full((B + 2, Hkv, S, D), SENTINEL, dtype=dtype, device="cuda")
+    v_big = torch.full((B + 2, Hkv, S, D), SENTINEL, dtype=dtype, device="cuda")
     k_cache, v_cache = k_big[1:-1], v_big[1:-1]
     out = torch.full_like(q, float("nan"))
     ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, cache_lens, None, None, out)
@@ -187,7 +193,123 @@ def test_out_of_range_lengths_never_write_outside_cache_cuda():
     # The in-range row is still exact.
     exp_out, _, _ = reference(q[3:], k_new[3:], v_new[3:], torch.full_like(k_cache[3:], SENTINEL),
                               torch.full_like(v_cache[3:], SENTINEL), cache_lens[3:], None, 1 / math.sqrt(D))
-    torch.testing.assert_close(out[3:].double(), exp_out, atol=2e-5, rtol=1e-4)
+    atol, rtol = TOL[("cuda", dtype)]
+    torch.testing.assert_close(out[3:].double(), exp_out, atol=atol, rtol=rtol)
+
+
+# ---- the tensor-core kernel (CUDA, fp16/bf16, D 64/128, Q * Hq / Hkv >= 16 packed query rows per KV head) ----
+# (B, Q, Hq, Hkv, D, lens, S, mask): every block layout (16 rows: 4 warps split the keys; 17..32: 2 x 2; more:
+# 64-row tiles, the last partly padding, up to 16 tiles), G = 1..16, ragged rows with empty caches, caches
+# far larger than the rows (splits that get no keys), causal, fused-mode and random multi-word tree masks.
+# Small B * Hkv makes the launcher split the keys (combine kernel); B = 40 runs one split.
+MMA_CASES = {
+    "R16-G1": (1, 16, 8, 8, 64, [37], None, "causal"),
+    "R16-G4-ragged": (2, 4, 32, 8, 128, [100, 5], None, "causal"),
+    "R16-G16-Q1": (3, 1, 16, 1, 128, [0, 65, 200], None, "causal"),
+    "R27-G3-fused2": (2, 9, 9, 3, 64, [64, 1], None, "fused"),
+    "R48-G16": (2, 3, 32, 2, 64, [190, 7], None, "causal"),
+    "R100-G4-fused4": (2, 25, 32, 8, 128, [31, 300], None, "fused"),
+    "R150-G6-fused4": (1, 25, 12, 2, 128, [513], None, "fused"),
+    "R175-G7-fused4": (2, 25, 14, 2, 64, [0, 129], None, "fused"),
+    "R196-G4-fused6": (1, 49, 32, 8, 128, [129], None, "fused"),
+    "R512-G4-random2w": (1, 128, 32, 8, 128, [70], None, "random"),
+    "R1024-G16": (2, 64, 16, 1, 64, [1000, 3], None, "causal"),
+    "empty-splits": (2, 16, 4, 4, 128, [3, 2000], 2100, "causal"),
+    "one-split-B40": (40, 4, 32, 8, 64, list(range(40, 120, 2)), None, "causal"),
+}
+
+
+def _mma_mask(kind, Q):
+    if kind == "fused":
+        return masks.fused_layout(math.isqrt(Q) - 1)[0]
+    if kind == "random":  # two mask words, rows that see no new token at all
+        mask = torch.rand(Q, Q) < 0.3
+        mask[5] = False
+        mask[Q - 1] = False
+        return mask
+    return None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", sorted(MMA_CASES))
+def test_tensor_core_path_cuda(case, dtype):
+    B, Q, Hq, Hkv, D, lens, S, kind = MMA_CASES[case]
+    run_and_check("cuda", dtype, B, Q, Hq, Hkv, D, lens, mask=_mma_mask(kind, Q), S=S)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("Q,Hq,Hkv", [(4, 32, 8), (25, 32, 8), (25, 9, 3), (64, 8, 2)])
+def test_tensor_core_long_context_cuda(dtype, Q, Hq, Hkv):
+    """L = 8192 and 4000 (ragged, S_max 16384): many splits per row, some empty, on the tensor-core kernel."""
+    mask = masks.fused_layout(4)[0] if Q == 25 else None
+    run_and_check("cuda", dtype, 2, Q, Hq, Hkv, 128, [8192, 4000], mask=mask, S=16384)
+
+
+def _cuda_kernel_names(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "attention" in e.name]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("dtype,Q,D,default", [
+    (torch.bfloat16, 4, 128, True),    # 4 tokens x group 4 = 16 rows
+    (torch.float16, 25, 64, True),
+    (torch.bfloat16, 3, 128, False),   # 12 rows: CUDA cores
+    (torch.float32, 25, 128, False),   # fp32 stays on CUDA cores
+    (torch.bfloat16, 25, 96, False),   # head dims other than 64/128 too
+])
+def test_kernel_choice_cuda(dtype, Q, D, default):
+    """The launcher sends exactly the calls ops.attention_uses_tensor_cores names to the tensor-core kernel
+    (`default`: the choice without PASS_EXT_ATTENTION_TC* in the environment)."""
+    expect_mma = ops.attention_uses_tensor_cores(dtype, Q, 32, 8, D)
+    if not any(name.startswith("PASS_EXT_ATTENTION_TC") for name in os.environ):
+        assert expect_mma == default
+    args = make_inputs(2, Q, 32, 8, D, [50, 7], 100, dtype, "cuda")
+    out = torch.empty_like(args[0])
+    names = _cuda_kernel_names(lambda: ops.attention_with_kv_cache(*args, None, None, out))
+    if not names:
+        pytest.skip("the profiler recorded no CUDA kernels here")
+    assert any("attention_mma_kernel" in n for n in names) == expect_mma, names
+    assert any("attention_kernel" in n and "mma" not in n for n in names) != expect_mma, names
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+def test_tensor_core_switch_off_cuda():
+    """PASS_EXT_ATTENTION_TC=0 (read once per process) routes qualifying calls to the CUDA-core kernel, which
+    still matches the reference."""
+    script = (
+        "import sys, torch; sys.path[:0] = sys.argv[1:3]; import test_attention as t; "
+        "from pass_ext import masks; "
+        "t.run_and_check('cuda', torch.bfloat16, 2, 25, 32, 8, 128, [31, 300], mask=masks.fused_layout(4)[0]); "
+        "args = t.make_inputs(2, 4, 32, 8, 128, [50, 7], 100, torch.bfloat16, 'cuda'); "
+        "names = t._cuda_kernel_names(lambda: t.ops.attention_with_kv_cache(*args)); "
+        "assert not any('attention_mma_kernel' in n for n in names), names; print('ok')"
+    )
+    env = dict(os.environ, PASS_EXT_ATTENTION_TC="0")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", script, tests_dir, os.path.dirname(tests_dir)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_opcheck_tensor_cores_cuda(dtype):
+    B, Q, Hq, Hkv, D = 2, 5, 16, 2, 64  # 40 rows per KV head
+    q, k_new, v_new, k_cache, v_cache, cache_lens = make_inputs(B, Q, Hq, Hkv, D, [3, 90], 100, dtype, "cuda")
+    mask = masks.causal(Q, device="cuda")
+    torch.library.opcheck(torch.ops.pass_ext.attention_with_kv_cache.default,
+                          (q, k_new, v_new, k_cache, v_cache, cache_lens, mask, 0.125, torch.empty_like(q)))
 
 
 @pytest.mark.parametrize("device", DEVICES)

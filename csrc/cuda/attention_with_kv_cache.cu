@@ -1,5 +1,10 @@
-// CUDA launcher for attention_with_kv_cache: validates, picks the row tile, head-dim path and number of
-// KV splits, and launches the flash-decoding kernel (+ the split combine) from csrc/kernels/attention.cuh.
+// CUDA launcher for attention_with_kv_cache: validates, picks the kernel (tensor cores or CUDA cores), row tile,
+// head-dim path and number of KV splits, and launches it (+ the split combine) from csrc/kernels/attention*.cuh.
+//
+// Kernel choice: fp16/bf16 with D = 64 or 128 and at least 16 packed query rows per KV head (Q * Hq / Hkv >= 16;
+// PASS_EXT_ATTENTION_TC_MIN_ROWS moves the threshold) run on tensor cores (attention_mma.cuh, sm_80+ code);
+// everything else, and every call when the environment sets PASS_EXT_ATTENTION_TC=0 (both read once per
+// process), runs the CUDA-core kernel (attention.cuh). Both have the same semantics, down to the clamping below.
 //
 // Differences from the CPU reference, by design:
 //  * cache_lens is read on the device only (no host sync, so the op can be captured in a CUDA graph).
@@ -17,8 +22,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "kernels/attention.cuh"
+#include "kernels/attention_mma.cuh"
 #include "op_checks.h"
 
 namespace pass_ext {
@@ -40,6 +51,39 @@ int64_t pick_splits(int64_t base_blocks, int64_t capacity_keys, int sms) {
   return std::max<int64_t>(1, std::min(splits, kMaxSplits));
 }
 
+// Scratch of the split combine, when there are splits: fp32 partials [B*Hkv, splits, R, D] and (max, sum)
+// [B*Hkv, splits, R]. The tensors are returned so they outlive the launches (the caching allocator keeps
+// them stream-ordered).
+std::pair<at::Tensor, at::Tensor> alloc_partials(k::AttentionParams& p, const at::Tensor& q) {
+  if (p.splits <= 1) return {};
+  const int64_t bh = int64_t(p.B) * p.Hkv;
+  const auto opts = q.options().dtype(at::kFloat);
+  at::Tensor part_acc = at::empty({bh * p.splits * p.R * p.D}, opts);
+  at::Tensor part_ml = at::empty({bh * p.splits * p.R * 2}, opts);
+  p.part_acc = part_acc.data_ptr<float>();
+  p.part_ml = reinterpret_cast<float2*>(part_ml.data_ptr<float>());
+  return {part_acc, part_ml};
+}
+
+// Opt a kernel into `smem` bytes of dynamic shared memory (beyond the default 48 KB), or say why not.
+template <typename Kernel>
+void set_smem(Kernel* kernel, size_t smem, int64_t D) {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(smem <= prop->sharedMemPerBlockOptin, "attention_with_kv_cache: head dim D=", D, " needs ", smem,
+              " bytes of shared memory per block, this GPU allows ", prop->sharedMemPerBlockOptin);
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+}
+
+template <typename T>
+void launch_combine(const k::AttentionParams& p, cudaStream_t stream) {
+  if (p.splits <= 1) return;
+  const int64_t rows = int64_t(p.B) * p.Hkv * p.R;
+  k::attention_combine_kernel<T><<<static_cast<unsigned>((rows + k::kWarps - 1) / k::kWarps), k::kThreads, 0,
+                                   stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int D_MAX, int E, bool EXACT, int RT>
 void launch(k::AttentionParams p, const at::Tensor& q, cudaStream_t stream, int sms) {
   using Tile = k::AttentionTile<T, D_MAX, E, EXACT, RT>;
@@ -47,32 +91,15 @@ void launch(k::AttentionParams p, const at::Tensor& q, cudaStream_t stream, int 
   const int64_t bh = int64_t(p.B) * p.Hkv;
   TORCH_CHECK(row_tiles <= 65535, "attention_with_kv_cache: Q * Hq / Hkv = ", p.R, " query rows per KV head is too many");
   p.splits = static_cast<int>(pick_splits(bh * row_tiles, int64_t(p.S) + p.Q, sms));
-
-  at::Tensor part_acc, part_ml;
-  if (p.splits > 1) {
-    const auto opts = q.options().dtype(at::kFloat);
-    part_acc = at::empty({bh * p.splits * p.R * p.D}, opts);
-    part_ml = at::empty({bh * p.splits * p.R * 2}, opts);
-    p.part_acc = part_acc.data_ptr<float>();
-    p.part_ml = reinterpret_cast<float2*>(part_ml.data_ptr<float>());
-  }
+  const auto partials = alloc_partials(p, q);
 
   auto* kernel = &k::attention_kernel<T, D_MAX, E, EXACT, RT>;
   const size_t smem = Tile::kSmemBytes;
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(smem <= prop->sharedMemPerBlockOptin, "attention_with_kv_cache: head dim D=", p.D, " needs ", smem,
-              " bytes of shared memory per block, this GPU allows ", prop->sharedMemPerBlockOptin);
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  set_smem(kernel, smem, p.D);
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(row_tiles), static_cast<unsigned>(bh));
   kernel<<<grid, k::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.splits > 1) {
-    const int64_t rows = bh * p.R;
-    k::attention_combine_kernel<T><<<static_cast<unsigned>((rows + k::kWarps - 1) / k::kWarps), k::kThreads, 0,
-                                     stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  launch_combine<T>(p, stream);
 }
 
 // Row tile: a block holds RT = 4, 16 or 64 query rows (32 for the generic head dim, whose per-lane
@@ -96,6 +123,115 @@ void dispatch_head_dim(const k::AttentionParams& p, const at::Tensor& q, cudaStr
     dispatch_rows<T, 128, 4, true>(p, q, stream, sms);
   else
     dispatch_rows<T, 256, 2, false>(p, q, stream, sms);  // any multiple of 8 up to 256
+}
+
+// ---- tensor-core path ----
+
+// PASS_EXT_ATTENTION_TC=0 keeps every call on the CUDA-core kernel (a bypass should the tensor-core path
+// misbehave on some GPU). Read once: a CUDA graph captured earlier keeps the kernel it captured anyway.
+bool tensor_cores_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("PASS_EXT_ATTENTION_TC");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return allowed;
+}
+
+// Packed query rows per KV head from which the tensor-core kernel runs: PASS_EXT_ATTENTION_TC_MIN_ROWS, default
+// 16 (one full m16 tile). Fewer rows pad the tile, yet may still beat the CUDA-core kernel; the variable lets a
+// benchmark decide without a rebuild. Read once.
+int64_t tensor_core_min_rows() {
+  static const int64_t rows = [] {
+    const char* v = std::getenv("PASS_EXT_ATTENTION_TC_MIN_ROWS");
+    if (v == nullptr || *v == '\0') return int64_t{16};
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    TORCH_CHECK(*end == '\0' && n >= 1, "PASS_EXT_ATTENTION_TC_MIN_ROWS must be a positive integer, got '", v, "'");
+    return static_cast<int64_t>(n);
+  }();
+  return rows;
+}
+
+// Tensor-core kernel instance on one device: whether it can run there, and how many of its blocks an SM holds.
+// It cannot when its loaded code lacks the sm_80 instructions (a build whose architecture list stops below 8.0
+// JIT-compiles PTX in which the kernel only traps) or when its shared memory exceeds the GPU's opt-in limit
+// (about 100 KB on sm_86/sm_89 against 104 KB at D=128); such calls take the CUDA-core kernel. Queried once
+// per (kernel, device), after the shared-memory opt-in, which the occupancy depends on.
+struct MmaKernelInfo {
+  bool usable;
+  int blocks_per_sm;
+};
+
+template <typename Kernel>
+MmaKernelInfo mma_kernel_info(Kernel* kernel, size_t smem, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, MmaKernelInfo> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    MmaKernelInfo info{false, 0};
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+      (void)cudaGetLastError();  // no code for this GPU at all: the CUDA-core launch reports it
+    } else if (attr.binaryVersion >= 80 && smem <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) {
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, kernel, k::kThreads, smem));
+      info.usable = info.blocks_per_sm >= 1;
+    }
+    it = cache.emplace(key, info).first;
+  }
+  return it->second;
+}
+
+// KV splits of the tensor-core kernel: as many as fill the resident block slots (SMs x blocks per SM) in
+// one wave. Rounding up instead (pick_splits) can leave a second, nearly empty wave: 320 blocks on 264
+// slots take two block times.
+int64_t pick_splits_one_wave(int64_t base_blocks, int64_t capacity_keys, int64_t slots) {
+  if (base_blocks >= slots) return 1;
+  int64_t splits = slots / base_blocks;
+  splits = std::min(splits, (capacity_keys + k::kMinSplitKeys - 1) / k::kMinSplitKeys);
+  return std::max<int64_t>(1, std::min(splits, kMaxSplits));
+}
+
+// One block = kRows packed query rows of one KV head; row tiles innermost in the grid (see the kernel).
+// Returns false, launching nothing, when the kernel cannot run on this GPU (see MmaKernelInfo).
+template <typename T, int D, int KW>
+bool launch_mma(k::AttentionParams p, const at::Tensor& q, cudaStream_t stream, int sms) {
+  using Tile = k::MmaTile<T, D, KW>;
+  auto* kernel = &k::attention_mma_kernel<T, D, KW>;
+  const MmaKernelInfo info = mma_kernel_info(kernel, Tile::kSmemBytes, q.get_device());
+  if (!info.usable) return false;
+  const int64_t row_tiles = (p.R + Tile::kRows - 1) / Tile::kRows;
+  const int64_t bh = int64_t(p.B) * p.Hkv;
+  p.splits = static_cast<int>(
+      pick_splits_one_wave(bh * row_tiles, int64_t(p.S) + p.Q, int64_t(sms) * info.blocks_per_sm));
+  const auto partials = alloc_partials(p, q);  // the smem opt-in was made with the info query
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.splits), static_cast<unsigned>(bh));
+  kernel<<<grid, k::kThreads, Tile::kSmemBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_combine<T>(p, stream);
+  return true;
+}
+
+// Warps per block split 4 = row warps x key warps: 16 rows need one m16 tile, so its 4 warps split each
+// stage's keys; 17..32 rows use 2 x 2; more use 4 m16 tiles per block (the last may be partly padding).
+template <typename T, int D>
+bool dispatch_mma_rows(const k::AttentionParams& p, const at::Tensor& q, cudaStream_t stream, int sms) {
+  if (p.R <= 16) return launch_mma<T, D, 4>(p, q, stream, sms);
+  if (p.R <= 32) return launch_mma<T, D, 2>(p, q, stream, sms);
+  return launch_mma<T, D, 1>(p, q, stream, sms);
+}
+
+// Runs the tensor-core kernel when the call qualifies (see the file header); false: nothing launched.
+template <typename T>
+bool try_tensor_cores(const k::AttentionParams& p, const at::Tensor& q, cudaStream_t stream, int sms) {
+  if (!tensor_cores_allowed() || p.R < tensor_core_min_rows() || at::cuda::getCurrentDeviceProperties()->major < 8)
+    return false;
+  if (p.D == 64) return dispatch_mma_rows<T, 64>(p, q, stream, sms);
+  if (p.D == 128) return dispatch_mma_rows<T, 128>(p, q, stream, sms);
+  return false;
 }
 
 void attention_with_kv_cache_cuda(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
@@ -152,10 +288,10 @@ void attention_with_kv_cache_cuda(const at::Tensor& q, const at::Tensor& k_new, 
       dispatch_head_dim<float>(p, q, stream, sms);
       break;
     case at::kHalf:
-      dispatch_head_dim<__half>(p, q, stream, sms);
+      if (!try_tensor_cores<__half>(p, q, stream, sms)) dispatch_head_dim<__half>(p, q, stream, sms);
       break;
     default:
-      dispatch_head_dim<__nv_bfloat16>(p, q, stream, sms);
+      if (!try_tensor_cores<__nv_bfloat16>(p, q, stream, sms)) dispatch_head_dim<__nv_bfloat16>(p, q, stream, sms);
       break;
   }
 }
