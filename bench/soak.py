@@ -173,11 +173,11 @@ def soak(model, *, prompts: list, draft=None, tokens: int = 100_000, methods=MET
                 outputs[(r.index, method)] = new
                 n = sum(len(t) for t in new)
                 total += n
-                records.append(dict(call=len(records), round=r.index, method=method, batch=len(r.prompts),
-                                    greedy=r.greedy, new_tokens=n, seconds=out.stats.elapsed_s,
-                                    tokens_per_forward=out.stats.tokens_per_forward,
-                                    warmup=r.index < warmup_rounds, **memory_now(device, graph_cls)))
-                del out
+                rec = dict(call=len(records), round=r.index, method=method, batch=len(r.prompts), greedy=r.greedy,
+                           new_tokens=n, seconds=out.stats.elapsed_s, tokens_per_forward=out.stats.tokens_per_forward,
+                           warmup=r.index < warmup_rounds)
+                del out  # measured with nothing of the call alive
+                records.append({**rec, **memory_now(device, graph_cls)})
                 bar.update(n)
     finally:
         gc.unfreeze()
