@@ -81,13 +81,14 @@ for tool in $tools; do
   elif grep -aq "sanitize_driver: .*checks failed" "$log"; then driver="checks failed"
   else driver="did not finish"; fi
   cases=$(grep -aoE '^[a-z]+: [0-9]+ cases' "$log" | awk '{n += $2} END {print n + 0}')
+  notes=$(grep -ac '^note ' "$log" || true)  # CPU/CUDA differences the driver reports without failing
   if [[ $rc -eq 0 && "${errors:-x}" == 0 && $driver == ok ]]; then verdict=clean
   elif [[ $rc -eq $error_exit || "${errors:-0}" != 0 ]]; then verdict=ERRORS
   elif [[ $rc -eq 124 || $rc -eq 137 ]]; then verdict="TIMED OUT"
   else verdict="FAILED (exit $rc)"; fi
   [[ $verdict == clean ]] || status=1
-  line=$(printf '%-10s %-16s errors %-4s warnings %-4s cases %-4s driver %-14s %4ds' "$tool" "$verdict" \
-         "${errors:-?}" "${warnings:--}" "$cases" "$driver" "$secs")
+  line=$(printf '%-10s %-16s errors %-4s warnings %-4s cases %-4s notes %-3s driver %-14s %4ds' "$tool" \
+         "$verdict" "${errors:-?}" "${warnings:--}" "$cases" "$notes" "$driver" "$secs")
   echo "$line" | tee -a "$summary"
   if [[ $verdict != clean ]]; then  # the first reports (or the last words), so the summary says what to look at
     { grep -aE '^========= (Invalid|Error|Race|Barrier|Uninitialized|Program hit|Warning)|^FAIL |^[A-Za-z.]*Error: ' \
