@@ -86,8 +86,9 @@ def plan_round(rng: random.Random, index: int, pool: list, batch_sizes: list, ne
     return Round(index, prompts, max_new, greedy, temperature, top_k, top_p, rng.getrandbits(31), eos)
 
 
-def run_call(model, draft, method: str, r: Round) -> pass_ext.GenerateOutput:
+def run_call(model, draft, method: str, r: Round, lookahead=None) -> pass_ext.GenerateOutput:
     return pass_ext.generate(model, r.prompts, method=method, max_new_tokens=r.max_new_tokens,
+                             lookahead=None if method == "ar" else lookahead,
                              temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, seed=r.seed,
                              eos_token_id=None if r.eos else False, draft_model=draft if method == "draft" else None)
 
@@ -137,14 +138,15 @@ def flatness(values: list, warmup: int, tol_frac: float, tol_abs: float) -> dict
 
 # ---- the soak --------------------------------------------------------------------------------------------------
 def soak(model, *, prompts: list, draft=None, tokens: int = 100_000, methods=METHODS, batch_sizes=(1, 2, 3, 5, 8),
-         new_tokens=(16, 96), seed: int = 0, repro: int = 4, min_rounds_after_warmup: int = 2,
+         new_tokens=(16, 96), seed: int = 0, lookahead=None, repro: int = 4, min_rounds_after_warmup: int = 2,
          tol_frac: float = 0.01, tol_mib: float = 4.0, rss_tol_mib: float = 64.0, progress: bool = True) -> dict:
     """Run rounds of generate() calls (each round: one batch, every method) until `tokens` new tokens were generated
     and at least `min_rounds_after_warmup` rounds followed the warm-up; return records, checks and a verdict.
 
     prompts: a pool of token-id lists; rows are random prefixes. draft: the draft model of "draft" (default: the
-    model itself). The memory tolerance is max(tol_frac * baseline, tol_mib) for the CUDA allocator's
-    allocated/reserved bytes and max(tol_frac * baseline, rss_tol_mib) for RSS (the C heap keeps freed pages).
+    model itself). lookahead: drafts per step (default: generate's). The memory tolerance is
+    max(tol_frac * baseline, tol_mib) for the CUDA allocator's allocated/reserved bytes and
+    max(tol_frac * baseline, rss_tol_mib) for RSS (the C heap keeps freed pages).
     """
     from tqdm.auto import tqdm
 
@@ -168,7 +170,7 @@ def soak(model, *, prompts: list, draft=None, tokens: int = 100_000, methods=MET
             r = plan_round(rng, len(rounds), prompts, batch_sizes, new_tokens, warmup_rounds)
             rounds.append(r)
             for method in methods:
-                out = run_call(model, draft, method, r)
+                out = run_call(model, draft, method, r, lookahead)
                 new = [t.tolist() for t in out.new_tokens]
                 outputs[(r.index, method)] = new
                 n = sum(len(t) for t in new)
@@ -202,7 +204,7 @@ def soak(model, *, prompts: list, draft=None, tokens: int = 100_000, methods=MET
     repro_rows = []
     for i, r in enumerate(picks):
         method = methods[i % len(methods)]
-        again = [t.tolist() for t in run_call(model, draft, method, r).new_tokens]
+        again = [t.tolist() for t in run_call(model, draft, method, r, lookahead).new_tokens]
         repro_rows.append(dict(round=r.index, method=method, greedy=r.greedy, same=again == outputs[(r.index, method)]))
     checks["reproducible"] = dict(ok=all(x["same"] for x in repro_rows), calls=repro_rows)
 
@@ -238,8 +240,8 @@ def soak(model, *, prompts: list, draft=None, tokens: int = 100_000, methods=MET
                          "prompt_lengths": [len(p) for p in r.prompts]} for r in rounds],
                 calls=len(records), warmup_calls=warm_calls, tokens=total, seconds=wall,
                 config=dict(methods=list(methods), batch_sizes=batch_sizes, new_tokens=list(new_tokens), seed=seed,
-                            tokens_budget=tokens, tol_frac=tol_frac, tol_mib=tol_mib, rss_tol_mib=rss_tol_mib,
-                            device=str(device), dtype=str(model.dtype)))
+                            lookahead=lookahead, tokens_budget=tokens, tol_frac=tol_frac, tol_mib=tol_mib,
+                            rss_tol_mib=rss_tol_mib, device=str(device), dtype=str(model.dtype)))
 
 
 def plot(result: dict, path: str) -> None:
@@ -308,6 +310,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", default=None, help="min,max new tokens per call; default 16,96 (CPU: 8,24)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lookahead", type=int, default=None,
+                    help="drafts per step (default: the embeddings' k; 4 for draft)")
     ap.add_argument("--repro", type=int, default=4, help="calls re-run to check they repeat exactly")
     ap.add_argument("--tolerance-mib", type=float, default=4.0, help="allowed growth of CUDA allocated/reserved")
     ap.add_argument("--rss-tolerance-mib", type=float, default=64.0)
@@ -326,8 +330,8 @@ def main() -> int:
     lo, hi = (int(v) for v in (args.new_tokens or ("8,24" if cpu else "16,96")).split(","))
     result = soak(model, prompts=pool, draft=draft, tokens=args.tokens, methods=args.methods.split(","),
                   batch_sizes=[int(b) for b in batch_sizes.split(",")], new_tokens=(lo, hi), seed=args.seed,
-                  repro=args.repro, tol_frac=args.tolerance_frac, tol_mib=args.tolerance_mib,
-                  rss_tol_mib=args.rss_tolerance_mib)
+                  lookahead=args.lookahead, repro=args.repro, tol_frac=args.tolerance_frac,
+                  tol_mib=args.tolerance_mib, rss_tol_mib=args.rss_tolerance_mib)
     result["config"].update(model=args.model, draft_model=args.draft_model or "(the model itself)",
                             torch=torch.__version__, build=pass_ext.build_info())
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
