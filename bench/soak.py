@@ -244,6 +244,14 @@ def soak(model, *, prompts: list, draft=None, tokens: int = 100_000, methods=MET
                             rss_tol_mib=rss_tol_mib, device=str(device), dtype=str(model.dtype)))
 
 
+def write_json(result: dict, f) -> None:
+    """Indented, except one line per call and per round (thousands of them)."""
+    lists = ("records", "rounds")
+    head = json.dumps({k: v for k, v in result.items() if k not in lists}, indent=1)
+    f.write(head[:-2] + "".join(f',\n "{key}": [\n' + ",\n".join("  " + json.dumps(x) for x in result[key]) + "\n ]"
+                                for key in lists) + "\n}\n")
+
+
 def plot(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -336,7 +344,7 @@ def main() -> int:
                             torch=torch.__version__, build=pass_ext.build_info())
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+        write_json(result, f)
     png = os.path.splitext(args.out)[0] + ".png"
     plot(result, png)
     print(report(result))

@@ -1,6 +1,7 @@
 """bench/soak.py on a tiny model: a short soak runs every method, greedy and sampled, and passes its checks; a
 per-call leak of memory or of CUDA graphs is caught; the flatness rule itself on synthetic series."""
 import importlib.util
+import io
 import json
 import os
 import random
@@ -46,7 +47,9 @@ def test_short_soak_passes(soak, tiny, tmp_path):
     assert res["checks"]["greedy_equals_ar"]["asserted"] and res["checks"]["greedy_equals_ar"]["rows_compared"] > 0
     assert len(res["checks"]["reproducible"]["calls"]) >= 2
     assert set(res["checks"]) == {"rss", "graphs", "reproducible", "greedy_equals_ar"}  # no CUDA series on CPU
-    json.dumps(res)
+    text = io.StringIO()
+    soak.write_json(res, text)
+    assert json.loads(text.getvalue()) == res
     soak.plot(res, str(tmp_path / "soak.png"))
     assert (tmp_path / "soak.png").stat().st_size > 0
     assert soak.report(res).endswith("PASS")
