@@ -1,4 +1,4 @@
-"""Few, small CUDA cases that reach every path of the three ops (and the engine around them), for running under
+"""A few small CUDA cases that reach every path of the three ops (and the engine around them), for running under
 compute-sanitizer (tools/sanitize.sh). Each case also checks its result against the CPU kernels, so a case that
 ran clean but computed garbage fails too.
 
