@@ -83,6 +83,18 @@ def test_greedy_is_first_argmax(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_signed_zeros_tie(device):
+    """-0.0 and +0.0 are equal: greedy takes the first, top-k = 1 keeps both (ties kept), like torch."""
+    logits = torch.tensor([[-0.0, 0.0, -1.0], [-1.0, 0.0, -0.0]], device=device)
+    zeros = torch.zeros(2, device=device)
+    out, _ = run_sample(logits, zeros, torch.zeros(2, dtype=torch.int32, device=device), torch.ones(2, device=device))
+    assert out.cpu().tolist() == [0, 1]
+    _, probs = run_sample(logits, torch.ones(2, device=device), torch.ones(2, dtype=torch.int32, device=device),
+                          torch.ones(2, device=device))
+    assert probs.cpu().tolist() == [[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_degenerate_rows_and_out_of_range_params(device):
     fresh_seed()
     vocab = 40

@@ -92,7 +92,8 @@ PASS_EXT_HD float exponential(uint32_t bits) {
 
 // Order-preserving map float -> uint32 (a < b  <=>  key(a) < key(b) for non-NaN floats).
 PASS_EXT_HD uint32_t order_key(float f) {
-  const uint32_t u = float_bits(f);
+  uint32_t u = float_bits(f);
+  if (u == 0x80000000u) u = 0u;  // -0.0 ties with +0.0, as in torch.argmax and the "ties kept" rule
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
