@@ -46,7 +46,7 @@ TINY = dict(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, nu
             vocab_size=512, max_position_embeddings=2048)
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "generate.json")
 ROW_FIELDS = dict(projected=False, status="ok", note="", new_tokens=None, k=None, tokens_per_s=None,
-                  tokens_per_s_runs=[], speedup_vs_ar=None, decode_tokens_per_s=None, decode_speedup_vs_ar=None,
+                  tokens_per_s_runs=None, speedup_vs_ar=None, decode_tokens_per_s=None, decode_speedup_vs_ar=None,
                   tokens_per_forward=None, acceptance_by_position=None, step_s=None, roofline_pct=None,
                   differing_rows=None, rows_compared=None, tpf_source=None)
 

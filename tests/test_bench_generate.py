@@ -98,9 +98,9 @@ def test_random_presets_project_with_real_tokens_per_forward(bg, tiny_hf_model, 
     bench.measure_real("toy", None, ours, CharTokenizer(64))
     bg.save_results(res, out)
 
-    res2 = bg.load_results(out)
-    bg.Bench(bg.parse_args(common + ["--rows", "ar,draft,pass", "--models", "llama-3.1-8b"]), res2).run()
+    bg.main(common + ["--rows", "ar,draft,pass", "--models", "llama-3.1-8b"])  # merges into the same file
     on_disk = json.load(open(out))
+    assert len(on_disk["runs"]) == 1 and on_disk["runs"][0]["device"] == "cpu"
     assert on_disk["schema"] == bg.SCHEMA
     assert set(on_disk) >= {"runs", "models", "prompts", "rows", "step_costs", "ar_tokens", "bandwidth_bytes_per_s"}
     assert on_disk["models"]["toy"]["kind"] == "real"
