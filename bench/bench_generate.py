@@ -299,8 +299,8 @@ class Bench:
                for t in interleave(prompts["code"], prompts["english"])]
         k = min(self.args.k, ours.lookahead.k) if ours.lookahead is not None else self.args.k
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        for setting in self.settings:
-            for B in self.batches:
+        for B in self.batches:  # batch-major: with --max-minutes, the batches listed first are measured whole
+            for setting in self.settings:
                 for method in [m for m in OURS if m in self.rows and (m != "draft" or draft is not None)]:
                     if not self.out_of_time(f"{name} {setting} B={B} {method}"):
                         self.record(self.measure_ours(name, ours, enc[:B], method, setting, k, draft))
@@ -431,8 +431,8 @@ class Bench:
         with PrefillHook("skip", self.device) as hook:
             if not hook.active:
                 self.log("generate's prefill hook changed: timing with the real prefill (slower, same result)")
-            for setting in self.settings:
-                for B in self.batches:
+            for B in self.batches:
+                for setting in self.settings:
                     for method, k in jobs:
                         if not self.out_of_time(f"{name} {setting} B={B} {method} k={k} step cost"):
                             self.measure_step(name, model, prompts[:B], method, setting, k, draft)
@@ -687,7 +687,7 @@ def parse_args(argv=None):
     ap.add_argument("--models", default=DEFAULT_MODELS,
                     help=f"real: {', '.join(REAL_DRAFT)}; random presets: {', '.join(PRESETS)}")
     ap.add_argument("--rows", default="all", help=f"all, ours, hf, or some of {', '.join(METHOD_ORDER)}")
-    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--batches", default="1,64,8,32", help="measured in this order")
     ap.add_argument("--hf-batches", default="1,8", help="batch sizes (of --batches) that also run the HF rows")
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--new", type=int, default=64, help="new tokens per row (real models)")
