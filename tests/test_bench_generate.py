@@ -162,3 +162,16 @@ def test_prefill_hook_times_or_skips_and_restores(bg):
         assert cache.lens.tolist() == [2, 1] and c.tolist() == [7, 9] and cache.k[0].any()
         assert hook.seconds > 0
     assert gen.prefill is original
+
+
+def test_missing_model_is_skipped_not_fetched(bg, tmp_path, monkeypatch):
+    """No network on the benchmark machine: a model absent from the cache is reported and skipped at once."""
+    monkeypatch.setenv("PASS_EXT_CACHE", str(tmp_path / "cache"))
+    args = bg.parse_args(["--device", "cpu", "--models", "smollm2-135m", "--out", str(tmp_path / "g.json")])
+    res = bg.empty_results()
+    res["prompts"] = PROMPTS
+    bench = bg.Bench(args, res)
+    bench.run()
+    assert res["rows"] == [] and "SmolLM2-135M-Instruct.Q4_1.gguf is missing" in bench.skipped[0]
+    with pytest.raises(SystemExit):
+        bg.parse_args(["--models", "llama-4-2t"])
