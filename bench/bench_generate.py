@@ -3,12 +3,20 @@ HumanEval code and Shakespeare), greedy and T=0.8/top-k 10, batch 1 to 64. Rando
 1B, 8B and 14B give step costs only; their tokens/s are projected with the tokens per forward of the real models.
 
     python bench/bench_generate.py                                    # everything, merged into generate.json
-    python bench/bench_generate.py --models smollm2-135m --rows ours --batches 1,8 --new 64
     python bench/bench_generate.py --report-only --readme             # tables + plot from the JSON alone
 
 Each run measures only its own rows and merges them into bench/results/generate.json, so the matrix can be
 measured in parts (--models, --rows, --batches, --settings) in any order; projections are recomputed from
-whatever the file holds. --max-minutes stops starting new measurements once a part has used its time.
+whatever the file holds. --max-minutes stops starting new measurements once a part has used its time. On an
+H200, in three parts of under four minutes each (random models last: they reuse the k that lookahead="auto"
+chose on the real ones):
+
+    python bench/bench_generate.py --models smollm2-135m --hf-batches 1 --max-minutes 3.5
+    python bench/bench_generate.py --models qwen2.5-coder-1.5b --hf-batches 1 --max-minutes 3.6
+    python bench/bench_generate.py --models llama-3.2-1b,llama-3.1-8b,qwen2.5-14b --repeats 2 --max-minutes 3.5
+
+CPU check at toy sizes: --device cpu --new 8 --batches 1,2 --tiny (random presets shrunk), --rows ours to
+leave out transformers' rows.
 """
 from __future__ import annotations
 
