@@ -703,7 +703,7 @@ def parse_args(argv=None):
     ap.add_argument("--rows", default="all", help=f"all, ours, hf, or some of {', '.join(METHOD_ORDER)}")
     ap.add_argument("--batches", default="1,64,8,32", help="measured in this order")
     ap.add_argument("--hf-batches", default="1,8", help="batch sizes (of --batches) that also run the HF rows")
-    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"some of {', '.join(SETTINGS)}")
     ap.add_argument("--new", type=int, default=64, help="new tokens per row (real models)")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per row, after one warm-up call")
     ap.add_argument("--k", type=int, default=4, help="look-ahead tokens of pass / pass-paper")
