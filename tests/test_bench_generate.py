@@ -1,0 +1,177 @@
+"""bench/bench_generate.py on CPU at toy sizes: every row kind is produced (ours, transformers', projections
+from random-weight step costs), the JSON has its schema and merges parts, the tables and the plot are made."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+import pass_ext
+from pass_ext.lookahead import LookaheadEmbeddings
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_generate.py")
+
+
+@pytest.fixture(scope="module")
+def bg():
+    spec = importlib.util.spec_from_file_location("bench_generate", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class CharTokenizer:
+    """Stands in for a real tokenizer: one id per character, inside the toy vocabulary."""
+    pad_token_id = None
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + ord(c) % (self.vocab - 3) for c in text]}
+
+
+PROMPTS = {"code": [f"def f{i}(x):\n    return x + {i}\n" for i in range(32)],
+           "english": [f"It was the {i}th night of the storm." for i in range(32)]}
+ROW_KEYS = {"model", "method", "setting", "batch", "projected", "status", "note", "new_tokens", "k", "tokens_per_s",
+            "tokens_per_s_runs", "speedup_vs_ar", "decode_tokens_per_s", "decode_speedup_vs_ar", "tokens_per_forward",
+            "acceptance_by_position", "step_s", "roofline_pct", "differing_rows", "rows_compared", "tpf_source"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy matmuls are faster on one thread, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_rows_json_and_reports(bg, tiny_hf_model, tmp_path, capsys):
+    out = str(tmp_path / "generate.json")
+    common = ["--device", "cpu", "--batches", "1,2", "--hf-batches", "1,2", "--new", "12", "--repeats", "1",
+              "--random-new", "8", "--random-short", "4", "--prompt-tokens", "24", "--out", out]
+    args = bg.parse_args(common + ["--rows", "all"])
+    res = bg.empty_results()
+    res["prompts"] = PROMPTS
+    bench = bg.Bench(args, res)
+    hf = tiny_hf_model("llama", seed=0, max_position_embeddings=512)
+    hf_draft = tiny_hf_model("llama", seed=1, num_hidden_layers=1, max_position_embeddings=512)
+    ours, draft = pass_ext.load_model(hf, device="cpu"), pass_ext.load_model(hf_draft, device="cpu")
+    ours.lookahead = LookaheadEmbeddings.init(ours, 4, seed=0)
+    bench.measure_real("toy", hf, ours, CharTokenizer(64), hf_draft, draft, draft_name="toy-draft")
+
+    rows = {(r["method"], r["setting"], r["batch"]): r for r in res["rows"]}
+    for setting in bg.SETTINGS:
+        for B in (1, 2):
+            for method in ("ar", "draft", "pass-paper", "pass", "hf-eager", "hf-static"):
+                r = rows[(method, setting, B)]
+                assert r["status"] == "ok", r
+                assert r["tokens_per_s"] > 0 and r["speedup_vs_ar"] > 0
+                if setting == "greedy":  # float32: every method returns ar's tokens
+                    assert (r["differing_rows"], r["rows_compared"]) == (0, B), r
+            for method in ("hf-pld", "hf-assisted"):  # transformers speculates with batch 1 only
+                assert rows[(method, setting, B)]["status"] == ("ok" if B == 1 else "n/a")
+            assert rows[("pass-auto", setting, B)]["status"] in ("ok", "n/a")
+            ar = rows[("ar", setting, B)]
+            assert ar["speedup_vs_ar"] == 1.0 == ar["decode_speedup_vs_ar"] and ar["forward_passes"] == 12
+            assert ar["decode_tokens_per_s"] > ar["tokens_per_s"]  # the prefill is out
+            assert ar["step_s"] == pytest.approx(B * 12 / ar["decode_tokens_per_s"] / 12) and ar["roofline_pct"] > 0
+            for method in ("pass", "hf-eager", "hf-static"):
+                assert rows[(method, setting, B)]["decode_speedup_vs_ar"] > 0
+            assert rows[("pass", setting, B)]["k"] == 4 and rows[("pass", setting, B)]["tokens_per_forward"] >= 1
+            assert rows[("draft", setting, B)]["k"] == 4
+
+
+def test_random_presets_project_with_real_tokens_per_forward(bg, tiny_hf_model, tmp_path, capsys):
+    out = str(tmp_path / "generate.json")
+    common = ["--device", "cpu", "--batches", "1,2", "--new", "4", "--repeats", "1", "--random-new", "8",
+              "--random-short", "4", "--out", out, "--tiny", "--settings", "greedy"]
+    res = bg.empty_results()
+    res["prompts"] = PROMPTS
+    # A real-model part first (ar and pass only), then the random part merged into the same file.
+    bench = bg.Bench(bg.parse_args(common + ["--rows", "ar,pass"]), res)
+    hf = tiny_hf_model("llama", seed=0, max_position_embeddings=512)
+    ours = pass_ext.load_model(hf, device="cpu")
+    ours.lookahead = LookaheadEmbeddings.init(ours, 4, seed=0)
+    bench.measure_real("toy", None, ours, CharTokenizer(64))
+    bg.save_results(res, out)
+
+    bg.main(common + ["--rows", "ar,draft,pass", "--models", "llama-3.1-8b"])  # merges into the same file
+    on_disk = json.load(open(out))
+    assert len(on_disk["runs"]) == 1 and on_disk["runs"][0]["device"] == "cpu"
+    assert on_disk["schema"] == bg.SCHEMA
+    assert set(on_disk) >= {"runs", "models", "prompts", "rows", "step_costs", "ar_tokens", "bandwidth_bytes_per_s"}
+    assert on_disk["models"]["toy"]["kind"] == "real"
+    assert on_disk["models"]["llama-3.1-8b@tiny"]["kind"] == "random"
+    assert on_disk["models"]["llama-3.1-8b@tiny"]["draft"] == "llama-3.2-1b"
+    for r in on_disk["rows"]:
+        assert ROW_KEYS <= set(r), set(ROW_KEYS) - set(r)
+    costs = {(s["method"], s["batch"], s["k"]): s for s in on_disk["step_costs"]}
+    assert set(costs) == {(m, B, k) for m, k in (("ar", 0), ("draft", 4), ("pass", 4)) for B in (1, 2)}
+    proj = {(r["method"], r["batch"]): r for r in on_disk["rows"] if r["projected"]}
+    for B in (1, 2):
+        ar, pas = proj[("ar", B)], proj[("pass", B)]
+        # a busy CPU can make a step cost unmeasurable: then the row says so instead of giving a number
+        for r, cost in ((ar, costs[("ar", B, 0)]), (pas, costs[("pass", B, 4)])):
+            assert (r["status"] == "ok") == (cost["status"] == "ok"), (r, cost)
+            assert r["tokens_per_s"] is None  # a projection has no end-to-end time
+        if ar["status"] == "ok":
+            assert ar["decode_tokens_per_s"] == pytest.approx(B / costs[("ar", B, 0)]["step_s"])
+            assert ar["roofline_pct"] > 0
+        if pas["status"] == "ok":
+            real = next(r for r in on_disk["rows"] if (r["model"], r["method"], r["batch"]) == ("toy", "pass", B))
+            assert pas["tokens_per_forward"] == real["tokens_per_forward"] and pas["tpf_source"] == f"toy B={B}"
+            step = costs[("pass", B, 4)]["step_s"]
+            assert pas["decode_tokens_per_s"] == pytest.approx(B * real["tokens_per_forward"] / step)
+            if ar["status"] == "ok":
+                assert pas["decode_speedup_vs_ar"] == pytest.approx(
+                    pas["decode_tokens_per_s"] / ar["decode_tokens_per_s"])
+        # no real model measured draft: the projection says so instead of inventing a number
+        assert proj[("draft", B)]["status"] == "n/a" and proj[("draft", B)]["decode_tokens_per_s"] is None
+    # the real part's rows survived the merge
+    assert any(r["model"] == "toy" and r["method"] == "pass" for r in on_disk["rows"])
+
+    capsys.readouterr()
+    bg.main(["--report-only", "--readme", "--out", out])
+    text = capsys.readouterr().out
+    assert "| toy | greedy | 1 | pass k=4 |" in text
+    assert "llama-3.1-8b@tiny (random) | greedy | 2 | pass k=4 * |" in text
+    assert "| model | method | B=1 | B=2 |" in text  # the README summary
+    pytest.importorskip("matplotlib")
+    assert os.path.getsize(os.path.splitext(out)[0] + ".png") > 0
+
+
+def test_prefill_hook_times_or_skips_and_restores(bg):
+    """Random models commit the prompt lengths without running them; real models' prefill is timed; both
+    leave generate's prefill as it was."""
+    gen = importlib.import_module("pass_ext.generate")
+    original = gen.prefill
+    model = bg.random_model("llama-3.2-1b", "cpu", **bg.TINY)
+    with bg.PrefillHook("skip", torch.device("cpu")) as hook:
+        assert hook.active, "generate.prefill changed: update bench_generate.PrefillHook"
+        cache = model.new_cache(2, 64)
+        c = gen.prefill(model, cache, [[5, 6, 7], [8, 9]], 512)
+        assert cache.lens.tolist() == [2, 1] and c.tolist() == [7, 9]
+        assert not cache.k[0].any()  # nothing ran
+    assert gen.prefill is original
+    with bg.PrefillHook("time", torch.device("cpu")) as hook:
+        cache = model.new_cache(2, 64)
+        c = gen.prefill(model, cache, [[5, 6, 7], [8, 9]], 512)
+        assert cache.lens.tolist() == [2, 1] and c.tolist() == [7, 9] and cache.k[0].any()
+        assert hook.seconds > 0
+    assert gen.prefill is original
+
+
+def test_missing_model_is_skipped_not_fetched(bg, tmp_path, monkeypatch):
+    """No network on the benchmark machine: a model absent from the cache is reported and skipped at once."""
+    monkeypatch.setenv("PASS_EXT_CACHE", str(tmp_path / "cache"))
+    args = bg.parse_args(["--device", "cpu", "--models", "smollm2-135m", "--out", str(tmp_path / "g.json")])
+    res = bg.empty_results()
+    res["prompts"] = PROMPTS
+    bench = bg.Bench(args, res)
+    bench.run()
+    assert res["rows"] == [] and "SmolLM2-135M-Instruct.Q4_1.gguf is missing" in bench.skipped[0]
+    with pytest.raises(SystemExit):
+        bg.parse_args(["--models", "llama-4-2t"])
