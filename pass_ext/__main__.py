@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     t.add_argument("--seq-len", type=int, default=128)
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--objective", default="kl", choices=["kl", "ce"])
+    t.add_argument("--objective", default="ce", choices=["kl", "ce"])
     t.add_argument("--eval-every", type=int, default=50)
     t.add_argument("--eval-docs", type=int, default=16, help="held-out HumanEval prompts to evaluate on")
     t.add_argument("--seed", type=int, default=0)

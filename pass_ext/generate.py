@@ -16,6 +16,7 @@ import torch
 from . import engine as E
 
 METHODS = ("ar", "pass", "pass-paper", "draft")
+CUDA_MAX_Q = 128
 _converted: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -185,6 +186,8 @@ def prefill(model, cache, rows: list, chunk: int) -> torch.Tensor:
     """Write every prompt but its last token into the cache (ragged: row by row, in chunks) and commit it.
     Returns each row's last prompt token [B] (the pending token of the first step)."""
     dev = cache.lens.device
+    if dev.type == "cuda":
+        chunk = min(chunk, CUDA_MAX_Q)  # the CUDA attention kernel takes at most 128 new tokens per call
     for b, r in enumerate(rows):
         view = cache.row(b)
         for s in range(0, len(r) - 1, chunk):

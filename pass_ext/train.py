@@ -117,7 +117,7 @@ def train_lookahead(
     batch_size: int = 4,
     cut_stride: int = 4,
     lr: float = 3e-3,
-    objective: str = "kl",
+    objective: str = "ce",
     init: Optional[LookaheadEmbeddings] = None,
     eval_data: Optional[Sequence] = None,
     eval_every: int = 50,
@@ -130,7 +130,9 @@ def train_lookahead(
 
     Args:
         data: texts (tokenised with model.tokenizer) or token-id sequences; cut into seq_len-token pieces.
-        objective: "kl" (self-distillation to the model's own next-token distributions) or "ce" (the data's tokens).
+        objective: "ce" (cross-entropy on the data's next tokens; the default, chosen by measured acceptance, see
+            bench/results/train_smollm2-135m.json) or "kl" (self-distillation to the model's own next-token
+            distributions).
         init: embeddings to resume from (their first k rows; more rows are added if they hold fewer).
         eval_data: held-out sequences: loss and top-1 agreement per LA position are reported every eval_every steps.
         on_eval: called as on_eval(step, result, embeddings so far) after each evaluation (checkpointing).

@@ -336,3 +336,18 @@ def test_workspace_reuse_replays_the_same_graph_and_resets_everything(method):
     assert second.stats.accepted_length_histogram == fresh.stats.accepted_length_histogram
     assert second.stats.forward_passes == fresh.stats.forward_passes
     assert not torch.equal(first.sequences[:, :2], second.sequences[:, :2])
+
+
+@CUDA
+@pytest.mark.cuda
+def test_prompts_longer_than_one_kernel_call_prefill_in_chunks():
+    """The CUDA attention kernel takes at most 128 new tokens per call: a 200-token prompt with the default
+    prefill_chunk (512) is cut into kernel-sized pieces, and gives the same tokens as on the CPU."""
+    hf = tiny_peaky_llama()
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(2, 16, (200,), generator=g).tolist()
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        model = pass_ext.load_model(hf, dtype=torch.float32, device=dev)
+        outs[dev] = run(model, [prompt, prompt[:150]], "ar", max_new_tokens=8, eos_token_id=False).sequences
+    assert torch.equal(outs["cpu"], outs["cuda"])

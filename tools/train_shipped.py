@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("stage", choices=["compare", "train"])
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--objective", default="kl", choices=["kl", "ce"], help="for the train stage")
+    ap.add_argument("--objective", default="ce", choices=["kl", "ce"], help="for the train stage")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--k", type=int, default=8)
