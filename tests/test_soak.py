@@ -56,7 +56,8 @@ def test_short_soak_passes(soak, tiny, tmp_path):
 
 
 def test_soak_catches_leaks(soak, tiny, monkeypatch):
-    """Every call keeps 2 MiB and a (stand-in) CUDA graph alive: both series grow after warm-up and fail."""
+    """Every call keeps 40 MiB and a (stand-in) CUDA graph alive: both series grow after warm-up and fail.
+    (40 MiB: above glibc's largest mmap threshold, so each leak is fresh memory whatever earlier tests freed.)"""
     model, pool = tiny
 
     class FakeGraph:
@@ -66,7 +67,7 @@ def test_soak_catches_leaks(soak, tiny, monkeypatch):
     real_call = soak.run_call
 
     def leaky_call(*args):
-        kept.append((torch.ones(512 * 1024), FakeGraph()))
+        kept.append((torch.ones(10 * 2 ** 20), FakeGraph()))
         return real_call(*args)
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
