@@ -183,18 +183,21 @@ def _resolve_k(method, model, lookahead, draft_model) -> int:
 
 
 def prefill(model, cache, rows: list, chunk: int) -> torch.Tensor:
-    """Write every prompt but its last token into the cache (ragged: row by row, in chunks) and commit it.
-    Returns each row's last prompt token [B] (the pending token of the first step)."""
+    """Write every prompt but its last token into the cache and commit it: all rows in each forward, in
+    chunks of `chunk` tokens, shorter rows padded. A padded token lands past its row's committed length (and
+    below the longest row's, so within the capacity), where the next step overwrites it before anything
+    reads it. Returns each row's last prompt token [B] (the pending token of the first step)."""
     dev = cache.lens.device
     if dev.type == "cuda":
         chunk = min(chunk, CUDA_MAX_Q)  # the CUDA attention kernel takes at most 128 new tokens per call
-    for b, r in enumerate(rows):
-        view = cache.row(b)
-        for s in range(0, len(r) - 1, chunk):
-            piece = torch.tensor(r[s: min(s + chunk, len(r) - 1)], dtype=torch.long, device=dev)[None]
-            pos = torch.arange(s, s + piece.shape[1], device=dev)[None]
-            model(piece, positions=pos, cache=view, return_hidden=True)
-            view.lens += piece.shape[1]
+    need = [len(r) - 1 for r in rows]
+    for s in range(0, max(need), chunk):
+        q = min(chunk, max(need) - s)
+        pieces = [r[s: min(s + q, n)] for r, n in zip(rows, need)]
+        ids = torch.tensor([p + [0] * (q - len(p)) for p in pieces], dtype=torch.long, device=dev)
+        pos = torch.arange(s, s + q, device=dev)[None].expand(len(rows), -1)
+        model(ids, positions=pos, cache=cache, return_hidden=True)
+        cache.lens += torch.tensor([len(p) for p in pieces], dtype=torch.int32, device=dev)
     return torch.tensor([r[-1] for r in rows], dtype=torch.long, device=dev)
 
 
