@@ -78,8 +78,12 @@ def test_rows_json_and_reports(bg, tiny_hf_model, tmp_path, capsys):
             assert ar["speedup_vs_ar"] == 1.0 == ar["decode_speedup_vs_ar"] and ar["forward_passes"] == 12
             assert ar["decode_tokens_per_s"] > ar["tokens_per_s"]  # the prefill is out
             assert ar["step_s"] == pytest.approx(B * 12 / ar["decode_tokens_per_s"] / 12) and ar["roofline_pct"] > 0
-            for method in ("pass", "hf-eager", "hf-static"):
-                assert rows[(method, setting, B)]["decode_speedup_vs_ar"] > 0
+            assert rows[("pass", setting, B)]["decode_speedup_vs_ar"] > 0
+            for method in ("hf-eager", "hf-static"):
+                # HF decode time is a long call minus a short one: on a toy model the difference can vanish in
+                # timing noise, and the row then says so (None) rather than report a made-up rate.
+                speedup = rows[(method, setting, B)]["decode_speedup_vs_ar"]
+                assert speedup is None or speedup > 0
             assert rows[("pass", setting, B)]["k"] == 4 and rows[("pass", setting, B)]["tokens_per_forward"] >= 1
             assert rows[("draft", setting, B)]["k"] == 4
 
