@@ -106,8 +106,7 @@ def measure_step(model, method: str, batch: int, context: int, sampled: bool, k:
     (the contents are zeros: the cost of a step does not depend on them). On CUDA the step is a replayed
     CUDA graph, as in generation."""
     dev = model.device
-    q_step = {"ar": 1, "pass": (k + 1) ** 2, "pass-paper": k + 1}[method]
-    per_step = q_step * (2 if method == "pass-paper" else 1)
+    per_step = E.q_step(method, k) * (2 if method == "pass-paper" else 1)
     capacity = context + per_step * (reps + 4) + 1
     with torch.no_grad():
         cache = model.new_cache(batch, capacity)
@@ -117,8 +116,7 @@ def measure_step(model, method: str, batch: int, context: int, sampled: bool, k:
                               torch.ones(batch, device=dev))
         rows = E.Rows(batch, capacity, [], 0, dev)
         stats = E.Stats(batch, k, dev)
-        cls = {"ar": E.AutoregressiveEngine, "pass": E.FusedPassEngine, "pass-paper": E.PassEngine}[method]
-        eng = cls(model, cache, sampling, E.Rng(0, dev), rows, stats, k=k)
+        eng = E.ENGINES[method](model, cache, sampling, E.Rng(0, dev), rows, stats, k=k)
         state = eng.start(torch.zeros(batch, dtype=torch.long, device=dev))
         if dev.type == "cuda":
             graph = E.StepGraph(eng, state)

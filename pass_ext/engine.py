@@ -397,6 +397,14 @@ class DraftModelEngine(Engine):
         return StepState(c=nxt)
 
 
+ENGINES = {"ar": AutoregressiveEngine, "pass": FusedPassEngine, "pass-paper": PassEngine, "draft": DraftModelEngine}
+
+
+def q_step(method: str, k: int) -> int:
+    """New tokens per row one step of `method` writes into the target cache (its `Engine.q_step`)."""
+    return {"ar": 1, "pass": (k + 1) ** 2, "pass-paper": k + 1, "draft": k + 1}[method]
+
+
 class StepGraph:
     """One decode step captured as a CUDA graph (DESIGN §4): `replay()` runs forward, verify, commit, stop
     checks and next inputs in one launch, on the state buffers the step was captured with.
@@ -420,12 +428,7 @@ class StepGraph:
             self.graph = torch.cuda.CUDAGraph()
             self.graph.capture_begin()
             try:
-                out = engine.step(self.state)
-                self.state.c.copy_(out.c)
-                if out.drafts is not None:
-                    self.state.drafts.copy_(out.drafts)
-                if out.draft_probs is not None:
-                    self.state.draft_probs.copy_(out.draft_probs)
+                self.prime(engine.step(self.state))  # captured: the step's outputs become the next inputs
             finally:
                 self.graph.capture_end()
             after = engine.stats.host_counters()
@@ -434,7 +437,7 @@ class StepGraph:
         self.delta = (after[0] - before[0], after[1] - before[1])
 
     def prime(self, state: StepState) -> None:
-        """Load a state (from eager steps of a new call on the same buffers) into the captured inputs."""
+        """Copy a state into the captured inputs (from eager steps of a new call on the same buffers)."""
         self.state.c.copy_(state.c)
         if state.drafts is not None:
             self.state.drafts.copy_(state.drafts)

@@ -14,9 +14,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from . import engine as E
+from . import ops
 
 METHODS = ("ar", "pass", "pass-paper", "draft")
-CUDA_MAX_Q = 128
 _converted: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -189,7 +189,7 @@ def prefill(model, cache, rows: list, chunk: int) -> torch.Tensor:
     reads it. Returns each row's last prompt token [B] (the pending token of the first step)."""
     dev = cache.lens.device
     if dev.type == "cuda":
-        chunk = min(chunk, CUDA_MAX_Q)  # the CUDA attention kernel takes at most 128 new tokens per call
+        chunk = min(chunk, ops.CUDA_MAX_Q)  # the CUDA attention kernel's limit of new tokens per call
     need = [len(r) - 1 for r in rows]
     for s in range(0, max(need), chunk):
         q = min(chunk, max(need) - s)
@@ -299,9 +299,8 @@ def generate(
         if k == 0:
             engine_method = "ar"
 
-    engine_cls = {"ar": E.AutoregressiveEngine, "pass": E.FusedPassEngine, "pass-paper": E.PassEngine,
-                  "draft": E.DraftModelEngine}[engine_method]
-    q_step = {"ar": 1, "pass": (k + 1) ** 2, "pass-paper": k + 1, "draft": k + 1}[engine_method]
+    engine_cls = E.ENGINES[engine_method]
+    q_step = E.q_step(engine_method, k)
     longest = max(len(r) for r in rows)
     # Default capacity rounded up to 128 slots: calls with similar prompts share one workspace (and graph).
     capacity = -(-(longest + max_new_tokens + q_step + 1) // 128) * 128 if max_length is None else max_length
@@ -324,20 +323,20 @@ def generate(
         ws = _workspace(model, key) if cuda_graphs else None
         if ws is None:
             cache = model.new_cache(B, capacity)
-            dcache = draft_model.new_cache(B, capacity) if method == "draft" else None
             out_rows = E.Rows(B, max_new_tokens, eos, pad, dev)
             stats = E.Stats(B, k, dev)
-            extra = dict(draft_model=draft_model, draft_cache=dcache) if method == "draft" else {}
+            extra = (dict(draft_model=draft_model, draft_cache=draft_model.new_cache(B, capacity))
+                     if method == "draft" else {})
             eng = engine_cls(model, cache, sampling, E.Rng(seed, dev), out_rows, stats, k=k, **extra)
-            ws = _Workspace(key, eng, dcache)
+            ws = _Workspace(key, eng)
             if cuda_graphs:
                 model.__dict__["_pass_ext_workspace"] = ws
         else:
             ws.reset(sampling, seed, eos, pad)
         eng, out_rows, stats = ws.engine, ws.engine.rows, ws.engine.stats
         c = prefill(model, eng.cache, rows, prefill_chunk)
-        if ws.draft_cache is not None:
-            prefill(draft_model, ws.draft_cache, rows, prefill_chunk)
+        if method == "draft":
+            prefill(draft_model, eng.draft_cache, rows, prefill_chunk)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         prefill_s = time.perf_counter() - t0
@@ -361,15 +360,15 @@ class _Workspace:
     stats), draft cache, captured step — kept on the model so that the next call with the same shapes
     reuses the buffers and replays the same CUDA graph instead of capturing a new one."""
 
-    def __init__(self, key, engine: E.Engine, draft_cache):
-        self.key, self.engine, self.draft_cache = key, engine, draft_cache
+    def __init__(self, key, engine: E.Engine):
+        self.key, self.engine = key, engine
         self.graph: Optional[E.StepGraph] = None
 
     def reset(self, sampling: E.Sampling, seed: int, eos: list, pad: int) -> None:
         eng = self.engine
         eng.cache.lens.zero_()
-        if self.draft_cache is not None:
-            self.draft_cache.lens.zero_()
+        if isinstance(eng, E.DraftModelEngine):
+            eng.draft_cache.lens.zero_()
         for dst, src in zip(vars(eng.sampling).values(), vars(sampling).values()):
             dst.copy_(src)
         eng.rng.seed.fill_(seed)

@@ -17,6 +17,9 @@ __all__ = ["attention_with_kv_cache", "speculative_verify", "sample", "build_inf
            "attention_uses_tensor_cores"]
 
 
+CUDA_MAX_Q = 128  # new tokens per row one CUDA attention_with_kv_cache call takes (kMaxQ in the launcher)
+
+
 def build_info() -> str:
     """"cpu" or "cpu+cuda": which kernels the native library was built with."""
     return torch.ops.pass_ext.build_info()
