@@ -36,13 +36,19 @@ def main() -> None:
         pass_ext.load_lookahead(model, args.lookahead_file)
     if model.lookahead is None:
         raise SystemExit(f"{args.model} has no look-ahead embeddings: pass --lookahead-file")
+    ks = [int(k) for k in args.ks.split(",")]
+    measure(model, args.model, args.prompts, args.new, ks, args.out)
+
+
+def measure(model, name: str, n_prompts: int, new: int, ks: list, out_path: str) -> list:
+    """The table for `model` with the embeddings it holds; writes `out_path` (JSON) and prints the table."""
     tok = model.tokenizer
     held = corpora.splits()
     domains = {
-        "code": held["eval_code"][: args.prompts],
-        "english": corpora.english_prompts(held["eval_english"], args.prompts),
+        "code": held["eval_code"][:n_prompts],
+        "english": corpora.english_prompts(held["eval_english"], n_prompts),
     }
-    ks = [int(k) for k in args.ks.split(",") if int(k) <= model.lookahead.k]
+    ks = [k for k in ks if k <= model.lookahead.k]
     rows = []
     for domain, texts in domains.items():
         ids = [tok(t, add_special_tokens=False)["input_ids"][-256:] for t in texts]
@@ -50,7 +56,7 @@ def main() -> None:
             for mode, method in MODES.items():
                 for k in ks:
                     t0 = time.perf_counter()
-                    out = pass_ext.generate(model, ids, method=method, lookahead=k, max_new_tokens=args.new,
+                    out = pass_ext.generate(model, ids, method=method, lookahead=k, max_new_tokens=new,
                                             seed=0, eos_token_id=False, **kw)
                     rows.append(dict(domain=domain, setting=setting, mode=mode, k=k,
                                      tokens_per_forward=out.stats.tokens_per_forward,
@@ -58,22 +64,21 @@ def main() -> None:
                                      seconds=time.perf_counter() - t0))
                     print(f"{domain:8s} {setting:13s} {mode:6s} k={k}: {out.stats.tokens_per_forward:.2f} tokens/forward",
                           flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    meta = dict(model=args.model, fingerprint=model.fingerprint, lookahead_meta=model.lookahead.meta,
-                prompts=args.prompts, new_tokens=args.new, device=str(model.device), dtype=str(model.dtype))
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    meta = dict(model=name, fingerprint=model.fingerprint, lookahead_meta=model.lookahead.meta,
+                prompts=n_prompts, new_tokens=new, device=str(model.device), dtype=str(model.dtype))
+    with open(out_path, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
-    print(f"\ntokens per forward, {args.model}, {args.prompts} prompts x {args.new} new tokens per domain")
-    header = "domain   setting        mode   " + " ".join(f"k={k:<5d}" for k in ks)
-    print(header)
+    print(f"\ntokens per forward, {name}, {n_prompts} prompts x {new} new tokens per domain")
+    print("domain   setting        mode   " + " ".join(f"k={k:<5d}" for k in ks))
     for domain in domains:
         for setting in SETTINGS:
             for mode in MODES:
                 vals = [r["tokens_per_forward"] for r in rows
                         if (r["domain"], r["setting"], r["mode"]) == (domain, setting, mode)]
                 print(f"{domain:8s} {setting:14s} {mode:6s} " + " ".join(f"{v:<7.2f}" for v in vals))
-
+    return rows
 
 if __name__ == "__main__":
     main()

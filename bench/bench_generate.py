@@ -192,6 +192,19 @@ def upsert(items: list, new: dict, key) -> None:
     items[:] = [r for r in items if key(r) != key(new)] + [new]
 
 
+def merge_results(res: dict, other: dict) -> None:
+    """Fold another part's file into `res` (parts measured at the same time, e.g. on two GPUs of one host):
+    its measured rows and step costs replace the same keys, its runs, models and prompts are added."""
+    for r in other["rows"]:
+        if not r.get("projected"):
+            upsert(res["rows"], r, row_key)
+    for sc in other["step_costs"]:
+        upsert(res["step_costs"], sc, step_key)
+    res["runs"] += [r for r in other["runs"] if r not in res["runs"]]
+    for field in ("models", "prompts", "ar_tokens"):
+        res[field].update(other.get(field) or {})
+
+
 # ---- the measurements ----------------------------------------------------------------------------------------
 class Bench:
     def __init__(self, args, results: dict):
@@ -438,7 +451,8 @@ class Bench:
         jobs += [("draft", a.draft_k)] if draft is not None else []
         jobs += [(m, a.k) for m in ("pass-paper", "pass") if m in self.rows]
         if "pass-auto" in self.rows:  # projected with the k that auto chose on a real model (if one ran yet)
-            jobs += [("pass", k) for k in sorted(auto_ks(self.res)) if ("pass", k) not in jobs]
+            ks = [int(k) for k in a.pass_ks.split(",") if k] if a.pass_ks else sorted(auto_ks(self.res))
+            jobs += [("pass", k) for k in ks if k > 0 and ("pass", k) not in jobs]
         # Untrained embeddings: drafts from random weights mean nothing, only the step's shape matters here.
         model.lookahead = LookaheadEmbeddings.init(model, max([a.k] + [k for _, k in jobs]), seed=a.seed).to(
             self.device)
@@ -708,6 +722,9 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per row, after one warm-up call")
     ap.add_argument("--k", type=int, default=4, help="look-ahead tokens of pass / pass-paper")
     ap.add_argument("--draft-k", type=int, default=4, help="drafts per step of the draft method")
+    ap.add_argument("--pass-ks", default="",
+                    help="random models: k of pass to time for the pass-auto projections (default: the k that "
+                         "auto chose on the real models in --out; give them when the parts run at the same time)")
     ap.add_argument("--pld-tokens", type=int, default=10, help="HF prompt_lookup_num_tokens")
     ap.add_argument("--prompt-tokens", type=int, default=256, help="prompts are cut to their last N tokens")
     ap.add_argument("--random-new", type=int, default=32, help="new tokens of the long call (random models)")
@@ -728,6 +745,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     ap.add_argument("--fresh", action="store_true", help="start a new JSON instead of merging into --out")
+    ap.add_argument("--merge", action="append", default=[], metavar="FILE",
+                    help="fold the measurements of another part's JSON into --out first (parts run in parallel)")
     ap.add_argument("--report-only", action="store_true", help="measure nothing: tables and plot from --out")
     ap.add_argument("--readme", action="store_true", help="also print the summary table for the README")
     args = ap.parse_args(argv)
@@ -750,6 +769,8 @@ def main(argv=None) -> dict:
     res = empty_results() if args.fresh else load_results(args.out)
     if args.acceptance_from:
         res["acceptance_from"] = args.acceptance_from.split(",")
+    for path in args.merge:
+        merge_results(res, load_results(path))
     if not args.report_only:
         if any(m in REAL_DRAFT for m in args.models.split(",")):
             res["prompts"] = load_prompts(args, res["prompts"])
@@ -764,7 +785,7 @@ def main(argv=None) -> dict:
             dtype=str(bench.dtype).replace("torch.", ""), torch=torch.__version__,
             transformers=importlib.import_module("transformers").__version__, build=pass_ext.build_info()))
     finalize(res)
-    if not args.report_only:
+    if not args.report_only or args.merge:
         save_results(res, args.out)
     png = args.plot or os.path.splitext(args.out)[0] + ".png"
     problem = plot(res, png)

@@ -146,6 +146,19 @@ def test_random_presets_project_with_real_tokens_per_forward(bg, tiny_hf_model, 
     pytest.importorskip("matplotlib")
     assert os.path.getsize(os.path.splitext(out)[0] + ".png") > 0
 
+    # The same two parts measured apart (as on two GPUs at once) and folded together with --merge.
+    real_only, random_only = str(tmp_path / "real.json"), str(tmp_path / "random.json")
+    bg.save_results(res, real_only)
+    bg.main(common[:-5] + ["--out", random_only, "--fresh", "--tiny", "--settings", "greedy",
+                           "--rows", "ar,draft,pass", "--models", "llama-3.1-8b"])
+    bg.main(["--report-only", "--merge", random_only, "--out", real_only])
+    merged = json.load(open(real_only))
+    assert {r["model"] for r in merged["rows"]} == {"toy", "llama-3.1-8b@tiny"}
+    assert len(merged["runs"]) == 1 and set(merged["models"]) == {"toy", "llama-3.1-8b@tiny"}
+    assert {(s["method"], s["batch"], s["k"]) for s in merged["step_costs"]} == set(costs)
+    pas = next(r for r in merged["rows"] if r["projected"] and (r["method"], r["batch"]) == ("pass", 1))
+    assert pas["tpf_source"] == "toy B=1" or pas["status"] != "ok"
+
 
 def test_prefill_hook_times_or_skips_and_restores(bg):
     """Random models commit the prompt lengths without running them; real models' prefill is timed; both

@@ -23,6 +23,7 @@ import torch
 
 import pass_ext
 from pass_ext import corpora
+from pass_ext.lookahead import LookaheadEmbeddings
 from pass_ext.train import self_generated, train_lookahead
 
 SETTINGS = {"greedy": dict(temperature=0.0), "T0.8/top-k10": dict(temperature=0.8, top_k=10)}
@@ -50,9 +51,10 @@ def acceptance(model, prompts: dict, k: int, new: int) -> dict:
 
 
 def train_one(model, data, eval_texts, args, objective: str, minutes: float):
+    init = LookaheadEmbeddings.load(args.init, model) if args.init else None
     return train_lookahead(model, data, k=args.k, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
-                           lr=args.lr, objective=objective, eval_data=eval_texts, eval_every=args.eval_every,
-                           seed=0, time_limit=60.0 * minutes)
+                           lr=args.lr, objective=objective, init=init, eval_data=eval_texts,
+                           eval_every=args.eval_every, seed=0, time_limit=60.0 * minutes)
 
 
 def finish(model, la, meas: dict, out_dir: str) -> str:
@@ -82,8 +84,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--self-generate", type=int, default=1024)
+    ap.add_argument("--self-repeat", type=int, default=1,
+                    help="each self-generated sequence counts this many times in the draw (its share of the batches)")
+    ap.add_argument("--init", default=None, help="embeddings file to resume from (the train stage)")
     ap.add_argument("--prompts", type=int, default=16, help="held-out prompts per domain for the acceptance")
     ap.add_argument("--new", type=int, default=96)
+    ap.add_argument("--table", default=None, metavar="JSON",
+                    help="then measure the k = 2, 4, 6, 8 fused/paper table (bench/bench_acceptance.py) with the "
+                         "chosen embeddings, in the same process, and write it here")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -94,7 +102,8 @@ def main() -> None:
     split = corpora.splits()
     texts = split["train"]
     t0 = time.perf_counter()
-    data = texts + self_generated(model, texts, args.self_generate, seed=1) if args.self_generate else texts
+    data = texts + self_generated(model, texts, args.self_generate, seed=1) * args.self_repeat \
+        if args.self_generate else texts
     print(f"self-generated {args.self_generate} sequences in {time.perf_counter() - t0:.0f} s", flush=True)
     eval_texts = split["eval_code"][:16] + [t[:4000] for t in split["eval_english"][:2]]
     prompts = held_out_prompts(model, args.prompts)
@@ -122,6 +131,15 @@ def main() -> None:
     with open(os.path.join(args.out, f"train_{name}.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(f"chosen objective: {best} ({score:.3f} mean tokens per forward)", flush=True)
+    if args.table:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(
+            "bench_acceptance", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench",
+                                             "bench_acceptance.py"))
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        model.lookahead = la.to(model.device)
+        bench.measure(model, args.model, args.prompts, args.new, [2, 4, 6, 8], args.table)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""Run attention_with_kv_cache on a few shapes of bench_attention.py, a few calls each, for Nsight Compute:
+
+    ncu --clock-control none -k regex:pass_ext --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section Occupancy --section WarpStateStats --section LaunchStats \
+        python bench/profile_attention.py llama3-8b:bf16:8:4096:16 llama3-8b:bf16:1:4096:1
+
+A shape is LAYOUT:DTYPE:B:L:Q (layouts and dtypes of bench_attention.py). Each shape runs --calls times after
+one warm-up call; the kernels' names and grid choices are printed, the counters come from ncu.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_attention import DTYPES, LAYOUTS, new_token_mask, plan, ragged_lengths  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("shapes", nargs="+", help="LAYOUT:DTYPE:B:L:Q")
+    ap.add_argument("--calls", type=int, default=2)
+    ap.add_argument("--uniform", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("profile_attention.py needs a GPU")
+    from pass_ext import masks, ops
+    for spec in args.shapes:
+        try:
+            layout, dt, B, L, Q = spec.split(":")
+            Hq, Hkv, D = LAYOUTS[layout]
+            dtype, B, L, Q = DTYPES[dt], int(B), int(L), int(Q)
+        except (ValueError, KeyError):
+            sys.exit(f"shape {spec!r} is not LAYOUT:DTYPE:B:L:Q with LAYOUT in {sorted(LAYOUTS)} and DTYPE in "
+                     f"{sorted(DTYPES)}")
+        lens = ragged_lengths(B, L, args.uniform)
+        S = L + Q
+        rnd = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype)  # noqa: E731
+        q, k_new, v_new = rnd(B, Q, Hq, D), rnd(B, Q, Hkv, D), rnd(B, Q, Hkv, D)
+        k_cache, v_cache = rnd(B, Hkv, S, D), rnd(B, Hkv, S, D)
+        cache_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        mask, _ = new_token_mask(Q)
+        packed = None if Q == 1 else masks.pack(mask.cuda())
+        out = torch.empty_like(q)
+        choice = plan(Q, Hq, Hkv, D, B, S, dtype)
+        print(f"{spec}: {choice}", flush=True)
+        for _ in range(args.calls + 1):
+            ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, cache_lens, packed, 1 / math.sqrt(D), out)
+        torch.cuda.synchronize()
+        del q, k_new, v_new, k_cache, v_cache, out
+
+
+if __name__ == "__main__":
+    main()
