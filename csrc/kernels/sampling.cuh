@@ -183,8 +183,11 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
+constexpr int kSubHists = 8;  // radix-select histogram copies; warp w adds into copy w % kSubHists
+
 struct Scratch {
   u64 hist[256];  // radix-select histogram: token counts or fixed-point masses per 8-bit digit
+  u64 sub[kSubHists][256];  // the copies the warps add into during a pass, summed into hist after it
   u64 red[32];    // one partial per warp for block reductions
   u64 above;      // radix select: mass strictly above the chosen digit
   u64 at_or_above;
@@ -292,28 +295,69 @@ __device__ __forceinline__ void select_digit(Scratch& s, u64 above, u64& target,
   }
 }
 
+// Adds m to bucket `bucket` (< 256; 256 = nothing to add) of a histogram copy, one atomic per distinct bucket
+// per warp: the lanes holding the same bucket are summed first (logits crowd into a few top digits, and 32
+// lanes adding to one shared address serialise). All 32 lanes must call it together.
+template <bool kMass>
+__device__ __forceinline__ void hist_add(u64* hist, unsigned bucket, u64 m) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if (__ballot_sync(kFullMask, bucket < 256) == 0) return;  // later passes: most warps hold no candidate
+  const unsigned peers = __match_any_sync(kFullMask, bucket);
+  if (bucket >= 256) return;
+  u64 total;
+  if constexpr (kMass) {  // m <= 2^43: two 22-bit halves, each summed over <= 32 lanes, fit in 32 bits
+    const unsigned lo = __reduce_add_sync(peers, unsigned(m & 0x3fffffu));
+    const unsigned hi = __reduce_add_sync(peers, unsigned(m >> 22));
+    total = (u64(hi) << 22) + lo;
+  } else {
+    total = u64(__popc(peers));
+  }
+  if ((threadIdx.x & 31) == unsigned(__ffs(peers) - 1)) atomicAdd(&hist[bucket], total);
+#else
+  if (bucket < 256) atomicAdd(&hist[bucket], m);
+#endif
+}
+
 // Radix select over order_key(z) of the tokens with key >= floor_key, 8 bits per pass from the top.
 // kMass = false: finds the target-th largest key (top-k threshold). kMass = true: the largest key whose
 // at-or-above mass reaches top_p_target(top_p, total mass) (top-p threshold); *at_or_above gets that mass.
+// Every thread runs the same number of rounds (lanes past the row add nothing), as hist_add needs.
 template <bool kMass, typename T>
 __device__ uint32_t radix_select(const T* row, int vocab, float inv_temperature, float zmax, uint32_t floor_key,
                                  u64 target, float top_p, Scratch& s, u64* at_or_above) {
   uint32_t prefix = 0, mask = 0;
   u64 above = 0, at = 0;
+  const int groups = (vocab + 3) / 4;
+  const int rounds = (groups + int(blockDim.x) - 1) / int(blockDim.x);
+  u64* hist = s.sub[(threadIdx.x >> 5) % kSubHists];
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) s.hist[i] = 0;
+    for (int i = threadIdx.x; i < kSubHists * 256; i += blockDim.x) (&s.sub[0][0])[i] = 0;
     __syncthreads();
-    for_each_group(row, vocab, [&](int, int j0, const float* l) {
+    for (int r = 0; r < rounds; ++r) {
+      const int j0 = (r * int(blockDim.x) + int(threadIdx.x)) * 4;
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        if (j0 + c >= vocab) break;
-        const float z = scaled_logit(l[c], inv_temperature);
-        const uint32_t key = order_key(z);
-        if (key < floor_key || (key & mask) != prefix) continue;
-        const u64 m = kMass ? fixed_mass(exp_weight(z - zmax)) : 1;
-        if (m) atomicAdd(&s.hist[(key >> shift) & 255u], m);
+        const int j = j0 + c;
+        unsigned bucket = 256;
+        u64 m = 0;
+        if (j < vocab) {
+          const float z = scaled_logit(to_float(row[j]), inv_temperature);
+          const uint32_t key = order_key(z);
+          if (key >= floor_key && (key & mask) == prefix) {
+            m = kMass ? fixed_mass(exp_weight(z - zmax)) : 1;
+            if (m) bucket = (key >> shift) & 255u;
+          }
+        }
+        hist_add<kMass>(hist, bucket, m);
       }
-    });
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+      u64 sum = 0;
+#pragma unroll
+      for (int c = 0; c < kSubHists; ++c) sum += s.sub[c][i];
+      s.hist[i] = sum;
+    }
     __syncthreads();
     if (threadIdx.x < 32) select_digit(s, above, target, kMass && shift == 24, top_p);
     __syncthreads();
