@@ -32,11 +32,11 @@ def has_cuda_kernels() -> bool:
 def attention_uses_tensor_cores(dtype: torch.dtype, Q: int, Hq: int, Hkv: int, D: int) -> bool:
     """Whether a CUDA call of attention_with_kv_cache with these shapes runs the tensor-core kernel (the
     launcher's rule, for tests and benchmarks): fp16/bf16, D in {64, 128}, and Q * Hq / Hkv packed query rows
-    per KV head >= PASS_EXT_ATTENTION_TC_MIN_ROWS (default 16), unless PASS_EXT_ATTENTION_TC=0. The GPU must
+    per KV head >= PASS_EXT_ATTENTION_TC_MIN_ROWS (default 4), unless PASS_EXT_ATTENTION_TC=0. The GPU must
     run sm_80+ code (any H100/H200/A100 build)."""
     if os.environ.get("PASS_EXT_ATTENTION_TC") == "0":
         return False
-    min_rows = int(os.environ.get("PASS_EXT_ATTENTION_TC_MIN_ROWS") or 16)
+    min_rows = int(os.environ.get("PASS_EXT_ATTENTION_TC_MIN_ROWS") or 4)
     return dtype in (torch.float16, torch.bfloat16) and D in (64, 128) and Q * (Hq // Hkv) >= min_rows
 
 

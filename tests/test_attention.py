@@ -197,12 +197,15 @@ def test_out_of_range_lengths_never_write_outside_cache_cuda(dtype, Hq):
     torch.testing.assert_close(out[3:].double(), exp_out, atol=atol, rtol=rtol)
 
 
-# ---- the tensor-core kernel (CUDA, fp16/bf16, D 64/128, Q * Hq / Hkv >= 16 packed query rows per KV head) ----
-# (B, Q, Hq, Hkv, D, lens, S, mask): every block layout (16 rows: 4 warps split the keys; 17..32: 2 x 2; more:
-# 64-row tiles, the last partly padding, up to 16 tiles), G = 1..16, ragged rows with empty caches, caches
+# ---- the tensor-core kernel (CUDA, fp16/bf16, D 64/128, Q * Hq / Hkv >= 4 packed query rows per KV head) ----
+# (B, Q, Hq, Hkv, D, lens, S, mask): every block layout (4..16 rows, one m16 tile padded: 4 warps split the
+# keys; 17..32: 2 x 2; more: 64-row tiles, the last partly padding, up to 16 tiles), G = 1..16, ragged rows with empty caches, caches
 # far larger than the rows (splits that get no keys), causal, fused-mode and random multi-word tree masks.
 # Small B * Hkv makes the launcher split the keys (combine kernel); B = 40 runs one split.
 MMA_CASES = {
+    "R4-G4-Q1": (3, 1, 32, 8, 128, [0, 65, 200], None, "causal"),
+    "R8-G2-Q4": (2, 4, 8, 4, 64, [37, 3], None, "causal"),
+    "R12-G3-Q4": (2, 4, 9, 3, 64, [1, 90], None, "causal"),
     "R16-G1": (1, 16, 8, 8, 64, [37], None, "causal"),
     "R16-G4-ragged": (2, 4, 32, 8, 128, [100, 5], None, "causal"),
     "R16-G16-Q1": (3, 1, 16, 1, 128, [0, 65, 200], None, "causal"),
@@ -262,7 +265,7 @@ def _cuda_kernel_names(fn) -> list[str]:
 @pytest.mark.parametrize("dtype,Q,D,default", [
     (torch.bfloat16, 4, 128, True),    # 4 tokens x group 4 = 16 rows
     (torch.float16, 25, 64, True),
-    (torch.bfloat16, 3, 128, False),   # 12 rows: CUDA cores
+    (torch.bfloat16, 1, 128, True),    # 1 token x group 4 = 4 rows: the default minimum
     (torch.float32, 25, 128, False),   # fp32 stays on CUDA cores
     (torch.bfloat16, 25, 96, False),   # head dims other than 64/128 too
 ])

@@ -1,7 +1,7 @@
 // CUDA launcher for attention_with_kv_cache: validates, picks the kernel (tensor cores or CUDA cores), row tile,
 // head-dim path and number of KV splits, and launches it (+ the split combine) from csrc/kernels/attention*.cuh.
 //
-// Kernel choice: fp16/bf16 with D = 64 or 128 and at least 16 packed query rows per KV head (Q * Hq / Hkv >= 16;
+// Kernel choice: fp16/bf16 with D = 64 or 128 and at least 4 packed query rows per KV head (Q * Hq / Hkv >= 4;
 // PASS_EXT_ATTENTION_TC_MIN_ROWS moves the threshold) run on tensor cores (attention_mma.cuh, sm_80+ code);
 // everything else, and every call when the environment sets PASS_EXT_ATTENTION_TC=0 (both read once per
 // process), runs the CUDA-core kernel (attention.cuh). Both have the same semantics, down to the clamping below.
@@ -138,12 +138,12 @@ bool tensor_cores_allowed() {
 }
 
 // Packed query rows per KV head from which the tensor-core kernel runs: PASS_EXT_ATTENTION_TC_MIN_ROWS, default
-// 16 (one full m16 tile). Fewer rows pad the tile, yet may still beat the CUDA-core kernel; the variable lets a
-// benchmark decide without a rebuild. Read once.
+// 4: a padded m16 tile with 4 rows (GQA 4 at Q = 1) beat the CUDA-core kernel on the H200 (B = 8, L = 4096:
+// 49 against 63 µs; bench/NOTES.md); the variable lets a benchmark decide without a rebuild. Read once.
 int64_t tensor_core_min_rows() {
   static const int64_t rows = [] {
     const char* v = std::getenv("PASS_EXT_ATTENTION_TC_MIN_ROWS");
-    if (v == nullptr || *v == '\0') return int64_t{16};
+    if (v == nullptr || *v == '\0') return int64_t{4};
     char* end = nullptr;
     const long long n = std::strtoll(v, &end, 10);
     TORCH_CHECK(*end == '\0' && n >= 1, "PASS_EXT_ATTENTION_TC_MIN_ROWS must be a positive integer, got '", v, "'");
