@@ -249,3 +249,32 @@ def test_bfloat16_and_fingerprint(tiny_hf_model):
     assert b.dtype == torch.float32 and b.isfinite().all()
     assert (a - b).norm() / a.norm() < 0.05
     assert f32.lookahead is None and f32.name is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_chains_match_eager_cuda(tiny_hf_model, arch, dtype, monkeypatch):
+    """CUDA forwards run the norms, rotary embedding, SwiGLU and residual adds as torch.compile'd kernels
+    (PASS_EXT_FUSE, default on); they give the eager chains' logits (float32: to rounding; bf16: to bf16 noise),
+    at prefill and at decode sizes, with and without a tree mask."""
+    hf = tiny_hf_model(arch, seed=3)
+    model = pass_ext.load_model(hf, dtype=dtype, device="cuda")
+    g = torch.Generator().manual_seed(1)
+    seq = torch.randint(0, 64, (3, 30), generator=g).cuda()
+    tree = masks.fused_layout(2)[0].cuda()
+    outs = {}
+    for fuse in ("1", "0"):
+        monkeypatch.setenv("PASS_EXT_FUSE", fuse)
+        cache = model.new_cache(3, 64)
+        with torch.no_grad():
+            a = run(model, cache, seq[:, :21], 0)
+            cache.commit(torch.full((3,), 21, device="cuda"))
+            b = run(model, cache, seq[:, 21:22], 21)
+            c = run(model, cache, seq[:, 21:30], 21, tree_mask=tree)
+        outs[fuse] = torch.cat([a, b, c], dim=1)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    torch.testing.assert_close(outs["1"], outs["0"], **tol)
+    from pass_ext import model as model_module
+    assert model_module.fusion_enabled() is False and set(model_module._compiled) >= {"norm", "add_norm", "rope", "swiglu"}
