@@ -783,7 +783,8 @@ def main(argv=None) -> dict:
             argv=list(sys.argv[1:] if argv is None else argv),
             device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             dtype=str(bench.dtype).replace("torch.", ""), torch=torch.__version__,
-            transformers=importlib.import_module("transformers").__version__, build=pass_ext.build_info()))
+            transformers=importlib.import_module("transformers").__version__, build=pass_ext.build_info(),
+            fused_chains=pass_ext.model.fusion_enabled()))
     finalize(res)
     if not args.report_only or args.merge:
         save_results(res, args.out)

@@ -66,6 +66,10 @@ for tool in $tools; do
       ;;
     racecheck)
       args+=(--racecheck-report analysis)
+      # Shared-memory races live inside our kernels, which the op groups run in every configuration. With the
+      # engine group (whole models, graphs) racecheck on the H200 stopped with "Internal Sanitizer Error:
+      # failed to handle a hardware exception" inside a torch kernel, after the op groups ran clean.
+      [[ "${ALL_KERNELS:-0}" == 1 ]] || driver_args+=(--groups attention,sample,verify)
       ;;
   esac
   log="$log_dir/$tool.log"

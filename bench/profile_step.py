@@ -1,0 +1,126 @@
+"""Where a decode step's time goes: per-step wall time with and without CUDA graphs, then the CUDA kernels of
+eager steps under torch.profiler, summed per kernel name (top N), next to the weight-bandwidth ideal.
+
+    python bench/profile_step.py --model llama-3.2-1b --method ar --batch 1
+    python bench/profile_step.py --model smollm2-135m --method pass --k 4 --batch 8
+
+--model takes a random-weight preset (pass_ext/presets.py) or a real model name / path (pass_ext.load_model).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import pass_ext  # noqa: E402
+from pass_ext.lookahead import LookaheadEmbeddings  # noqa: E402
+from pass_ext.presets import PRESETS, random_model  # noqa: E402
+
+BANDWIDTH = 4.24e12
+
+
+def per_step(model, ids, args, graphs: bool, new: int) -> tuple:
+    kw = dict(method=args.method, max_new_tokens=new, eos_token_id=False, cuda_graphs=graphs, seed=0,
+              temperature=args.temperature, top_k=args.top_k)
+    if args.method != "ar":
+        kw["lookahead"] = args.k
+    out = pass_ext.generate(model, ids, **kw)
+    return out, kw
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_calls(model, ids, args, graphs: bool) -> float:
+    """Seconds per forward: a long call minus a short one (prefill and setup cancel), median of 5."""
+    per = []
+    for _ in range(5):
+        t = []
+        fw = []
+        for new in (args.short, args.long):
+            sync(model.device)
+            t0 = time.perf_counter()
+            out, _ = per_step(model, ids, args, graphs, new)
+            sync(model.device)
+            t.append(time.perf_counter() - t0)
+            fw.append(out.stats.forward_passes)
+        per.append((t[1] - t[0]) / max(1, fw[1] - fw[0]))
+    return statistics.median(per)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3.2-1b")
+    ap.add_argument("--method", default="ar", choices=["ar", "pass", "pass-paper"])
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=256, help="prompt tokens per row")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--short", type=int, default=8)
+    ap.add_argument("--long", type=int, default=40)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer version of the preset (a CPU smoke run)")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no GPU visible: pass --device cpu (with --tiny) for a smoke run")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if args.model in PRESETS:
+        small = dict(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
+                     vocab_size=512) if args.tiny else {}
+        model = random_model(args.model, dev, dtype, seed=0, **small)
+    else:
+        model = pass_ext.load_model(args.model, device=dev, dtype=dtype)
+    if args.method != "ar" and model.lookahead is None:
+        model.lookahead = LookaheadEmbeddings.init(model, args.k, seed=0).to(dev)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), generator=g).tolist()
+    graphs = dev.type == "cuda"
+    per_step(model, ids, args, graphs, args.short)  # warm-up (captures)
+    with_graphs = timed_calls(model, ids, args, graphs)
+    eager = timed_calls(model, ids, args, False)
+    ideal = weight_bytes / BANDWIDTH
+    print(f"{args.model} {args.method} B={args.batch} k={args.k if args.method != 'ar' else 0}: "
+          f"{1e3 * with_graphs:.3f} ms/forward with graphs, {1e3 * eager:.3f} eager; weights "
+          f"{weight_bytes / 1e9:.2f} GB -> ideal {1e3 * ideal:.3f} ms ({100 * ideal / with_graphs:.0f}% of it)")
+
+    from torch.profiler import ProfilerActivity, profile
+    per_step(model, ids, args, False, args.short)
+    kind = ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[kind]) as prof:
+        out, _ = per_step(model, ids, args, False, args.long)
+        sync(dev)
+    steps = out.stats.forward_passes
+    totals: dict = {}
+    for e in prof.events():
+        if dev.type == "cuda" and e.device_type == torch.autograd.DeviceType.CUDA:
+            t_us = e.device_time
+        elif dev.type == "cpu" and e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"):
+            t_us = e.self_cpu_time_total
+        else:
+            continue
+        name = e.name[:90]
+        t, n = totals.get(name, (0.0, 0))
+        totals[name] = (t + t_us, n + 1)
+    kernel_us = sum(t for t, _ in totals.values())
+    what = "kernels" if dev.type == "cuda" else "aten ops (self CPU time)"
+    print(f"eager call of {args.long} new tokens ({steps} forwards incl. prefill): {what} {kernel_us / 1e3:.2f} ms "
+          f"in all, {kernel_us / max(1, steps):.0f} µs per forward")
+    print(f"{'µs/forward':>10} {'calls/fw':>8} {'µs/call':>8}  kernel")
+    for name, (t, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"{t / steps:10.1f} {n / steps:8.1f} {t / n:8.1f}  {name}")
+
+
+if __name__ == "__main__":
+    main()
