@@ -91,7 +91,9 @@ def main() -> None:
     with_graphs = timed_calls(model, ids, args, graphs)
     eager = timed_calls(model, ids, args, False)
     ideal = weight_bytes / BANDWIDTH
-    print(f"{args.model} {args.method} B={args.batch} k={args.k if args.method != 'ar' else 0}: "
+    from pass_ext.model import fusion_enabled
+    print(f"{args.model} {args.method} B={args.batch} k={args.k if args.method != 'ar' else 0} "
+          f"(fused chains {'on' if fusion_enabled() else 'off'}, T={args.temperature}): "
           f"{1e3 * with_graphs:.3f} ms/forward with graphs, {1e3 * eager:.3f} eager; weights "
           f"{weight_bytes / 1e9:.2f} GB -> ideal {1e3 * ideal:.3f} ms ({100 * ideal / with_graphs:.0f}% of it)")
 

@@ -78,7 +78,11 @@ for tool in $tools; do
     "$python" tools/sanitize_driver.py ${driver_args[@]+"${driver_args[@]}"} ${DRIVER_ARGS:-} >"$log" 2>&1
   rc=$?
   secs=$(( $(date +%s) - start ))
+  # memcheck, synccheck, initcheck end with "ERROR SUMMARY: N errors"; racecheck with
+  # "RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)".
   errors=$(grep -aoE 'ERROR SUMMARY: [0-9]+ error' "$log" | tail -1 | grep -oE '[0-9]+' || true)
+  [[ -n "$errors" ]] || errors=$(grep -aoE 'RACECHECK SUMMARY: .*\([0-9]+ errors?' "$log" | tail -1 \
+                                 | grep -oE '[0-9]+ errors?' | grep -oE '[0-9]+' || true)
   warnings=$(grep -aoE 'RACECHECK SUMMARY: .*\([0-9]+ errors?, [0-9]+ warnings?\)' "$log" | tail -1 \
              | grep -oE '[0-9]+ warnings?' | grep -oE '[0-9]+' || true)
   if grep -aq "sanitize_driver: ok" "$log"; then driver=ok
