@@ -69,16 +69,26 @@ def record_acceptance(la, sampled: bool, histogram: list) -> None:
     store[_setting(sampled)] = new
 
 
-def choose_k(costs: dict, acceptance: Optional[list], base: int, max_k: int) -> int:
+HYSTERESIS = 0.05  # keep the previous call's k unless another scores this much better
+
+
+def choose_k(costs: dict, acceptance: Optional[list], base: int, max_k: int, previous: Optional[int] = None) -> int:
     """argmax_k E(k) / cost(k) over the measured costs {k: seconds} (k = 0 costs plain decoding). Without
-    an acceptance estimate, the largest k that could still win even if every draft were accepted."""
+    an acceptance estimate, the largest k that could still win even if every draft were accepted.
+
+    `previous` (the k chosen for the same bucket last time) stays unless the best scores more than HYSTERESIS
+    better: the running acceptance moves a little after every call, and a new k means a new workspace and a
+    new CUDA graph capture, which costs more than a near-tie in E(k)/cost(k) gains."""
     ar = costs.get(0)
     if acceptance is None:
         best = max((k for k in costs if k > 0 and k <= max_k and (k + base) / costs[k] > 1.0 / ar), default=0)
         return best
     score = {k: (1.0 if k == 0 else expected_tokens(acceptance, k, base)) / c for k, c in costs.items()
              if k <= max_k}
-    return max(score, key=lambda k: (score[k], -k))
+    best = max(score, key=lambda k: (score[k], -k))
+    if previous in score and score[previous] * (1 + HYSTERESIS) >= score[best]:
+        return previous
+    return best
 
 
 def context_bucket(n: int) -> int:

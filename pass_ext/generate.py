@@ -292,10 +292,13 @@ def generate(
     if k == "auto":
         from . import autotune
         longest_prompt = max(len(r) for r in rows)
-        costs = autotune.step_costs(model, method, B, longest_prompt + max_new_tokens // 2, sampled,
-                                    model.lookahead.k)
-        k = autotune.choose_k(costs, autotune.acceptance_of(model.lookahead, sampled),
-                              base=2 if method == "pass-paper" else 1, max_k=model.lookahead.k)
+        context = longest_prompt + max_new_tokens // 2
+        costs = autotune.step_costs(model, method, B, context, sampled, model.lookahead.k)
+        chosen = model.__dict__.setdefault("auto_k", {})
+        bucket = (method, B, autotune.context_bucket(context), sampled)
+        k = chosen[bucket] = autotune.choose_k(costs, autotune.acceptance_of(model.lookahead, sampled),
+                                               base=2 if method == "pass-paper" else 1, max_k=model.lookahead.k,
+                                               previous=chosen.get(bucket))
         if k == 0:
             engine_method = "ar"
 

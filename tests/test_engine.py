@@ -303,6 +303,11 @@ def test_autotune_choice_and_running_acceptance():
     assert autotune.choose_k(costs, [0.05] * 4, 1, 4) == 0                 # drafts almost never land
     assert autotune.choose_k(costs, None, 1, 2) == 2                       # no estimate: largest k that can pay
     assert autotune.choose_k({0: 1.0, 1: 2.5}, None, 1, 1) == 0            # cannot pay even at full acceptance
+    # hysteresis: a previous choice within 5% of the best stays (no new workspace and capture for a near-tie)
+    near = {0: 1.0, 1: 1.0, 2: 1.0}
+    assert autotune.choose_k(near, [0.4, 0.04], 1, 2) == 2                 # 1.416 vs 1.4: best is 2
+    assert autotune.choose_k(near, [0.4, 0.04], 1, 2, previous=1) == 1     # within 5%: keep 1
+    assert autotune.choose_k(near, [0.4, 0.04], 1, 2, previous=0) == 2     # 1.0 vs 1.416: switch
 
     class LA:
         meta = {}
