@@ -56,7 +56,8 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gener
 ROW_FIELDS = dict(projected=False, status="ok", note="", new_tokens=None, k=None, tokens_per_s=None,
                   tokens_per_s_runs=None, speedup_vs_ar=None, decode_tokens_per_s=None, decode_speedup_vs_ar=None,
                   tokens_per_forward=None, acceptance_by_position=None, step_s=None, roofline_pct=None,
-                  differing_rows=None, rows_compared=None, tpf_source=None)
+                  differing_rows=None, rows_compared=None, near_ties=None, max_tie_ulps=None, tpf_source=None)
+NEAR_TIE_ULPS = 4  # a divergence is a near-tie when the two tokens' logits lie within this many bf16/fp16 ulps
 
 
 # ---- small helpers -------------------------------------------------------------------------------------------
@@ -215,6 +216,7 @@ class Bench:
         self.t0 = time.perf_counter()
         self.warmed: set = set()
         self.skipped: list = []
+        self.tie_model = None  # (our model, prompts) of the real model being measured: explains divergences
         self.settings = [s for s in args.settings.split(",") if s]
         self.batches = [int(b) for b in args.batches.split(",") if b]
         self.hf_batches = [int(b) for b in args.hf_batches.split(",") if b and int(b) in self.batches]
@@ -326,6 +328,7 @@ class Bench:
                for t in interleave(prompts["code"], prompts["english"])]
         k = min(self.args.k, ours.lookahead.k) if ours.lookahead is not None else self.args.k
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.tie_model = (ours, enc)
         for B in self.batches:  # batch-major: with --max-minutes, the batches listed first are measured whole
             for setting in self.settings:
                 for method in [m for m in OURS if m in self.rows and (m != "draft" or draft is not None)]:
@@ -354,6 +357,30 @@ class Bench:
             return
         row["differing_rows"] = sum(a != b for a, b in zip(new_tokens, ref))
         row["rows_compared"] = len(ref)
+        if row["differing_rows"] and self.tie_model is not None:
+            self.explain_divergences(row, new_tokens, ref)
+
+    def explain_divergences(self, row: dict, new_tokens: list, ref: list) -> None:
+        """For each row that differs from ar: at the first differing position, recompute the logits of the common
+        prefix with a plain forward and measure how far apart the two chosen tokens are, in ulps of the model's
+        dtype at their magnitude. Within NEAR_TIE_ULPS, a different order of rounding (another batch shape,
+        another kernel) can pick either: a near-tie, not a bug."""
+        model, prompts = self.tie_model
+        ulps = []
+        for prompt, got, want in zip(prompts, new_tokens, ref):
+            i = next((j for j, (x, y) in enumerate(zip(got, want)) if x != y), None)
+            if i is None:  # one is a prefix of the other (a stop): not a divergence of choice
+                continue
+            prefix = list(prompt) + list(want[:i])
+            with torch.no_grad():
+                cache = model.new_cache(1, len(prefix) + 1)
+                ids = torch.tensor([prefix], device=model.device)
+                logits = model(ids, torch.arange(len(prefix), device=model.device)[None], cache)[0, -1].float()
+            a, b = logits[want[i]].item(), logits[got[i]].item()
+            ulp = 2.0 ** (math.frexp(max(abs(a), abs(b), 1e-30))[1] - 1) * torch.finfo(model.dtype).eps
+            ulps.append(abs(a - b) / ulp)
+        row["near_ties"] = sum(u <= NEAR_TIE_ULPS for u in ulps)
+        row["max_tie_ulps"] = round(max(ulps), 2) if ulps else None
 
     def measure_ours(self, name, model, ids, method, setting, k, draft) -> dict:
         a, B, dev = self.args, len(ids), self.device
@@ -605,6 +632,8 @@ def markdown_table(res: dict) -> str:
         model, method = label(res, r)
         roof = "" if r["roofline_pct"] is None else f"{r['roofline_pct']:.{0 if r['roofline_pct'] >= 10 else 1}f}%"
         diff = f"{r['differing_rows']}/{r['rows_compared']}" if r["rows_compared"] else ""
+        if r.get("near_ties") is not None:
+            diff += f" ({r['near_ties']} near-tie{'s' if r['near_ties'] != 1 else ''})"
         status = "" if r["status"] == "ok" else r["status"]
         lines.append(f"| {model} | {r['setting']} | {r['batch']} | {method} | {rate(r['tokens_per_s'], status)} | "
                      f"{ratio(r['speedup_vs_ar'])} | {rate(r['decode_tokens_per_s'], status)} | "
@@ -615,7 +644,8 @@ def markdown_table(res: dict) -> str:
               "to a short call). * projected: decode step cost measured on random weights of that shape × tokens "
               "per forward measured on the real model named in the note. roofline: ideal step (weight bytes / "
               f"{BANDWIDTH / 1e12:.2f} TB/s) / measured decode step. ≠ ar: greedy rows whose tokens differ from "
-              "our ar's."]
+              f"our ar's; near-ties: of those, the rows whose two tokens at the first difference score within "
+              f"{NEAR_TIE_ULPS} ulps of the model's dtype in a plain forward of the common prefix."]
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 from random-weight step costs), the JSON has its schema and merges parts, the tables and the plot are made."""
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -36,7 +37,8 @@ PROMPTS = {"code": [f"def f{i}(x):\n    return x + {i}\n" for i in range(32)],
            "english": [f"It was the {i}th night of the storm." for i in range(32)]}
 ROW_KEYS = {"model", "method", "setting", "batch", "projected", "status", "note", "new_tokens", "k", "tokens_per_s",
             "tokens_per_s_runs", "speedup_vs_ar", "decode_tokens_per_s", "decode_speedup_vs_ar", "tokens_per_forward",
-            "acceptance_by_position", "step_s", "roofline_pct", "differing_rows", "rows_compared", "tpf_source"}
+            "acceptance_by_position", "step_s", "roofline_pct", "differing_rows", "rows_compared", "near_ties",
+            "max_tie_ulps", "tpf_source"}
 
 
 @pytest.fixture(autouse=True)
@@ -192,3 +194,23 @@ def test_missing_model_is_skipped_not_fetched(bg, tmp_path, monkeypatch):
     assert res["rows"] == [] and "SmolLM2-135M-Instruct.Q4_1.gguf is missing" in bench.skipped[0]
     with pytest.raises(SystemExit):
         bg.parse_args(["--models", "llama-4-2t"])
+
+
+def test_divergences_are_measured_in_ulps_at_the_first_difference(bg, tiny_hf_model):
+    """A greedy row that differs from ar is scored where it first differs: the two tokens' logits in a plain
+    forward of the common prefix, in ulps of the model's dtype; within NEAR_TIE_ULPS it counts as a near-tie."""
+    model = pass_ext.load_model(tiny_hf_model("llama", seed=0, max_position_embeddings=512), device="cpu")
+    bench = bg.Bench(bg.parse_args(["--device", "cpu"]), bg.empty_results())
+    prompts = [[5, 6, 7], [8, 9]]
+    bench.tie_model = (model, prompts)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[0] + [11]]), torch.arange(4)[None], model.new_cache(1, 5))[0, -1]
+    order = logits.argsort(descending=True).tolist()
+    ref = [[11, order[0], 3], [4, 4]]
+    got = [[11, order[1], 2], [4]]          # row 1 differs at position 1; row 2 only stopped early
+    row = dict(setting="greedy", model="toy", batch=2, method="pass", note="")
+    bench.explain_divergences(row, got, ref)
+    a, b = logits[order[0]].item(), logits[order[1]].item()
+    expect = abs(a - b) / (2.0 ** (math.frexp(max(abs(a), abs(b)))[1] - 1) * torch.finfo(torch.float32).eps)
+    assert row["max_tie_ulps"] == pytest.approx(expect, rel=1e-3, abs=0.01)
+    assert row["near_ties"] == int(expect <= bg.NEAR_TIE_ULPS)
