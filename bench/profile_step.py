@@ -25,13 +25,12 @@ from pass_ext.presets import PRESETS, random_model  # noqa: E402
 BANDWIDTH = 4.24e12
 
 
-def per_step(model, ids, args, graphs: bool, new: int) -> tuple:
+def per_step(model, ids, args, graphs: bool, new: int):
     kw = dict(method=args.method, max_new_tokens=new, eos_token_id=False, cuda_graphs=graphs, seed=0,
               temperature=args.temperature, top_k=args.top_k)
     if args.method != "ar":
         kw["lookahead"] = args.k
-    out = pass_ext.generate(model, ids, **kw)
-    return out, kw
+    return pass_ext.generate(model, ids, **kw)
 
 
 def sync(device: torch.device) -> None:
@@ -48,7 +47,7 @@ def timed_calls(model, ids, args, graphs: bool) -> float:
         for new in (args.short, args.long):
             sync(model.device)
             t0 = time.perf_counter()
-            out, _ = per_step(model, ids, args, graphs, new)
+            out = per_step(model, ids, args, graphs, new)
             sync(model.device)
             t.append(time.perf_counter() - t0)
             fw.append(out.stats.forward_passes)
@@ -101,7 +100,7 @@ def main() -> None:
     per_step(model, ids, args, False, args.short)
     kind = ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU
     with profile(activities=[kind]) as prof:
-        out, _ = per_step(model, ids, args, False, args.long)
+        out = per_step(model, ids, args, False, args.long)
         sync(dev)
     steps = out.stats.forward_passes
     totals: dict = {}
