@@ -2,7 +2,10 @@
 
 Shapes: B in {1, 8, 32, 128}, V in {49152, 151936}, k in {4, 8} drafts (verify), bf16 logits, sampling with
 temperature 0.8, top-k 50 and top-p 0.95. Verify runs its worst case: q equals the warped target, so every
-draft is accepted and all k+1 positions are warped. Times are medians of CUDA-event timings with L2 flushed
+draft is accepted and all k+1 positions are warped. "verify-greedy" is greedy verification (temperature 0,
+the drafts are the target's argmax), the op a greedy PaSS step runs. pass_ext is timed twice: as it runs
+(rows split over many blocks, top-k candidates) and as "one-block" (PASS_EXT_SAMPLE_SPLIT=0: one block per
+row makes every pass over the vocabulary). Times are medians of CUDA-event timings with L2 flushed
 before each run; bandwidth counts the logits bytes read once, against the H200's 4.24 TB/s copy roofline.
 Targets (issue #5): <= 15 µs for B <= 32, V = 151936, k <= 8; >= 70% of the roofline at B = 128.
 Baselines in the same run: the same math in eager PyTorch and torch.compile'd (dynamic shapes); a
@@ -73,6 +76,18 @@ def verify_torch(target_logits, drafts, draft_probs, temperature):
     return out, accepted.int()
 
 
+def verify_greedy_torch(target_logits, drafts):
+    """Greedy verification: accept while the draft is the target's argmax, then emit the argmax."""
+    k = drafts.shape[1]
+    top = target_logits.argmax(-1)
+    accepted = torch.cumprod((top[:, :k] == drafts).int(), dim=1).sum(1)
+    pos = torch.arange(k + 1, device=top.device)[None]
+    token = top.gather(1, accepted[:, None])
+    drafts_pad = torch.cat([drafts, torch.zeros_like(drafts[:, :1])], dim=1)
+    out = torch.where(pos < accepted[:, None], drafts_pad, torch.where(pos == accepted[:, None], token, -1))
+    return out, accepted.int()
+
+
 # ---- timing ----
 
 def time_us(fn, runs: int, flush: torch.Tensor) -> float:
@@ -123,6 +138,7 @@ def main() -> None:
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
     sample_compiled = torch.compile(sample_torch, dynamic=True)
     verify_compiled = torch.compile(verify_torch, dynamic=True)
+    verify_greedy_compiled = torch.compile(verify_greedy_torch, dynamic=True)
     seed = torch.tensor([1], dtype=torch.long, device=device)
     offset = torch.tensor([0], dtype=torch.long, device=device)
     rows = []
@@ -131,16 +147,24 @@ def main() -> None:
     def record(op, batch, vocab, k, impl, fn, logits_bytes):
         """Time fn into a row; a failure (or a skip once the budget is spent) is an n/a row, not a crash."""
         row = dict(op=op, batch=batch, vocab=vocab, k=k, impl=impl, us=None, tbps=None, pct_roofline=None)
-        if impl != "pass_ext" and time.monotonic() - t0 > budget:
+        if not impl.startswith("pass_ext") and time.monotonic() - t0 > budget:
             row["error"] = "skipped: time budget (--budget-s) used up"
         else:
             try:
+                if impl == "pass_ext one-block":
+                    os.environ["PASS_EXT_SAMPLE_SPLIT"] = "0"
                 us = time_us(fn, runs, flush)
                 tbps = logits_bytes / (us * 1e-6) / 1e12
                 row.update(us=round(us, 2), tbps=round(tbps, 3), pct_roofline=round(100 * tbps / ROOFLINE_TBPS, 1))
             except Exception as exc:
                 row["error"] = short_error(exc)
+            finally:
+                os.environ.pop("PASS_EXT_SAMPLE_SPLIT", None)
         rows.append(row)
+
+    def record_ours(op, batch, vocab, k, fn, logits_bytes):
+        for impl in ("pass_ext", "pass_ext one-block"):
+            record(op, batch, vocab, k, impl, fn, logits_bytes)
 
     for vocab in vocabs:
         for batch in batches:
@@ -150,8 +174,8 @@ def main() -> None:
             top_p = torch.full((batch,), TOP_P, device=device)
             out = torch.empty(batch, dtype=torch.long, device=device)
             nbytes = logits.numel() * logits.element_size()
-            record("sample", batch, vocab, 0, "pass_ext",
-                   lambda: ops.sample(logits, temperature, top_k, top_p, seed, offset, out=out), nbytes)
+            record_ours("sample", batch, vocab, 0,
+                        lambda: ops.sample(logits, temperature, top_k, top_p, seed, offset, out=out), nbytes)
             record("sample", batch, vocab, 0, "eager", lambda: sample_torch(logits, temperature), nbytes)
             record("sample", batch, vocab, 0, "compiled", lambda: sample_compiled(logits, temperature), nbytes)
             for k in drafts_k:
@@ -164,15 +188,22 @@ def main() -> None:
                 out_tokens = torch.empty(batch, k + 1, dtype=torch.long, device=device)
                 accepted = torch.empty(batch, dtype=torch.int32, device=device)
                 nbytes = target.numel() * target.element_size()
-                record("verify", batch, vocab, k, "pass_ext", lambda: ops.speculative_verify(
-                    target, drafts, q, temperature, top_k, top_p, seed, offset, out_tokens, accepted), nbytes)
-                if not bool((accepted == k).all()):  # reported, not raised: the other numbers still come out
-                    rows[-1]["error"] = f"check failed: accepted {accepted.tolist()[:8]}..., every row should be {k}"
-                    print(f"WARNING verify V={vocab} B={batch} k={k}: {rows[-1]['error']}")
+                for impl in ("pass_ext", "pass_ext one-block"):
+                    accepted.fill_(-1)
+                    record("verify", batch, vocab, k, impl, lambda: ops.speculative_verify(
+                        target, drafts, q, temperature, top_k, top_p, seed, offset, out_tokens, accepted), nbytes)
+                    if not bool((accepted == k).all()):  # reported, not raised: the other numbers still come out
+                        rows[-1]["error"] = f"check failed: accepted {accepted.tolist()[:8]}..., all should be {k}"
+                        print(f"WARNING verify {impl} V={vocab} B={batch} k={k}: {rows[-1]['error']}")
                 record("verify", batch, vocab, k, "eager",
                        lambda: verify_torch(target, drafts, q, temperature), nbytes)
                 record("verify", batch, vocab, k, "compiled",
                        lambda: verify_compiled(target, drafts, q, temperature), nbytes)
+                greedy = torch.zeros_like(temperature)
+                top = target.argmax(-1)[:, :k].contiguous()
+                record_ours("verify-greedy", batch, vocab, k, lambda: ops.speculative_verify(
+                    target, top, None, greedy, top_k, top_p, seed, offset, out_tokens, accepted), nbytes)
+                record("verify-greedy", batch, vocab, k, "compiled", lambda: verify_greedy_compiled(target, top), nbytes)
                 del target, q
             print(f"done V={vocab} B={batch} ({time.monotonic() - t0:.0f} s)", flush=True)
 
@@ -192,17 +223,20 @@ def main() -> None:
         if r.get("error"):
             print(f"n/a {r['op']} {r['impl']} V={r['vocab']} B={r['batch']} k={r['k']}: {r['error']}")
     fmt = lambda r: f"{r['us']:>9.1f}" if r and r["us"] is not None else f"{'n/a':>9}"  # noqa: E731
-    print(f"\n{'op':7} {'V':>7} {'B':>4} {'k':>2} | {'pass_ext µs':>11} {'TB/s':>6} {'%roof':>5} | {'eager µs':>9} | "
-          f"{'compiled µs':>11} | speedup vs compiled   (roofline {ROOFLINE_TBPS} TB/s, {meta['device']})")
+    print(f"\n{'op':13} {'V':>7} {'B':>4} {'k':>2} | {'pass_ext µs':>11} {'TB/s':>6} {'%roof':>5} | "
+          f"{'one-block µs':>12} | {'eager µs':>9} | {'compiled µs':>11} | speedup vs compiled   "
+          f"(roofline {ROOFLINE_TBPS} TB/s, {meta['device']})")
     keyed = {(r["op"], r["vocab"], r["batch"], r["k"], r["impl"]): r for r in rows}
     for (op, vocab, batch, k, impl), r in keyed.items():
         if impl != "pass_ext":
             continue
         eager, comp = keyed.get((op, vocab, batch, k, "eager")), keyed.get((op, vocab, batch, k, "compiled"))
+        one_block = keyed.get((op, vocab, batch, k, "pass_ext one-block"))
         ours = f"{r['us']:>11.1f} {r['tbps']:>6.2f} {r['pct_roofline']:>5.0f}" if r["us"] is not None else \
             f"{'n/a':>11} {'':>6} {'':>5}"
         speedup = f"{comp['us'] / r['us']:.2f}x" if comp and comp["us"] and r["us"] else "n/a"
-        print(f"{op:7} {vocab:>7} {batch:>4} {k:>2} | {ours} | {fmt(eager)} | {fmt(comp):>11} | {speedup}")
+        print(f"{op:13} {vocab:>7} {batch:>4} {k:>2} | {ours} | {fmt(one_block):>12} | {fmt(eager)} | "
+              f"{fmt(comp):>11} | {speedup}")
     targets(rows)
 
 
@@ -212,7 +246,7 @@ def targets(rows) -> None:
     for r in rows:
         if r["impl"] != "pass_ext" or r["vocab"] != 151936 or r["k"] > 8:
             continue
-        what = f"{r['op']:7} B={r['batch']:<4} k={r['k']}"
+        what = f"{r['op']:13} B={r['batch']:<4} k={r['k']}"
         if r["us"] is None:
             print(f"  {what}  n/a")
         elif r["batch"] <= 32:
@@ -226,15 +260,15 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, op in zip(axes, ["sample", "verify"]):
-        for impl, style in [("pass_ext", "-o"), ("eager", "--s"), ("compiled", ":^")]:
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
+    for ax, op in zip(axes, ["sample", "verify", "verify-greedy"]):
+        for impl, style in [("pass_ext", "-o"), ("pass_ext one-block", "-.x"), ("eager", "--s"), ("compiled", ":^")]:
             for vocab in sorted({r["vocab"] for r in rows}):
                 for k in sorted({r["k"] for r in rows if r["op"] == op}):
                     pts = [r for r in rows if (r["op"], r["impl"], r["vocab"], r["k"]) == (op, impl, vocab, k)
                            and r["us"] is not None]
                     if pts:
-                        label = f"{impl} V={vocab}" + (f" k={k}" if op == "verify" else "")
+                        label = f"{impl} V={vocab}" + (f" k={k}" if op != "sample" else "")
                         ax.plot([r["batch"] for r in pts], [r["us"] for r in pts], style, label=label)
         ax.axhline(15, color="k", ls="--", lw=1, label="15 µs target (B <= 32)")
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="µs (median)", title=op)

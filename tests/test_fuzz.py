@@ -205,9 +205,9 @@ def random_logits(draw, shape, seed, dtype):
 def test_sample_matches_reference_warp(device):
     def body(data):
         N = data.draw(st.integers(1, 6))
-        V = data.draw(st.one_of(st.integers(1, 80), st.sampled_from([1000, 4099])))
+        V = data.draw(st.one_of(st.integers(1, 80), st.sampled_from([1000, 4099, 12289])))
         dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
-        event(str(dtype), "V > 4096 (two groups per thread)" if V > 4096 else "V <= 4096")
+        event(str(dtype), "V > 4096 (split over chunks on CUDA)" if V > 4096 else "V <= 4096")
         logits = random_logits(data.draw, (N, V), data.draw(st.integers(0, 2 ** 31 - 1)), dtype).to(device)
         temps, ks, ps = data.draw(sampling_rows(N, V))
         sampling_events(temps, ks, ps, V)
@@ -234,12 +234,12 @@ def test_verify_structure_and_greedy_rows(device):
     def body(data):
         B = data.draw(st.integers(1, 6))
         k = data.draw(st.integers(0, 8))
-        V = data.draw(st.one_of(st.integers(2, 60), st.just(3001)))
+        V = data.draw(st.one_of(st.integers(2, 60), st.sampled_from([3001, 9000])))
         dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
         seed = data.draw(st.integers(0, 2 ** 31 - 1))
         g = torch.Generator().manual_seed(seed)
         logits = random_logits(data.draw, (B, k + 1, V), seed, dtype)
-        event(str(dtype), f"k={k}")
+        event(str(dtype), f"k={k}", *(["V > 4096 (split over chunks on CUDA)"] if V > 4096 else []))
         # Drafts: mostly the target's argmax (long accepted prefixes), some random, a few out of range.
         drafts = torch.nan_to_num(logits.float(), nan=-math.inf).argmax(-1)[:, :k].clone()
         noise = torch.rand(B, k, generator=g) < data.draw(st.sampled_from([0.0, 0.2, 0.7]))

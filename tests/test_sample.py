@@ -174,6 +174,36 @@ def test_cpu_and_cuda_draw_the_same_tokens(dtype):
     assert (out_cpu == out_gpu.cpu()).float().mean() >= 0.99
 
 
+def split_rows(rows, vocab, dtype):
+    """Logits and parameters that take every branch of the split sampler: top-k at and around its limit (64),
+    with and without top-p, greedy rows, LM-like peaked rows, integer rows (ties that overflow a chunk's
+    candidates) and rows with -inf holes."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(rows, vocab, generator=g) * 2
+    logits[1::5] = torch.randn(len(logits[1::5]), vocab, generator=g) * 6  # peaked
+    logits[2::5] = torch.randint(-2, 3, (len(logits[2::5]), vocab), generator=g).float()  # ties
+    logits[3::5][torch.rand(len(logits[3::5]), vocab, generator=g) < 0.5] = -math.inf
+    configs = [(0.8, 50, 0.95), (1.0, 64, 1.0), (0.7, 65, 1.0), (1.0, 1, 1.0), (0.0, 0, 1.0), (1.3, 10, 0.5),
+               (0.8, 0, 0.9), (2.0, 40, 1e-6)]
+    temperature, top_k, top_p = config_params([configs[i % len(configs)] for i in range(rows)], "cpu")
+    return logits.to(dtype), temperature, top_k, top_p
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("vocab", [5000, 151936])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_rows_match_one_block_rows(monkeypatch, dtype, vocab):
+    """The split path (a row spread over many blocks, top-k candidates) and the one-block passes over the row
+    (PASS_EXT_SAMPLE_SPLIT=0) warp and draw identically: same probabilities bit for bit, same tokens."""
+    logits, temperature, top_k, top_p = (t.cuda() for t in split_rows(40, vocab, dtype))
+    split = run_sample(logits, temperature, top_k, top_p, seed=5, offset=9)
+    monkeypatch.setenv("PASS_EXT_SAMPLE_SPLIT", "0")
+    whole = run_sample(logits, temperature, top_k, top_p, seed=5, offset=9)
+    assert torch.equal(split[1], whole[1]) and torch.equal(split[0], whole[0])
+    assert_probs_match(logits.cpu(), temperature.cpu(), top_k.cpu(), top_p.cpu(), split[1], split[0])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     logits = torch.randn(5, 37, device=device)

@@ -232,6 +232,31 @@ def test_cpu_and_cuda_agree(dtype):
     assert same.float().mean() >= 0.99
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_probs", [False, True])
+def test_split_rows_match_one_block_rows(monkeypatch, dtype, with_probs):
+    """Verify on split rows (candidates from many blocks, races over them) and on one-block rows
+    (PASS_EXT_SAMPLE_SPLIT=0) returns the same tokens, draw for draw."""
+    from test_sample import split_rows
+    batch, k, vocab = 24, 4, 151936
+    logits, temperature, top_k, top_p = split_rows(batch * (k + 1), vocab, dtype)
+    logits = logits.view(batch, k + 1, vocab).cuda()
+    temperature, top_k, top_p = temperature[:batch].cuda(), top_k[:batch].cuda(), top_p[:batch].cuda()
+    g = torch.Generator().manual_seed(4)
+    drafts = logits.float().argmax(-1)[:, :k].cpu()
+    noise = torch.rand(batch, k, generator=g) < 0.4
+    drafts[noise] = torch.randint(0, vocab, (int(noise.sum()),), generator=g)
+    drafts = drafts.cuda()
+    q = torch.softmax(torch.randn(batch, k, vocab, generator=g) * 3, -1).cuda() if with_probs else None
+    split = run_verify(logits, drafts, q, temperature, top_k, top_p, seed=6, offset=2)
+    monkeypatch.setenv("PASS_EXT_SAMPLE_SPLIT", "0")
+    whole = run_verify(logits, drafts, q, temperature, top_k, top_p, seed=6, offset=2)
+    assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1])
+    assert_structure(*split, drafts, vocab)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     batch, k, vocab = 3, 2, 29

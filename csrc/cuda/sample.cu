@@ -1,10 +1,15 @@
-// CUDA kernel of sample: one block per row warps the logits with radix selects (no sort of the vocabulary)
-// and draws the token with the exponential race; seed and offset are read on the device (graph-safe).
+// CUDA kernels of sample. filter_kernel reads every row once, one block per chunk of the vocabulary (argmax
+// and top-k candidates, see "Split rows" in sampling.cuh); finish_kernel warps each row from those candidates
+// (or, when they do not suffice, with one-block radix selects over the row) and draws the token with the
+// exponential race; probs_kernel writes the warped distribution when asked. Seed and offset are read on the
+// device (graph-safe).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "cuda/sampling_dispatch.cuh"
 #include "kernels/sampling.cuh"
@@ -16,31 +21,47 @@ namespace {
 using namespace sampling;
 using namespace sampling::cuda;
 
-// logits [N, V] -> out [N]; probs_out [N, V] (nullable) gets the warped distribution.
+// One block per row: the warp (into warps[n]) and the token.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    sample_kernel(const T* __restrict__ logits, int vocab, const float* __restrict__ temperature,
-                  const int32_t* __restrict__ top_k, const float* __restrict__ top_p, const int64_t* __restrict__ seed,
-                  const int64_t* __restrict__ offset, int64_t* __restrict__ out, float* __restrict__ probs_out) {
+    finish_kernel(const T* __restrict__ logits, int vocab, int chunks, const float* __restrict__ temperature,
+                  const int32_t* __restrict__ top_k, const float* __restrict__ top_p, int max_top_k,
+                  const ChunkSummary* __restrict__ sums, const Candidate* __restrict__ cands,
+                  const int64_t* __restrict__ seed, const int64_t* __restrict__ offset, int64_t* __restrict__ out,
+                  Warp* __restrict__ warps) {
   __shared__ Scratch s;
+  __shared__ ListScratch list;
   const int64_t n = blockIdx.x;
   const T* row = logits + n * vocab;
-  float* probs = probs_out ? probs_out + n * vocab : nullptr;
-  const Warp w = warp_row(row, vocab, temperature[n], top_k[n], top_p[n], s);
+  const ChunkSummary* row_sums = sums + n * chunks;
+  const Candidate* row_cands = cands + n * chunks * kChunkCands;
+  Warp w;
+  const bool split =
+      split_warp(vocab, temperature[n], top_k[n], top_p[n], max_top_k, row_sums, chunks, row_cands, s, list, w);
+  if (!split) w = warp_row(row, vocab, temperature[n], top_k[n], top_p[n], s);
   int32_t token = w.argmax;
-  if (w.one_hot) {
-    if (probs)
-      for (int j = threadIdx.x; j < vocab; j += blockDim.x) probs[j] = j == w.argmax ? 1.f : 0.f;
-  } else {
+  if (!w.one_hot) {
     const philox::Stream rng(*seed, *offset, kStreamSample, uint32_t(n), 0);
-    const int32_t winner = race(row, vocab, rng, [&](float l, int32_t j) {
-      const float x = w.weight(l, j);
-      if (probs) probs[j] = div_rn(x, w.mass);
-      return x;
-    }, s);
+    auto weight = [&](float l, int32_t j) { return w.weight(l, j); };
+    const int32_t winner = split ? race_candidates(row_sums, chunks, row_cands, rng, weight, s)
+                                 : race(row, vocab, rng, weight, s);
     if (winner >= 0) token = winner;  // always: the maximum has weight 1
   }
-  if (threadIdx.x == 0) out[n] = token;
+  if (threadIdx.x == 0) {
+    out[n] = token;
+    if (warps) warps[n] = w;
+  }
+}
+
+// Grid (rows, chunks): the warped distribution of each row.
+template <typename T>
+__global__ void __launch_bounds__(kFilterThreads)
+    probs_kernel(const T* __restrict__ logits, int vocab, const Warp* __restrict__ warps, float* __restrict__ probs) {
+  const int64_t n = blockIdx.x;
+  const Warp w = warps[n];
+  const int end = min(vocab, int(blockIdx.y + 1) * kChunk);
+  for (int j = int(blockIdx.y) * kChunk + threadIdx.x; j < end; j += blockDim.x)
+    probs[n * vocab + j] = w.one_hot ? (j == w.argmax ? 1.f : 0.f) : w.prob(to_float(logits[n * vocab + j]), j);
 }
 
 void sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
@@ -49,15 +70,28 @@ void sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, const 
   check_sample_args(logits, temperature, top_k, top_p, seed, offset, out, probs_out);
   const int64_t rows = logits.size(0);
   TORCH_CHECK(rows <= INT32_MAX, "logits has too many rows for one launch: ", rows);
+  if (rows == 0) return;
+  const int vocab = int(logits.size(1)), chunks = chunks_of(vocab);
   const c10::cuda::CUDAGuard guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const split::Workspace ws(logits, rows, chunks);
+  const int max_top_k = split::max_top_k();
   cuda_dispatch::by_logits_dtype(logits, [&](auto* data) {
-    sample_kernel<<<unsigned(rows), kThreads, 0, stream>>>(
-        data, int(logits.size(1)), temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
-        top_p.const_data_ptr<float>(), seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(),
-        out.data_ptr<int64_t>(), probs_out ? probs_out->data_ptr<float>() : nullptr);
+    filter_kernel<<<dim3(unsigned(rows), unsigned(chunks)), kFilterThreads, 0, stream>>>(
+        data, vocab, 1, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(), max_top_k, ws.sums,
+        ws.cands);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finish_kernel<<<unsigned(rows), kThreads, 0, stream>>>(
+        data, vocab, chunks, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
+        top_p.const_data_ptr<float>(), max_top_k, ws.sums, ws.cands, seed.const_data_ptr<int64_t>(),
+        offset.const_data_ptr<int64_t>(), out.data_ptr<int64_t>(), ws.warps);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (probs_out) {
+      probs_kernel<<<dim3(unsigned(rows), unsigned(chunks)), kFilterThreads, 0, stream>>>(
+          data, vocab, ws.warps, probs_out->data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace

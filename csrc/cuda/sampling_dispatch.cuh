@@ -1,11 +1,19 @@
-// Maps a torch floating dtype to the CUDA element type of the sampling kernels (float, __nv_bfloat16, __half)
-// and calls f with a value of that type's pointer; other dtypes are rejected at the op boundary already.
+// Host side shared by the sampling kernels: the dtype dispatch and the split-row workspace.
 #pragma once
 #include <ATen/ATen.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "kernels/sampling.cuh"
+
 namespace pass_ext::cuda_dispatch {
+
+// Maps a torch floating dtype to the CUDA element type of the sampling kernels (float, __nv_bfloat16, __half)
+// and calls f with a value of that type's pointer; other dtypes are rejected at the op boundary already.
 
 template <typename F>
 void by_logits_dtype(const at::Tensor& logits, F&& f) {
@@ -18,3 +26,39 @@ void by_logits_dtype(const at::Tensor& logits, F&& f) {
 }
 
 }  // namespace pass_ext::cuda_dispatch
+
+namespace pass_ext::sampling::cuda::split {
+
+// The largest top-k a row may have to take the split path. PASS_EXT_SAMPLE_SPLIT=0 (read on every call)
+// sends every sampled row through the one-block passes over the row instead; greedy rows keep the split argmax.
+inline int max_top_k() {
+  const char* env = std::getenv("PASS_EXT_SAMPLE_SPLIT");
+  return env && std::strcmp(env, "0") == 0 ? 0 : kMaxSplitTopK;
+}
+
+// Scratch of one call in one allocation (from the caching allocator, so a captured graph keeps it): chunk
+// summaries and candidates of each row, each row's warp and whether its candidates held it (split_ok).
+struct Workspace {
+  at::Tensor buffer;
+  ChunkSummary* sums;
+  Candidate* cands;
+  Warp* warps;
+  int32_t* split_ok;
+
+  Workspace(const at::Tensor& like, int64_t rows, int chunks) {
+    static_assert(std::is_trivially_copyable_v<Warp> && alignof(Warp) <= 16 && alignof(ChunkSummary) <= 16);
+    const auto round = [](int64_t bytes) { return (bytes + 15) / 16 * 16; };
+    const int64_t sums_bytes = round(rows * chunks * int64_t(sizeof(ChunkSummary)));
+    const int64_t cands_bytes = round(rows * chunks * kChunkCands * int64_t(sizeof(Candidate)));
+    const int64_t warps_bytes = round(rows * int64_t(sizeof(Warp)));
+    const int64_t flags_bytes = round(rows * int64_t(sizeof(int32_t)));
+    buffer = at::empty({sums_bytes + cands_bytes + warps_bytes + flags_bytes}, like.options().dtype(at::kByte));
+    uint8_t* base = buffer.data_ptr<uint8_t>();
+    sums = reinterpret_cast<ChunkSummary*>(base);
+    cands = reinterpret_cast<Candidate*>(base + sums_bytes);
+    warps = reinterpret_cast<Warp*>(base + sums_bytes + cands_bytes);
+    split_ok = reinterpret_cast<int32_t*>(base + sums_bytes + cands_bytes + warps_bytes);
+  }
+};
+
+}  // namespace pass_ext::sampling::cuda::split

@@ -1,6 +1,7 @@
-// CUDA kernels of speculative_verify: first one block per (row, position) warps the k+1 target positions
-// in parallel (the same radix selects as sample); then one block per row walks the k drafts in order on those
-// warps. Acceptance, residual and bonus draws use Philox streams of their own, so the result matches the CPU
+// CUDA kernels of speculative_verify: filter_kernel reads the k+1 target positions of every row once, one
+// block per chunk of the vocabulary, and one block per (row, position) warps them from its candidates (or
+// with one-block radix selects, as sample; see "Split rows" in sampling.cuh); then one block per row walks the
+// k drafts in order on those warps, racing over the candidates where they held the warp. Acceptance, residual and bonus draws use Philox streams of their own, so the result matches the CPU
 // kernel draw for draw.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
@@ -20,15 +21,25 @@ namespace {
 using namespace sampling;
 using namespace sampling::cuda;
 
-// Block n warps target row n of [B * (k+1), V] (batch row n / (k+1)) into warps[n].
+// Block n warps target position n of [B * (k+1), V] (batch row n / (k+1)) into warps[n]; split_ok[n] says
+// whether the position's chunk candidates hold every token of positive weight.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    warp_rows_kernel(const T* __restrict__ logits, int k, int vocab, const float* __restrict__ temperature,
-                     const int32_t* __restrict__ top_k, const float* __restrict__ top_p, Warp* __restrict__ warps) {
+    warp_rows_kernel(const T* __restrict__ logits, int k, int vocab, int chunks, const float* __restrict__ temperature,
+                     const int32_t* __restrict__ top_k, const float* __restrict__ top_p, int max_top_k,
+                     const ChunkSummary* __restrict__ sums, const Candidate* __restrict__ cands,
+                     Warp* __restrict__ warps, int32_t* __restrict__ split_ok) {
   __shared__ Scratch s;
+  __shared__ ListScratch list;
   const int64_t n = blockIdx.x, b = n / (k + 1);
-  const Warp w = warp_row(logits + n * vocab, vocab, temperature[b], top_k[b], top_p[b], s);
-  if (threadIdx.x == 0) warps[n] = w;
+  Warp w;
+  const bool split = split_warp(vocab, temperature[b], top_k[b], top_p[b], max_top_k, sums + n * chunks, chunks,
+                                cands + n * chunks * kChunkCands, s, list, w);
+  if (!split) w = warp_row(logits + n * vocab, vocab, temperature[b], top_k[b], top_p[b], s);
+  if (threadIdx.x == 0) {
+    warps[n] = w;
+    split_ok[n] = split && !w.one_hot;
+  }
 }
 
 // target_logits [B, k+1, V], drafts [B, k], draft_probs [B, k, V] (nullable), warps [B, k+1] (from
@@ -37,8 +48,10 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     verify_kernel(const T* __restrict__ logits, const int64_t* __restrict__ drafts,
-                  const float* __restrict__ draft_probs, int k, int vocab, const float* __restrict__ temperature,
-                  const Warp* __restrict__ warps, const int64_t* __restrict__ seed,
+                  const float* __restrict__ draft_probs, int k, int vocab, int chunks,
+                  const float* __restrict__ temperature, const Warp* __restrict__ warps,
+                  const int32_t* __restrict__ split_ok, const ChunkSummary* __restrict__ sums,
+                  const Candidate* __restrict__ cands, const int64_t* __restrict__ seed,
                   const int64_t* __restrict__ offset, int64_t* __restrict__ out_tokens,
                   int32_t* __restrict__ accepted) {
   __shared__ Scratch s;
@@ -50,13 +63,21 @@ __global__ void __launch_bounds__(kThreads)
   int acc = 0;
   int32_t token = 0;
   for (int i = 0; i <= k; ++i) {
-    const T* row = logits + (b * (k + 1) + i) * vocab;
-    const Warp w = warps[b * (k + 1) + i];
+    const int64_t pos = b * (k + 1) + i;
+    const T* row = logits + pos * vocab;
+    const Warp w = warps[pos];
+    // The race over the row, or over its candidates when they hold every token of positive weight (weight_fn
+    // is zero wherever the warp's weight is).
+    const bool split = split_ok[pos] != 0;
+    auto race_row = [&](const philox::Stream& rng, auto&& weight_fn) {
+      return split ? race_candidates(sums + pos * chunks, chunks, cands + pos * chunks * kChunkCands, rng, weight_fn, s)
+                   : race(row, vocab, rng, weight_fn, s);
+    };
     if (i == k) {  // every draft accepted: the bonus token
       token = w.argmax;
       if (!greedy) {
         const philox::Stream rng(seed_v, offset_v, kStreamResidual, row_index, uint32_t(i));
-        const int32_t t = race(row, vocab, rng, [&](float l, int32_t j) { return w.weight(l, j); }, s);
+        const int32_t t = race_row(rng, [&](float l, int32_t j) { return w.weight(l, j); });
         if (t >= 0) token = t;
       }
       break;
@@ -81,11 +102,11 @@ __global__ void __launch_bounds__(kThreads)
     }
     // Rejected: draw from norm(max(0, p - q)), or from p when that residual has no mass.
     const philox::Stream rng(seed_v, offset_v, kStreamResidual, row_index, uint32_t(i));
-    int32_t t = race(row, vocab, rng, [&](float l, int32_t j) {
+    int32_t t = race_row(rng, [&](float l, int32_t j) {
       const float r = w.prob(l, j) - (q ? q[j] : (j == d ? 1.f : 0.f));
       return r > 0.f ? r : 0.f;
-    }, s);
-    if (t < 0) t = race(row, vocab, rng, [&](float l, int32_t j) { return w.weight(l, j); }, s);
+    });
+    if (t < 0) t = race_row(rng, [&](float l, int32_t j) { return w.weight(l, j); });
     token = t >= 0 ? t : w.argmax;
     break;
   }
@@ -108,19 +129,24 @@ void speculative_verify_cuda(const at::Tensor& target_logits, const at::Tensor& 
   TORCH_CHECK(positions <= INT32_MAX, "target_logits has too many rows for one launch: ", positions);
   const c10::cuda::CUDAGuard guard(target_logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  static_assert(std::is_trivially_copyable_v<Warp>, "warps travel through global memory");
-  const at::Tensor warps = at::empty({positions, int64_t(sizeof(Warp))}, target_logits.options().dtype(at::kByte));
-  Warp* warps_ptr = reinterpret_cast<Warp*>(warps.data_ptr<uint8_t>());
-  const int k = int(target_logits.size(1) - 1), vocab = int(target_logits.size(2));
+  if (batch == 0) return;
+  const int k = int(target_logits.size(1) - 1), vocab = int(target_logits.size(2)), chunks = chunks_of(vocab);
+  const split::Workspace ws(target_logits, positions, chunks);
+  const int max_top_k = split::max_top_k();
   cuda_dispatch::by_logits_dtype(target_logits, [&](auto* data) {
+    filter_kernel<<<dim3(unsigned(positions), unsigned(chunks)), kFilterThreads, 0, stream>>>(
+        data, vocab, k + 1, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(), max_top_k,
+        ws.sums, ws.cands);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     warp_rows_kernel<<<unsigned(positions), kThreads, 0, stream>>>(
-        data, k, vocab, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
-        top_p.const_data_ptr<float>(), warps_ptr);
+        data, k, vocab, chunks, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
+        top_p.const_data_ptr<float>(), max_top_k, ws.sums, ws.cands, ws.warps, ws.split_ok);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     verify_kernel<<<unsigned(batch), kThreads, 0, stream>>>(
         data, draft_tokens.const_data_ptr<int64_t>(),
-        draft_probs ? draft_probs->const_data_ptr<float>() : nullptr, k, vocab, temperature.const_data_ptr<float>(),
-        warps_ptr, seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(), out_tokens.data_ptr<int64_t>(),
+        draft_probs ? draft_probs->const_data_ptr<float>() : nullptr, k, vocab, chunks,
+        temperature.const_data_ptr<float>(), ws.warps, ws.split_ok, ws.sums, ws.cands,
+        seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(), out_tokens.data_ptr<int64_t>(),
         accepted.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -333,46 +333,29 @@ __device__ __forceinline__ void hist_add(u64* hist, unsigned bucket, u64 m) {
 // Radix select over order_key(z) of the tokens with key >= floor_key, 8 bits per pass from the top.
 // kMass = false: finds the target-th largest key (top-k threshold). kMass = true: the largest key whose
 // at-or-above mass reaches top_p_target(top_p, total mass) (top-p threshold); *at_or_above gets that mass.
-// Every thread runs the same number of rounds (lanes past the row add nothing), as hist_add needs.
-template <bool kMass, typename T>
-__device__ uint32_t radix_select(const T* row, int vocab, float inv_temperature, float zmax, uint32_t floor_key,
-                                 u64 target, float top_p, Scratch& s, u64* at_or_above) {
+// visit(f) calls f(z, valid) once for every token of the set (valid = false for padding), the same number of
+// times on every thread, as hist_add needs; it may be called once per pass.
+template <bool kMass, typename Visit>
+__device__ uint32_t radix_select_by(Visit&& visit, float zmax, uint32_t floor_key, u64 target, float top_p,
+                                    Scratch& s, u64* at_or_above) {
   uint32_t prefix = 0, mask = 0;
   u64 above = 0, at = 0;
-  const int groups = (vocab + 3) / 4;
-  const int step = int(blockDim.x);
-  const int rounds = (groups + kUnroll * step - 1) / (kUnroll * step);
   u64* hist = s.sub[(threadIdx.x >> 5) % kSubHists];
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < kSubHists * 256; i += blockDim.x) (&s.sub[0][0])[i] = 0;
     __syncthreads();
-    for (int r = 0; r < rounds; ++r) {
-      float l[kUnroll][4];  // loaded before use, as in for_each_group
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int j0 = ((r * kUnroll + u) * step + int(threadIdx.x)) * 4;
-#pragma unroll
-        for (int c = 0; c < 4; ++c) l[u][c] = j0 + c < vocab ? to_float(row[j0 + c]) : -INFINITY;
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int j0 = ((r * kUnroll + u) * step + int(threadIdx.x)) * 4;
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          unsigned bucket = 256;
-          u64 m = 0;
-          if (j0 + c < vocab) {
-            const float z = scaled_logit(l[u][c], inv_temperature);
-            const uint32_t key = order_key(z);
-            if (key >= floor_key && (key & mask) == prefix) {
-              m = kMass ? fixed_mass(exp_weight(z - zmax)) : 1;
-              if (m) bucket = (key >> shift) & 255u;
-            }
-          }
-          hist_add<kMass>(hist, bucket, m);
+    visit([&](float z, bool valid) {
+      unsigned bucket = 256;
+      u64 m = 0;
+      if (valid) {
+        const uint32_t key = order_key(z);
+        if (key >= floor_key && (key & mask) == prefix) {
+          m = kMass ? fixed_mass(exp_weight(z - zmax)) : 1;
+          if (m) bucket = (key >> shift) & 255u;
         }
       }
-    }
+      hist_add<kMass>(hist, bucket, m);
+    });
     __syncthreads();
     for (int i = threadIdx.x; i < 256; i += blockDim.x) {
       u64 sum = 0;
@@ -390,6 +373,33 @@ __device__ uint32_t radix_select(const T* row, int vocab, float inv_temperature,
   }
   if (at_or_above) *at_or_above = at;
   return prefix;
+}
+
+// radix_select_by over a whole row: every thread runs the same number of rounds (lanes past the row visit
+// padding), loading kUnroll groups before using any, as in for_each_group.
+template <bool kMass, typename T>
+__device__ uint32_t radix_select(const T* row, int vocab, float inv_temperature, float zmax, uint32_t floor_key,
+                                 u64 target, float top_p, Scratch& s, u64* at_or_above) {
+  const int step = int(blockDim.x);
+  const int rounds = ((vocab + 3) / 4 + kUnroll * step - 1) / (kUnroll * step);
+  auto visit = [&](auto&& f) {
+    for (int r = 0; r < rounds; ++r) {
+      float l[kUnroll][4];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int j0 = ((r * kUnroll + u) * step + int(threadIdx.x)) * 4;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) l[u][c] = j0 + c < vocab ? to_float(row[j0 + c]) : -INFINITY;
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int j0 = ((r * kUnroll + u) * step + int(threadIdx.x)) * 4;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) f(scaled_logit(l[u][c], inv_temperature), j0 + c < vocab);
+      }
+    }
+  };
+  return radix_select_by<kMass>(visit, zmax, floor_key, target, top_p, s, at_or_above);
 }
 
 // The warped distribution of one row (see the header); all threads of the block call it and get the same.
@@ -441,6 +451,257 @@ __device__ int32_t race(const T* row, int vocab, const philox::Stream& rng, Weig
     for (int c = 0; c < 4; ++c)
       if (w[c] > 0.f) best = max(best, u64(race_entry(race_score(w[c], r.v[c]), j0 + c)));
   });
+  return race_winner(block_reduce<true>(best, s));
+}
+
+// ---- Split rows ------------------------------------------------------------------------------------------------
+// One block per row makes about ten passes over the vocabulary on one SM (argmax, four radix passes per
+// threshold, mass, race), bound by its instruction rate. Rows with a small top-k (the common case) need only
+// the few tokens at the top, and the race needs only the tokens with positive weight. So:
+//   filter_chunk: one block per chunk of kChunk tokens reads them once, reduces their argmax and emits every
+//     token whose key is at or above floor_key, a lower bound of the chunk's top_k-th largest key found with two
+//     8-bit radix passes (sign, exponent, 7 mantissa bits), so little more than top_k tokens per chunk.
+//   split_warp: one block per row takes the chunk argmaxes, keeps the candidates at or above the largest
+//     floor_key (the row's top_k-th largest key is at least every chunk's) and runs radix_select_by on them.
+// Every token the row keeps is a candidate (a token below its chunk's top_k-th largest key has top_k tokens
+// above it), so the thresholds, masses and race are those of the whole row, token for token. Greedy rows need
+// only the argmax; rows with top-k off or above max_top_k, or with a chunk of more than kChunkCands candidates
+// (ties), fall back to the one-block passes over the row.
+constexpr int kChunk = 4096;
+constexpr int kFilterThreads = 256;  // 16 tokens per thread, kept in registers between the passes
+constexpr int kMaxSplitTopK = 64;
+constexpr int kChunkCands = 128;
+constexpr int kRowCands = 2048;
+
+struct Candidate {
+  int32_t index;
+  float logit;
+};
+
+struct ChunkSummary {
+  u64 best;            // the chunk's argmax entry (order_key << 32 | ~index), keys as row_argmax's
+  uint32_t floor_key;  // every token of the chunk with key >= floor_key is a candidate
+  int32_t count;       // candidates (more than kChunkCands: only the first are stored); -1: not filtered
+};
+
+__host__ __device__ constexpr int chunks_of(int vocab) { return (vocab + kChunk - 1) / kChunk; }
+
+// Warp-aggregated count into one histogram (256 = nothing); all 32 lanes call it together.
+__device__ __forceinline__ void count_add(unsigned* hist, unsigned bucket) {
+  if (__ballot_sync(kFullMask, bucket < 256) == 0) return;
+  const unsigned peers = __match_any_sync(kFullMask, bucket);
+  if (bucket < 256 && (threadIdx.x & 31) == unsigned(__ffs(peers) - 1)) atomicAdd(&hist[bucket], __popc(peers));
+}
+
+// Block of kFilterThreads threads: chunk `chunk` of one row -> *summary and up to kChunkCands candidates.
+template <typename T>
+__device__ void filter_chunk(const T* row, int vocab, int chunk, float temperature, int32_t top_k, int max_top_k,
+                             ChunkSummary* summary, Candidate* cands) {
+  constexpr int kWarps = kFilterThreads / 32, kPer = kChunk / kFilterThreads;
+  static_assert(kFilterThreads == 256, "one thread per histogram bucket when the copies are summed");
+  __shared__ unsigned hist[kWarps][256];
+  __shared__ u64 red[kWarps];
+  __shared__ unsigned digit, digit_above, emitted;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const bool greedy = is_greedy(temperature);
+  const float inv_t = greedy ? 1.f : inverse_temperature(temperature);
+  const int32_t k = greedy ? 0 : effective_top_k(top_k, vocab);
+  const bool filter = k > 0 && k <= max_top_k;
+  const int base = chunk * kChunk;
+  auto index = [&](int i) { return base + ((i / 4) * kFilterThreads + tid) * 4 + i % 4; };  // coalesced groups
+  float l[kPer];
+  uint32_t key[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) l[i] = index(i) < vocab ? to_float(row[index(i)]) : -INFINITY;
+  u64 best = 0;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    key[i] = order_key(greedy ? clean_logit(l[i]) : scaled_logit(l[i], inv_t));
+    if (index(i) < vocab) best = max(best, (u64(key[i]) << 32) | (0xffffffffu - unsigned(index(i))));
+  }
+  best = warp_max(best);
+  if (lane == 0) red[warp] = best;
+  uint32_t floor_key = 0;
+  const int valid = min(kChunk, vocab - base);
+  if (filter && valid > k) {
+    uint32_t prefix = 0, mask = 0;
+    unsigned above = 0;  // tokens with a key above the digits chosen so far
+    for (int shift = 24; shift >= 16; shift -= 8) {
+      for (int i = tid; i < kWarps * 256; i += kFilterThreads) (&hist[0][0])[i] = 0;
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kPer; ++i)
+        count_add(hist[warp], index(i) < vocab && (key[i] & mask) == prefix ? (key[i] >> shift) & 255u : 256u);
+      __syncthreads();
+      unsigned total = 0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) total += hist[w][tid];
+      __syncthreads();
+      hist[0][tid] = total;
+      __syncthreads();
+      if (warp == 0) {  // the largest digit d with above + count(digits >= d) >= k; lane l owns 8l..8l+7
+        unsigned h[8], mine = 0;
+#pragma unroll
+        for (int b = 0; b < 8; ++b) mine += (h[b] = hist[0][lane * 8 + b]);
+        unsigned suffix = mine;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const unsigned t = __shfl_down_sync(kFullMask, suffix, o);
+          if (lane + o < 32) suffix += t;
+        }
+        unsigned run = above + suffix - mine, run_above = 0;
+        int d = -1;
+#pragma unroll
+        for (int b = 7; b >= 0; --b) {
+          if (d < 0 && h[b] > 0 && run + h[b] >= unsigned(k)) {
+            d = lane * 8 + b;
+            run_above = run;
+          }
+          run += h[b];
+        }
+        int chosen = d;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) chosen = max(chosen, __shfl_xor_sync(kFullMask, chosen, o));
+        if (d >= 0 && d == chosen) {  // valid > k tokens: some digit always qualifies
+          digit = unsigned(d);
+          digit_above = run_above;
+        } else if (chosen < 0 && lane == 0) {  // unreachable; digit 0 keeps a lower bound (more candidates)
+          digit = 0;
+          digit_above = above;
+        }
+      }
+      __syncthreads();
+      prefix |= digit << shift;
+      mask |= 0xffu << shift;
+      above = digit_above;
+    }
+    floor_key = prefix;
+  }
+  if (tid == 0) emitted = 0;
+  __syncthreads();
+  if (filter) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const bool take = index(i) < vocab && key[i] >= floor_key;
+      const unsigned ballot = __ballot_sync(kFullMask, take);
+      unsigned first = 0;
+      if (lane == 0 && ballot) first = atomicAdd(&emitted, unsigned(__popc(ballot)));
+      first = __shfl_sync(kFullMask, first, 0);
+      const unsigned slot = first + __popc(ballot & ((1u << lane) - 1u));
+      if (take && slot < unsigned(kChunkCands)) cands[slot] = Candidate{index(i), l[i]};
+    }
+    __syncthreads();
+  }
+  if (tid == 0) {
+    u64 b = 0;
+    for (int w = 0; w < kWarps; ++w) b = max(b, red[w]);
+    *summary = ChunkSummary{b, floor_key, filter ? int32_t(emitted) : -1};
+  }
+}
+
+// Grid (rows, chunks): chunk blockIdx.y of row blockIdx.x, whose parameters are those of row / per_param.
+// (In an unnamed namespace: each op's translation unit gets its own copy of the kernel.)
+namespace {
+template <typename T>
+__global__ void __launch_bounds__(kFilterThreads)
+    filter_kernel(const T* __restrict__ logits, int vocab, int per_param, const float* __restrict__ temperature,
+                  const int32_t* __restrict__ top_k, int max_top_k, ChunkSummary* __restrict__ sums,
+                  Candidate* __restrict__ cands) {
+  const int64_t n = blockIdx.x, p = n / per_param, chunk = blockIdx.y, chunks = gridDim.y;
+  filter_chunk(logits + n * vocab, vocab, int(chunk), temperature[p], top_k[p], max_top_k,
+               sums + n * chunks + chunk, cands + (n * chunks + chunk) * kChunkCands);
+}
+}  // namespace
+
+struct ListScratch {
+  Candidate c[kRowCands];
+  unsigned n;
+};
+
+// The row's warp from the filter's output, when the candidates suffice (else false: call warp_row). One-hot
+// rows are always done here (argmax only). All threads call it and get the same.
+__device__ inline bool split_warp(int vocab, float temperature, int32_t top_k, float top_p, int max_top_k,
+                           const ChunkSummary* sums, int chunks, const Candidate* cands, Scratch& s,
+                           ListScratch& list, Warp& w) {
+  u64 best = 0, floor_key = 0, unfiltered = 0;
+  for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+    const ChunkSummary cs = sums[c];
+    best = max(best, cs.best);
+    floor_key = max(floor_key, u64(cs.floor_key));
+    unfiltered |= u64(cs.count < 0 || cs.count > kChunkCands);
+  }
+  best = block_reduce<true>(best, s);
+  w = Warp{};
+  const bool greedy = is_greedy(temperature);
+  w.inv_temperature = greedy ? 1.f : inverse_temperature(temperature);
+  w.argmax = race_winner(best);
+  w.zmax = key_float(uint32_t(best >> 32));
+  w.mass = 1.f;
+  w.one_hot = greedy || w.zmax == -INFINITY;
+  if (w.one_hot) return true;
+  const int32_t k = effective_top_k(top_k, vocab);
+  if (block_reduce<true>(unfiltered, s) != 0 || !(k > 0 && k <= max_top_k)) return false;
+  const uint32_t row_floor = uint32_t(block_reduce<true>(floor_key, s));
+  if (threadIdx.x == 0) list.n = 0;
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  for (int c = threadIdx.x >> 5; c < chunks; c += blockDim.x >> 5) {
+    const int count = sums[c].count;
+    for (int i0 = 0; i0 < count; i0 += 32) {
+      Candidate cand{};
+      bool take = false;
+      if (i0 + lane < count) {
+        cand = cands[int64_t(c) * kChunkCands + i0 + lane];
+        take = order_key(scaled_logit(cand.logit, w.inv_temperature)) >= row_floor;
+      }
+      const unsigned ballot = __ballot_sync(kFullMask, take);
+      unsigned first = 0;
+      if (lane == 0 && ballot) first = atomicAdd(&list.n, unsigned(__popc(ballot)));
+      first = __shfl_sync(kFullMask, first, 0);
+      const unsigned slot = first + __popc(ballot & ((1u << lane) - 1u));
+      if (take && slot < unsigned(kRowCands)) list.c[slot] = cand;
+    }
+  }
+  __syncthreads();
+  const int n = int(list.n);
+  if (n > kRowCands) return false;
+  const int rounds = (n + int(blockDim.x) - 1) / int(blockDim.x);
+  auto visit = [&](auto&& f) {
+    for (int r = 0; r < rounds; ++r) {
+      const int i = r * int(blockDim.x) + int(threadIdx.x);
+      f(i < n ? scaled_logit(list.c[i].logit, w.inv_temperature) : -INFINITY, i < n);
+    }
+  };
+  w.keep_key = radix_select_by<false>(visit, w.zmax, 0, u64(k), 0.f, s, nullptr);
+  u64 mass = 0;
+  if (top_p_active(top_p)) {
+    w.keep_key = radix_select_by<true>(visit, w.zmax, w.keep_key, 0, top_p, s, &mass);
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) mass += fixed_mass(w.weight(list.c[i].logit, list.c[i].index));
+    mass = block_reduce<false>(mass, s);
+  }
+  w.mass = float(double(mass) * kMassUnit);
+  return true;
+}
+
+// The exponential race over a filtered row's chunk candidates (as race over the row: tokens outside them have
+// weight 0 under the warp split_warp returned true for, and weight_fn must be 0 where that weight is).
+template <typename WeightFn>
+__device__ int32_t race_candidates(const ChunkSummary* sums, int chunks, const Candidate* cands,
+                                   const philox::Stream& rng, WeightFn&& weight_fn, Scratch& s) {
+  u64 best = 0;
+  const int lane = threadIdx.x & 31;
+  for (int c = threadIdx.x >> 5; c < chunks; c += blockDim.x >> 5) {
+    const int count = min(sums[c].count, kChunkCands);
+    for (int i = lane; i < count; i += 32) {
+      const Candidate cand = cands[int64_t(c) * kChunkCands + i];
+      const float x = weight_fn(cand.logit, cand.index);
+      if (x > 0.f) {
+        const philox::Block r = rng.group(uint32_t(cand.index) >> 2);
+        best = max(best, u64(race_entry(race_score(x, r.v[cand.index & 3]), cand.index)));
+      }
+    }
+  }
   return race_winner(block_reduce<true>(best, s));
 }
 
