@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import types
 import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, Union
@@ -153,29 +154,56 @@ _CHAINS = {"norm": _rms_norm, "add_norm": _add_norm_chain, "rope": _rope_chain, 
 
 
 class _Fused:
-    """A chain compiled on first use. If compiling fails the first time (no Triton, an unsupported GPU), the chain
-    warns once and stays eager; after one success, errors propagate."""
+    """A chain compiled on first use, one compiled copy per input dtype. If compiling fails the first time (no
+    Triton, an unsupported GPU), that copy warns once and stays eager; after one success, errors propagate,
+    except torch.compile's recompile limit (a process that runs many shapes, dtypes and models), after which
+    that copy stays eager too.
+
+    Each copy has a code object of its own: torch.compile keeps its compiled graphs, and counts recompiles
+    against its limit, per code object, so one dtype's shapes do not use up another's."""
 
     def __init__(self, name: str):
-        self.name, self.ok, self.broken = name, False, False
-        self.fn = torch.compile(_CHAINS[name], dynamic=True, fullgraph=True)
+        self.name = name
+        self.copies: dict = {}  # dtype -> [compiled fn, state: "new" | "ok" | "eager"]
+
+    def _copy(self, dtype):
+        entry = self.copies.get(dtype)
+        if entry is None:
+            fn = _CHAINS[self.name]
+            code = fn.__code__.replace(co_name=f"{fn.__name__}_{str(dtype).replace('torch.', '')}")
+            fresh = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+            entry = self.copies[dtype] = [torch.compile(fresh, dynamic=True, fullgraph=True), "new"]
+        return entry
+
+    def _eager(self, entry, why: Exception, *args):
+        warnings.warn(f"pass_ext: the fused {self.name} chain cannot be compiled ({type(why).__name__}: "
+                      f"{str(why).splitlines()[0] if str(why) else ''}); running it eagerly (PASS_EXT_FUSE=0 skips "
+                      "compiling)", RuntimeWarning)
+        entry[1] = "eager"
+        return _CHAINS[self.name](*args)
 
     def __call__(self, *args):
-        if self.broken:
+        entry = self._copy(args[0].dtype)
+        fn, state = entry
+        if state == "eager":
             return _CHAINS[self.name](*args)
-        if self.ok:
-            return self.fn(*args)
         try:
-            out = self.fn(*args)
+            out = fn(*args)
+        except _RecompileLimit as e:  # raised before anything ran: the eager chain is safe, even in a capture
+            return self._eager(entry, e, *args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the same math, eagerly
-            if torch.cuda.is_current_stream_capturing():
+            if state == "ok" or torch.cuda.is_current_stream_capturing():
                 raise
-            warnings.warn(f"pass_ext: compiling the fused {self.name} chain failed ({type(e).__name__}: {e}); "
-                          "running it eagerly (set PASS_EXT_FUSE=0 to skip compiling)", RuntimeWarning)
-            self.broken = True
-            return _CHAINS[self.name](*args)
-        self.ok = True
+            return self._eager(entry, e, *args)
+        entry[1] = "ok"
         return out
+
+
+try:
+    from torch._dynamo.exc import FailOnRecompileLimitHit as _RecompileLimit
+except ImportError:  # older torch: no such error, nothing to catch
+    class _RecompileLimit(Exception):
+        pass
 
 
 _compiled: dict = {}

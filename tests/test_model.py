@@ -278,3 +278,22 @@ def test_fused_chains_match_eager_cuda(tiny_hf_model, arch, dtype, monkeypatch):
     torch.testing.assert_close(outs["1"], outs["0"], **tol)
     from pass_ext import model as model_module
     assert model_module.fusion_enabled() is False and set(model_module._compiled) >= {"norm", "add_norm", "rope", "swiglu"}
+
+
+def test_fused_chain_survives_the_recompile_limit(monkeypatch):
+    """A fused chain is compiled once per dtype, each copy with a code object (so a recompile budget) of its
+    own; past torch.compile's recompile limit a copy runs eagerly, with a warning, instead of failing the
+    forward (a process that runs many shapes, dtypes and models reaches the limit)."""
+    import torch._dynamo
+    from pass_ext import model as model_module
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    fused = model_module._Fused("swiglu")
+    x32, x64 = torch.randn(2, 8), torch.randn(2, 8, dtype=torch.float64)
+    torch.testing.assert_close(fused(x32), model_module._swiglu_chain(x32))
+    torch.testing.assert_close(fused(x64), model_module._swiglu_chain(x64))  # another copy: not a recompile
+    assert [state for _, state in fused.copies.values()] == ["ok", "ok"]
+    x3 = torch.randn(2, 3, 8)  # another rank: the float32 copy must recompile, past the limit of 1
+    with pytest.warns(RuntimeWarning, match="running it eagerly"):
+        torch.testing.assert_close(fused(x3), model_module._swiglu_chain(x3))
+    assert fused.copies[torch.float32][1] == "eager" and fused.copies[torch.float64][1] == "ok"
+    torch.testing.assert_close(fused(x3), model_module._swiglu_chain(x3))  # eager from now on, no new warning
