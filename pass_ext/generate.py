@@ -8,6 +8,7 @@ import random
 import time
 import warnings
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -287,6 +288,8 @@ def generate(
         raise TypeError(f"cuda_graphs must be True, False or None (default), got {cuda_graphs!r}")
     elif cuda_graphs and dev.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {dev}")
+    if cuda_graphs:
+        max_workspaces()  # a bad PASS_EXT_WORKSPACES fails before any work
     sampled = not sampling.greedy
     engine_method = method
     if k == "auto":
@@ -325,15 +328,23 @@ def generate(
                id(draft_model) if method == "draft" else None)
         ws = _workspace(model, key) if cuda_graphs else None
         if ws is None:
-            cache = model.new_cache(B, capacity)
-            out_rows = E.Rows(B, max_new_tokens, eos, pad, dev)
-            stats = E.Stats(B, k, dev)
-            extra = (dict(draft_model=draft_model, draft_cache=draft_model.new_cache(B, capacity))
-                     if method == "draft" else {})
-            eng = engine_cls(model, cache, sampling, E.Rng(seed, dev), out_rows, stats, k=k, **extra)
+            def new_engine():
+                cache = model.new_cache(B, capacity)
+                out_rows = E.Rows(B, max_new_tokens, eos, pad, dev)
+                stats = E.Stats(B, k, dev)
+                extra = (dict(draft_model=draft_model, draft_cache=draft_model.new_cache(B, capacity))
+                         if method == "draft" else {})
+                return engine_cls(model, cache, sampling, E.Rng(seed, dev), out_rows, stats, k=k, **extra)
+            try:
+                eng = new_engine()
+            except torch.OutOfMemoryError:
+                if not _workspaces(model):
+                    raise
+                _drop_workspaces(model)  # the kept workspaces of earlier calls hold the memory: free them, retry
+                eng = new_engine()
             ws = _Workspace(key, eng)
             if cuda_graphs:
-                model.__dict__["_pass_ext_workspace"] = ws
+                _keep_workspace(model, ws)
         else:
             ws.reset(sampling, seed, eos, pad)
         eng, out_rows, stats = ws.engine, ws.engine.rows, ws.engine.stats
@@ -381,28 +392,59 @@ class _Workspace:
         eng.reset()
 
 
+def max_workspaces() -> int:
+    """How many workspaces (cache, buffers, captured step) `generate` keeps per model: PASS_EXT_WORKSPACES,
+    default 4. Calls that alternate shapes, settings or k (lookahead="auto" moving between two k) then replay
+    their graphs instead of capturing anew; 1 keeps only the last call's."""
+    raw = os.environ.get("PASS_EXT_WORKSPACES", "4")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"PASS_EXT_WORKSPACES must be an integer >= 1, got {raw!r}")
+    return n
+
+
+def _workspaces(model) -> "OrderedDict":
+    return model.__dict__.setdefault("_pass_ext_workspaces", OrderedDict())
+
+
 def _workspace(model, key) -> Optional[_Workspace]:
-    """The model's workspace when its shapes match `key`; otherwise drop it (one is kept per model, so
-    memory stays bounded) and return None."""
-    ws = model.__dict__.get("_pass_ext_workspace")
-    if ws is not None and ws.key == key:
-        return ws
-    _drop_workspace(model)
-    return None
+    """The model's workspace for the shapes in `key` (now the most recently used), or None."""
+    kept = _workspaces(model)
+    ws = kept.get(key)
+    if ws is not None:
+        kept.move_to_end(key)
+    return ws
 
 
-def _drop_workspace(model) -> None:
-    ws = model.__dict__.pop("_pass_ext_workspace", None)
-    if ws is not None and ws.graph is not None:
-        # The dropped graph's private memory pool stays reserved in the allocator's cache: calls with ever new
+def _keep_workspace(model, ws: _Workspace) -> None:
+    """Keep a new workspace, dropping the least recently used beyond max_workspaces()."""
+    kept = _workspaces(model)
+    kept[ws.key] = ws
+    limit = max_workspaces()
+    dropped = False
+    while len(kept) > limit:
+        _, old = kept.popitem(last=False)
+        dropped |= old.graph is not None
+        del old
+    if dropped:
+        # A dropped graph's private memory pool stays reserved in the allocator's cache: calls with ever new
         # shapes grew the reserved memory by 5 GB over 80 calls in the soak (bench/soak.py). Hand it back.
-        del ws
+        torch.cuda.empty_cache()
+
+
+def _drop_workspaces(model) -> None:
+    kept = model.__dict__.pop("_pass_ext_workspaces", None)
+    if kept and any(ws.graph is not None for ws in kept.values()):
+        kept.clear()
         torch.cuda.empty_cache()
 
 
 def release_workspace(model) -> None:
-    """Free the cache, buffers and CUDA graph that `generate` keeps on `model` for its next call."""
-    _drop_workspace(_as_model(model))
+    """Free the caches, buffers and CUDA graphs that `generate` keeps on `model` for its next calls."""
+    _drop_workspaces(_as_model(model))
 
 
 def _streamer(stream, out_rows: E.Rows, prompts: list):

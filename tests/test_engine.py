@@ -1,6 +1,8 @@
 """The decode engine: every method is lossless — greedy outputs equal plain decoding token for token (float32),
 sampled outputs follow the plain-sampling distribution (chi-square against exact enumeration) — with ragged
 batches, per-row stops, and clear errors for bad requests."""
+import importlib
+
 import pytest
 import torch
 
@@ -329,11 +331,12 @@ def test_workspace_reuse_replays_the_same_graph_and_resets_everything(method):
     draft = pass_ext.load_model(tiny_peaky_llama(layers=1, seed=3), dtype=torch.float32, device="cuda")
     kw = dict(lookahead=3 if method != "ar" else None, max_new_tokens=30)
     first = run(model, [[3, 4, 5], [6]], method, draft, temperature=0.9, top_k=8, seed=1, eos_token_id=[5], **kw)
-    ws = model.__dict__["_pass_ext_workspace"]
+    (ws,) = model.__dict__["_pass_ext_workspaces"].values()
     graph = ws.graph
     second_args = dict(temperature=[0.7, 1.1], top_k=[0, 5], seed=2, eos_token_id=[4], pad_token_id=9, **kw)
     second = run(model, [[7, 8], [9, 10, 11]], method, draft, **second_args)
-    assert model.__dict__["_pass_ext_workspace"] is ws and ws.graph is graph  # reused, not recaptured
+    (again,) = model.__dict__["_pass_ext_workspaces"].values()
+    assert again is ws and ws.graph is graph  # reused, not recaptured
     pass_ext.release_workspace(model)
     fresh = run(model, [[7, 8], [9, 10, 11]], method, draft, **second_args)
     assert torch.equal(second.sequences, fresh.sequences)
@@ -378,3 +381,25 @@ def test_batched_prefill_matches_row_by_row(tiny):
     out = run(model, rows, "ar", max_new_tokens=6, eos_token_id=False)
     for b, r in enumerate(rows):
         assert out.new_tokens[b].tolist() == run(model, [r], "ar", max_new_tokens=6, eos_token_id=False).new_tokens[0].tolist()
+
+
+def test_workspaces_are_kept_least_recently_used_first(monkeypatch):
+    """generate keeps PASS_EXT_WORKSPACES (default 4) workspaces per model, so calls alternating between shapes
+    or settings replay their graphs; beyond the limit the least recently used one is dropped."""
+    G = importlib.import_module("pass_ext.generate")  # the module (pass_ext.generate is the function)
+    model = type("M", (), {})()
+    make = lambda key: G._Workspace(key, engine=None)  # noqa: E731
+    for key in "abcd":
+        G._keep_workspace(model, make(key))
+    assert G._workspace(model, "a").key == "a"  # a is now the most recently used
+    G._keep_workspace(model, make("e"))
+    assert list(model.__dict__["_pass_ext_workspaces"]) == ["c", "d", "a", "e"] and G._workspace(model, "b") is None
+    monkeypatch.setenv("PASS_EXT_WORKSPACES", "1")
+    G._keep_workspace(model, make("f"))
+    assert list(model.__dict__["_pass_ext_workspaces"]) == ["f"]
+    G._drop_workspaces(model)
+    assert "_pass_ext_workspaces" not in model.__dict__
+    for bad in ("0", "two"):
+        monkeypatch.setenv("PASS_EXT_WORKSPACES", bad)
+        with pytest.raises(ValueError, match="PASS_EXT_WORKSPACES must be an integer >= 1"):
+            G.max_workspaces()
