@@ -142,6 +142,7 @@ class Engine:
 
     q_step = 1            # new tokens per row that one step writes into the target cache
     passes_per_step = 1   # target forward passes per step
+    first_step_eager = False  # the first step differs from the captured one: run it eagerly
 
     def __init__(self, model, cache, sampling: Sampling, rng: Rng, rows: Rows, stats: Stats, k: int = 0):
         self.model, self.cache, self.sampling, self.rng, self.rows, self.stats = model, cache, sampling, rng, rows, stats
@@ -237,6 +238,7 @@ class PassEngine(Engine):
         self.la_index = torch.arange(k, device=dev)
         self.draft_sampling = self.sampling.repeat(k)
         self.want_probs = not self.sampling.greedy
+        self.start_probs = None  # [B, k, V] one-hot at token 0: the placeholder drafts' distribution (start)
 
     def reset(self) -> None:
         super().reset()
@@ -285,7 +287,19 @@ class PassEngine(Engine):
         return self.model(ids, positions=self.positions(self.offsets), cache=self.cache, return_hidden=True)
 
     def start(self, c: torch.Tensor) -> StepState:
-        return self.drafting_pass(c)
+        """No forward: the first step validates placeholder drafts, token 0 drawn with probability 1. Any
+        draft with the distribution it was drawn from verifies exactly, so the output is unchanged, and the
+        first step is the captured one (a drafting pass here would be an eager forward that yields one token)."""
+        B = c.shape[0]
+        drafts = torch.zeros(B, self.k, dtype=torch.long, device=self.device)
+        probs = None
+        if self.want_probs:
+            if self.start_probs is None or self.start_probs.shape[0] != B:
+                head = self.model.embed_tokens if self.model.lm_head is None else self.model.lm_head
+                self.start_probs = torch.zeros(B, self.k, head.shape[0], device=self.device)
+                self.start_probs[..., 0] = 1.0
+            probs = self.start_probs
+        return StepState(c=c, drafts=drafts, draft_probs=probs)
 
     def step(self, s: StepState) -> StepState:
         _, _, nxt = self.validation_pass(s)
@@ -318,9 +332,6 @@ class FusedPassEngine(PassEngine):
         return self.model(None, positions=self.positions(self.fused_offsets), cache=self.cache,
                           tree_mask=self.fused_mask, inputs_embeds=embeds, return_hidden=True)
 
-    def start(self, c: torch.Tensor) -> StepState:
-        return self.drafting_pass(c)
-
     def step(self, s: StepState) -> StepState:
         hidden, accepted, nxt = self.validation_pass(s)
         k = self.k
@@ -336,6 +347,8 @@ class DraftModelEngine(Engine):
     """Classic speculative sampling: a smaller model with the same vocabulary drafts k tokens one by one,
     the target verifies them in one forward. The draft cache trails the target cache by one token so
     every round's first draft forward has the same shape ([last committed token, c])."""
+
+    first_step_eager = True  # round one feeds the draft model one token, later rounds two
 
     def __init__(self, *args, draft_model, draft_cache, **kwargs):
         super().__init__(*args, **kwargs)
@@ -454,9 +467,9 @@ def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Call
         cuda_graphs: bool = False, graph: Optional[StepGraph] = None) -> tuple[int, Optional[StepGraph]]:
     """Iterate steps until every row is done; the host looks at device state every `sync_every` steps.
 
-    With `cuda_graphs` (CUDA only), the first step runs eagerly (the draft method's first round has its own
-    shape); then `graph`, a step captured earlier on the same engine and buffers, is primed with the state
-    and replayed, or a new one is captured. Returns (steps run, the graph)."""
+    With `cuda_graphs` (CUDA only), `graph`, a step captured earlier on the same engine and buffers, is
+    primed with the state and replayed from the first step (from the second for engines whose first step
+    differs: the draft method's first round), or a new one is captured. Returns (steps run, the graph)."""
     engine.check_capacity()
     state = engine.start(c)
     engine.check_capacity()
@@ -465,7 +478,7 @@ def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Call
     while True:
         if primed:
             graph.replay()
-        elif cuda_graphs and steps >= 1:
+        elif cuda_graphs and (steps >= 1 or not engine.first_step_eager):
             if graph is None:
                 graph = StepGraph(engine, state)  # runs one real step, then captures the next
             else:
