@@ -40,14 +40,30 @@ namespace k = kernels;
 constexpr int64_t kMaxQ = 128;
 constexpr int64_t kMaxSplits = 64;
 
+// Keys of capacity a KV split covers at least: PASS_EXT_ATTENTION_SPLIT_KEYS, default (and minimum)
+// kMinSplitKeys. Fewer splits trade parallelism for the combine launch: a capacity at or below the value runs
+// one split and no combine. Read once.
+int64_t split_keys() {
+  static const int64_t keys = [] {
+    const char* v = std::getenv("PASS_EXT_ATTENTION_SPLIT_KEYS");
+    if (v == nullptr || *v == '\0') return int64_t{k::kMinSplitKeys};
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    TORCH_CHECK(*end == '\0' && n >= k::kMinSplitKeys, "PASS_EXT_ATTENTION_SPLIT_KEYS must be an integer >= ",
+                k::kMinSplitKeys, ", got '", v, "'");
+    return static_cast<int64_t>(n);
+  }();
+  return keys;
+}
+
 // Number of KV splits. The host cannot see cache_lens (graph-safe, no sync), so it sizes for the capacity
 // S_max and the kernel divides each row's actual length by this count on the device; splits that get no
-// keys exit at once. Aim for two blocks per SM; a split covers at least kMinSplitKeys keys of capacity.
+// keys exit at once. Aim for two blocks per SM; a split covers at least split_keys() keys of capacity.
 int64_t pick_splits(int64_t base_blocks, int64_t capacity_keys, int sms) {
   const int64_t target = 2 * static_cast<int64_t>(sms);
   if (base_blocks >= target) return 1;
   int64_t splits = (target + base_blocks - 1) / base_blocks;
-  splits = std::min(splits, (capacity_keys + k::kMinSplitKeys - 1) / k::kMinSplitKeys);
+  splits = std::min(splits, (capacity_keys + split_keys() - 1) / split_keys());
   return std::max<int64_t>(1, std::min(splits, kMaxSplits));
 }
 
@@ -191,7 +207,7 @@ MmaKernelInfo mma_kernel_info(Kernel* kernel, size_t smem, int device) {
 int64_t pick_splits_one_wave(int64_t base_blocks, int64_t capacity_keys, int64_t slots) {
   if (base_blocks >= slots) return 1;
   int64_t splits = slots / base_blocks;
-  splits = std::min(splits, (capacity_keys + k::kMinSplitKeys - 1) / k::kMinSplitKeys);
+  splits = std::min(splits, (capacity_keys + split_keys() - 1) / split_keys());
   return std::max<int64_t>(1, std::min(splits, kMaxSplits));
 }
 
