@@ -493,22 +493,6 @@ __device__ __forceinline__ void count_add(unsigned* hist, unsigned bucket) {
   if (bucket < 256 && (threadIdx.x & 31) == unsigned(__ffs(peers) - 1)) atomicAdd(&hist[bucket], __popc(peers));
 }
 
-// Four consecutive logits as floats with one 16-byte (float) or 8-byte (bf16, fp16) load; p must be aligned to
-// 4 * sizeof(T).
-__device__ __forceinline__ void load4(const float* p, float* out) {
-  const float4 v = *reinterpret_cast<const float4*>(p);
-  out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
-}
-template <typename T>
-__device__ __forceinline__ void load4(const T* p, float* out) {
-  static_assert(sizeof(T) == 2, "bf16 or fp16");
-  const uint2 raw = *reinterpret_cast<const uint2*>(p);
-  T v[4];
-  memcpy(v, &raw, sizeof raw);
-#pragma unroll
-  for (int c = 0; c < 4; ++c) out[c] = to_float(v[c]);
-}
-
 // Block of kFilterThreads threads: chunk `chunk` of one row -> *summary and up to kChunkCands candidates.
 template <typename T>
 __device__ void filter_chunk(const T* row, int vocab, int chunk, float temperature, int32_t top_k, int max_top_k,
@@ -527,17 +511,8 @@ __device__ void filter_chunk(const T* row, int vocab, int chunk, float temperatu
   auto index = [&](int i) { return base + ((i / 4) * kFilterThreads + tid) * 4 + i % 4; };  // coalesced groups
   float l[kPer];
   uint32_t key[kPer];
-  const bool aligned = reinterpret_cast<uintptr_t>(row) % (4 * sizeof(T)) == 0;  // then every group of 4 is
 #pragma unroll
-  for (int g = 0; g < kPer / 4; ++g) {
-    const int j0 = index(4 * g);
-    if (aligned && j0 + 3 < vocab) {
-      load4(row + j0, &l[4 * g]);
-    } else {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) l[4 * g + c] = j0 + c < vocab ? to_float(row[j0 + c]) : -INFINITY;
-    }
-  }
+  for (int i = 0; i < kPer; ++i) l[i] = index(i) < vocab ? to_float(row[index(i)]) : -INFINITY;
   u64 best = 0;
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
@@ -690,60 +665,20 @@ __device__ inline bool split_warp(int vocab, float temperature, int32_t top_k, f
   __syncthreads();
   const int n = int(list.n);
   if (n > kRowCands) return false;
+  const int rounds = (n + int(blockDim.x) - 1) / int(blockDim.x);
+  auto visit = [&](auto&& f) {
+    for (int r = 0; r < rounds; ++r) {
+      const int i = r * int(blockDim.x) + int(threadIdx.x);
+      f(i < n ? scaled_logit(list.c[i].logit, w.inv_temperature) : -INFINITY, i < n);
+    }
+  };
+  w.keep_key = radix_select_by<false>(visit, w.zmax, 0, u64(k), 0.f, s, nullptr);
   u64 mass = 0;
-  if (n <= int(blockDim.x)) {
-    // One candidate per thread: the thresholds by ranks, O(n) broadcast reads of shared memory per thread
-    // instead of eight radix passes. Same definitions as radix_select_by: top-k keeps the largest key with at
-    // least k keys at or above it; top-p the largest key, among those kept with positive mass, whose mass at
-    // or above it reaches the target. The radix passes' histograms are free: keys and masses go there.
-    static_assert(sizeof(s.sub) >= kThreads * (sizeof(u64) + sizeof(uint32_t)), "keys and masses fit in sub");
-    u64* mass_of = &s.sub[0][0];
-    uint32_t* key_of = reinterpret_cast<uint32_t*>(mass_of + kThreads);
-    const int i = int(threadIdx.x);
-    uint32_t key = 0;
-    u64 m = 0;
-    if (i < n) {
-      const float z = scaled_logit(list.c[i].logit, w.inv_temperature);
-      key = order_key(z);
-      m = fixed_mass(exp_weight(z - w.zmax));
-      key_of[i] = key;
-      mass_of[i] = m;
-    }
-    __syncthreads();
-    u64 pick = 0;  // candidate thresholds are keys of finite z, never 0
-    if (i < n) {
-      int at_or_above = 0;
-      for (int j = 0; j < n; ++j) at_or_above += key_of[j] >= key;
-      if (at_or_above >= k) pick = key;
-    }
-    w.keep_key = uint32_t(block_reduce<true>(pick, s));
-    const bool kept = i < n && key >= w.keep_key;
-    if (top_p_active(top_p)) {
-      const u64 target = top_p_target(top_p, block_reduce<false>(kept ? m : 0, s));
-      pick = 0;
-      if (kept && m > 0) {
-        u64 at_or_above = 0;
-        for (int j = 0; j < n; ++j) at_or_above += key_of[j] >= key ? mass_of[j] : 0;
-        if (at_or_above >= target) pick = key;
-      }
-      w.keep_key = uint32_t(block_reduce<true>(pick, s));
-    }
-    mass = block_reduce<false>(i < n && key >= w.keep_key ? m : 0, s);
+  if (top_p_active(top_p)) {
+    w.keep_key = radix_select_by<true>(visit, w.zmax, w.keep_key, 0, top_p, s, &mass);
   } else {
-    const int rounds = (n + int(blockDim.x) - 1) / int(blockDim.x);
-    auto visit = [&](auto&& f) {
-      for (int r = 0; r < rounds; ++r) {
-        const int i = r * int(blockDim.x) + int(threadIdx.x);
-        f(i < n ? scaled_logit(list.c[i].logit, w.inv_temperature) : -INFINITY, i < n);
-      }
-    };
-    w.keep_key = radix_select_by<false>(visit, w.zmax, 0, u64(k), 0.f, s, nullptr);
-    if (top_p_active(top_p)) {
-      w.keep_key = radix_select_by<true>(visit, w.zmax, w.keep_key, 0, top_p, s, &mass);
-    } else {
-      for (int i = threadIdx.x; i < n; i += blockDim.x) mass += fixed_mass(w.weight(list.c[i].logit, list.c[i].index));
-      mass = block_reduce<false>(mass, s);
-    }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) mass += fixed_mass(w.weight(list.c[i].logit, list.c[i].index));
+    mass = block_reduce<false>(mass, s);
   }
   w.mass = float(double(mass) * kMassUnit);
   return true;
