@@ -376,6 +376,8 @@ class _Workspace:
 
     def __init__(self, key, engine: E.Engine):
         self.key, self.engine = key, engine
+        caches = [c for c in (getattr(engine, "cache", None), getattr(engine, "draft_cache", None)) if c is not None]
+        self.cache_bytes = sum(t.numel() * t.element_size() for c in caches for t in (*c.k, *c.v))
         self.graph: Optional[E.StepGraph] = None
 
     def reset(self, sampling: E.Sampling, seed: int, eos: list, pad: int) -> None:
@@ -392,10 +394,14 @@ class _Workspace:
         eng.reset()
 
 
+KEEP_MEMORY_FRACTION = 0.25  # of the GPU's memory, for the KV caches of kept workspaces besides the newest
+
+
 def max_workspaces() -> int:
     """How many workspaces (cache, buffers, captured step) `generate` keeps per model: PASS_EXT_WORKSPACES,
     default 4. Calls that alternate shapes, settings or k (lookahead="auto" moving between two k) then replay
-    their graphs instead of capturing anew; 1 keeps only the last call's."""
+    their graphs instead of capturing anew; 1 keeps only the last call's. Older workspaces are also dropped
+    while their KV caches take more than KEEP_MEMORY_FRACTION of the GPU's memory (see _keep_budget)."""
     raw = os.environ.get("PASS_EXT_WORKSPACES", "4")
     try:
         n = int(raw)
@@ -419,13 +425,26 @@ def _workspace(model, key) -> Optional[_Workspace]:
     return ws
 
 
+def _keep_budget(ws: _Workspace) -> float:
+    """Bytes of KV cache the workspaces kept besides the newest may hold: a fraction of the GPU's memory, so a
+    large model at a large batch keeps only its current workspace instead of running out of memory later."""
+    dev = ws.engine.device
+    if dev.type != "cuda":
+        return math.inf
+    return KEEP_MEMORY_FRACTION * torch.cuda.get_device_properties(dev).total_memory
+
+
 def _keep_workspace(model, ws: _Workspace) -> None:
-    """Keep a new workspace, dropping the least recently used beyond max_workspaces()."""
+    """Keep a new workspace, dropping the least recently used beyond max_workspaces() or the memory budget."""
     kept = _workspaces(model)
     kept[ws.key] = ws
-    limit = max_workspaces()
+    limit, budget = max_workspaces(), _keep_budget(ws)
+
+    def older_bytes() -> int:
+        return sum(w.cache_bytes for w in kept.values()) - ws.cache_bytes
+
     dropped = False
-    while len(kept) > limit:
+    while len(kept) > limit or (len(kept) > 1 and older_bytes() > budget):
         _, old = kept.popitem(last=False)
         dropped |= old.graph is not None
         del old

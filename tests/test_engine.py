@@ -388,6 +388,7 @@ def test_workspaces_are_kept_least_recently_used_first(monkeypatch):
     or settings replay their graphs; beyond the limit the least recently used one is dropped."""
     G = importlib.import_module("pass_ext.generate")  # the module (pass_ext.generate is the function)
     model = type("M", (), {})()
+    monkeypatch.setattr(G, "_keep_budget", lambda ws: float("inf"))
     make = lambda key: G._Workspace(key, engine=None)  # noqa: E731
     for key in "abcd":
         G._keep_workspace(model, make(key))
@@ -403,3 +404,22 @@ def test_workspaces_are_kept_least_recently_used_first(monkeypatch):
         monkeypatch.setenv("PASS_EXT_WORKSPACES", bad)
         with pytest.raises(ValueError, match="PASS_EXT_WORKSPACES must be an integer >= 1"):
             G.max_workspaces()
+
+
+def test_kept_workspaces_stay_within_the_memory_budget(monkeypatch):
+    """Besides the newest, the kept workspaces' KV caches may take only the budget (a quarter of the GPU's
+    memory): older ones are dropped first, and the newest is kept whatever its size."""
+    G = importlib.import_module("pass_ext.generate")
+    model = type("M", (), {})()
+    monkeypatch.setattr(G, "_keep_budget", lambda ws: 100)
+
+    def make(key, nbytes):
+        ws = G._Workspace(key, engine=None)
+        ws.cache_bytes = nbytes
+        return ws
+    G._keep_workspace(model, make("a", 60))
+    G._keep_workspace(model, make("b", 30))
+    G._keep_workspace(model, make("c", 500))  # a + b = 90 <= 100 besides the newest: all kept
+    assert list(model.__dict__["_pass_ext_workspaces"]) == ["a", "b", "c"]
+    G._keep_workspace(model, make("d", 10))  # besides d: 590 > 100, drop a (530), then b (500), then c
+    assert list(model.__dict__["_pass_ext_workspaces"]) == ["d"]

@@ -9,8 +9,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include "cuda/sampling_dispatch.cuh"
 #include "kernels/sampling.cuh"
 #include "op_checks.h"

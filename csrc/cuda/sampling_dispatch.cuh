@@ -14,7 +14,6 @@ namespace pass_ext::cuda_dispatch {
 
 // Maps a torch floating dtype to the CUDA element type of the sampling kernels (float, __nv_bfloat16, __half)
 // and calls f with a value of that type's pointer; other dtypes are rejected at the op boundary already.
-
 template <typename F>
 void by_logits_dtype(const at::Tensor& logits, F&& f) {
   switch (logits.scalar_type()) {
