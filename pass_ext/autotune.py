@@ -116,7 +116,7 @@ def measure_step(model, method: str, batch: int, context: int, sampled: bool, k:
     (the contents are zeros: the cost of a step does not depend on them). On CUDA the step is a replayed
     CUDA graph, as in generation."""
     dev = model.device
-    per_step = E.q_step(method, k) * (2 if method == "pass-paper" else 1)
+    per_step = E.ENGINES[method].step_tokens(k) * (2 if method == "pass-paper" else 1)
     capacity = context + per_step * (reps + 4) + 1
     with torch.no_grad():
         cache = model.new_cache(batch, capacity)

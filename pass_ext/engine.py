@@ -140,13 +140,18 @@ class StepState:
 class Engine:
     """Runs one method over a prefilled batch. Subclassed per method by `step`."""
 
-    q_step = 1            # new tokens per row that one step writes into the target cache
     passes_per_step = 1   # target forward passes per step
     first_step_eager = False  # the first step differs from the captured one: run it eagerly
+
+    @staticmethod
+    def step_tokens(k: int) -> int:
+        """New tokens per row that one step writes into the target cache (`q_step`), before an engine exists."""
+        return 1
 
     def __init__(self, model, cache, sampling: Sampling, rng: Rng, rows: Rows, stats: Stats, k: int = 0):
         self.model, self.cache, self.sampling, self.rng, self.rows, self.stats = model, cache, sampling, rng, rows, stats
         self.k = k
+        self.q_step = self.step_tokens(k)
         self.device = cache.lens.device
         # Cast and moved once: a step must not copy from the host (a captured step cannot).
         la = getattr(model, "lookahead", None)
@@ -229,10 +234,13 @@ class PassEngine(Engine):
 
     passes_per_step = 2
 
+    @staticmethod
+    def step_tokens(k: int) -> int:
+        return k + 1
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         k, dev = self.k, self.device
-        self.q_step = k + 1
         self.offsets = torch.arange(k + 1, device=dev)
         self.la_slots = torch.arange(1, k + 1, device=dev)
         self.la_index = torch.arange(k, device=dev)
@@ -315,11 +323,14 @@ class FusedPassEngine(PassEngine):
 
     passes_per_step = 1
 
+    @staticmethod
+    def step_tokens(k: int) -> int:
+        return (k + 1) ** 2
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         k, dev = self.k, self.device
         mask, pos = masks.fused_layout(k)
-        self.q_step = (k + 1) ** 2
         self.fused_mask = masks.pack(mask).to(dev)
         self.fused_offsets = pos.to(dev)
         self.fused_slots = torch.arange(k + 1, self.q_step, device=dev)
@@ -350,10 +361,13 @@ class DraftModelEngine(Engine):
 
     first_step_eager = True  # round one feeds the draft model one token, later rounds two
 
+    @staticmethod
+    def step_tokens(k: int) -> int:
+        return k + 1
+
     def __init__(self, *args, draft_model, draft_cache, **kwargs):
         super().__init__(*args, **kwargs)
         self.draft_model, self.draft_cache = draft_model, draft_cache
-        self.q_step = self.k + 1
         self.offsets = torch.arange(self.k + 1, device=self.device)
         self.want_probs = not self.sampling.greedy
         self.last = None  # [B] the last committed token, fed again to the draft model
@@ -412,10 +426,6 @@ class DraftModelEngine(Engine):
 
 ENGINES = {"ar": AutoregressiveEngine, "pass": FusedPassEngine, "pass-paper": PassEngine, "draft": DraftModelEngine}
 
-
-def q_step(method: str, k: int) -> int:
-    """New tokens per row one step of `method` writes into the target cache (its `Engine.q_step`)."""
-    return {"ar": 1, "pass": (k + 1) ** 2, "pass-paper": k + 1, "draft": k + 1}[method]
 
 
 class StepGraph:

@@ -306,7 +306,7 @@ def generate(
             engine_method = "ar"
 
     engine_cls = E.ENGINES[engine_method]
-    q_step = E.q_step(engine_method, k)
+    q_step = engine_cls.step_tokens(k)
     longest = max(len(r) for r in rows)
     # Default capacity rounded up to 128 slots: calls with similar prompts share one workspace (and graph).
     capacity = -(-(longest + max_new_tokens + q_step + 1) // 128) * 128 if max_length is None else max_length
