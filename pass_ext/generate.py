@@ -447,7 +447,7 @@ def _keep_workspace(model, ws: _Workspace) -> None:
     while len(kept) > limit or (len(kept) > 1 and older_bytes() > budget):
         _, old = kept.popitem(last=False)
         dropped |= old.graph is not None
-        del old
+        del old  # no reference may keep its graph alive past empty_cache below
     if dropped:
         # A dropped graph's private memory pool stays reserved in the allocator's cache: calls with ever new
         # shapes grew the reserved memory by 5 GB over 80 calls in the soak (bench/soak.py). Hand it back.
