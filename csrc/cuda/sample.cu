@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kThreads)
   if (!w.one_hot) {
     const philox::Stream rng(*seed, *offset, kStreamSample, uint32_t(n), 0);
     auto weight = [&](float l, int32_t j) { return w.weight(l, j); };
-    const int32_t winner = split ? race_candidates(row_sums, chunks, row_cands, rng, weight, s)
+    const int32_t winner = split ? race_list(list, rng, weight, s)
                                  : race(row, vocab, rng, weight, s);
     if (winner >= 0) token = winner;  // always: the maximum has weight 1
   }

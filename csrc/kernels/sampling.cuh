@@ -459,10 +459,13 @@ __device__ int32_t race(const T* row, int vocab, const philox::Stream& rng, Weig
 // threshold, mass, race), bound by its instruction rate. Rows with a small top-k (the common case) need only
 // the few tokens at the top, and the race needs only the tokens with positive weight. So:
 //   filter_chunk: one block per chunk of kChunk tokens reads them once, reduces their argmax and emits every
-//     token whose key is at or above floor_key, a lower bound of the chunk's top_k-th largest key found with two
-//     8-bit radix passes (sign, exponent, 7 mantissa bits), so little more than top_k tokens per chunk.
-//   split_warp: one block per row takes the chunk argmaxes, keeps the candidates at or above the largest
-//     floor_key (the row's top_k-th largest key is at least every chunk's) and runs radix_select_by on them.
+//     token whose key is at or above floor_key, the top_k-th largest of its threads' maxima (a lower bound of
+//     the chunk's top_k-th largest key), so little more than top_k tokens per chunk. It also reports rungs, the
+//     2^i-th largest maxima.
+//   split_warp: one block per row takes the chunk argmaxes, bounds the row's top_k-th largest key from below by
+//     the largest floor_key and what the rungs imply, keeps the candidates at or above that bound (about top_k
+//     plus a few dozen) and finds the thresholds on them: one warp sorts a list of up to kWarpList keys (no
+//     block barriers), a longer one runs radix_select_by. sample's race then runs over that list.
 // Every token the row keeps is a candidate (a token below its chunk's top_k-th largest key has top_k tokens
 // above it), so the thresholds, masses and race are those of the whole row, token for token. Greedy rows need
 // only the argmax; rows with top-k off or above max_top_k, or with a chunk of more than kChunkCands candidates
@@ -478,10 +481,13 @@ struct Candidate {
   float logit;
 };
 
+constexpr int kRungs = 7;  // rung i: the 2^i-th largest of a chunk's thread maxima (2^i <= top_k), else 0
+
 struct ChunkSummary {
   u64 best;            // the chunk's argmax entry (order_key << 32 | ~index), keys as row_argmax's
   uint32_t floor_key;  // every token of the chunk with key >= floor_key is a candidate
   int32_t count;       // candidates (more than kChunkCands: only the first are stored); -1: not filtered
+  uint32_t rung[kRungs];  // the chunk holds at least 2^i tokens with key >= rung[i]
 };
 
 __host__ __device__ constexpr int chunks_of(int vocab) { return (vocab + kChunk - 1) / kChunk; }
@@ -494,14 +500,22 @@ __device__ __forceinline__ void count_add(unsigned* hist, unsigned bucket) {
 }
 
 // Block of kFilterThreads threads: chunk `chunk` of one row -> *summary and up to kChunkCands candidates.
+// The floor is the top_k-th largest of the threads' maxima (each thread holds kPer tokens): top_k threads hold a
+// token at or above it, so it bounds the chunk's top_k-th largest key from below, and few tokens beyond the
+// top_k maxima pass it. A two-pass radix select over the 256 maxima (16 bits of key) narrows them to a short
+// list, whose exact ranks give the floor and the rungs (the 2^i-th largest maxima, which split_warp combines
+// over the chunks into a bound on the row's top_k-th key).
 template <typename T>
 __device__ void filter_chunk(const T* row, int vocab, int chunk, float temperature, int32_t top_k, int max_top_k,
                              ChunkSummary* summary, Candidate* cands) {
   constexpr int kWarps = kFilterThreads / 32, kPer = kChunk / kFilterThreads;
-  static_assert(kFilterThreads == 256, "one thread per histogram bucket when the copies are summed");
-  __shared__ unsigned hist[kWarps][256];
+  static_assert(kFilterThreads == 256, "one thread per histogram bucket");
+  static_assert(kMaxSplitTopK <= kFilterThreads, "the floor is a rank among the threads' maxima");
+  __shared__ unsigned hist[256];
+  __shared__ uint32_t top[kFilterThreads];
   __shared__ u64 red[kWarps];
-  __shared__ unsigned digit, digit_above, emitted;
+  __shared__ unsigned digit, digit_above, emitted, n_top;
+  __shared__ uint32_t floor_shared, rung[kRungs];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const bool greedy = is_greedy(temperature);
   const float inv_t = greedy ? 1.f : inverse_temperature(temperature);
@@ -509,40 +523,40 @@ __device__ void filter_chunk(const T* row, int vocab, int chunk, float temperatu
   const bool filter = k > 0 && k <= max_top_k;
   const int base = chunk * kChunk;
   auto index = [&](int i) { return base + ((i / 4) * kFilterThreads + tid) * 4 + i % 4; };  // coalesced groups
-  float l[kPer];
-  uint32_t key[kPer];
+  float l[kPer];  // every load issued before any is used
 #pragma unroll
   for (int i = 0; i < kPer; ++i) l[i] = index(i) < vocab ? to_float(row[index(i)]) : -INFINITY;
+  uint32_t key[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) key[i] = order_key(greedy ? clean_logit(l[i]) : scaled_logit(l[i], inv_t));
   u64 best = 0;
+  uint32_t tmax = 0;  // this thread's largest key (keys of real tokens are > 0; 0 = no token)
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
-    key[i] = order_key(greedy ? clean_logit(l[i]) : scaled_logit(l[i], inv_t));
-    if (index(i) < vocab) best = max(best, (u64(key[i]) << 32) | (0xffffffffu - unsigned(index(i))));
+    if (index(i) < vocab) {
+      best = max(best, (u64(key[i]) << 32) | (0xffffffffu - unsigned(index(i))));
+      tmax = max(tmax, key[i]);
+    }
   }
   best = warp_max(best);
   if (lane == 0) red[warp] = best;
   uint32_t floor_key = 0;
   const int valid = min(kChunk, vocab - base);
-  if (filter && valid > k) {
+  const int holders = min(kFilterThreads, (valid + 3) / 4);  // threads holding a token: the first groups
+  if (tid < kRungs) rung[tid] = 0;
+  if (tid == 0) floor_shared = 0;
+  if (filter && holders >= k) {
     uint32_t prefix = 0, mask = 0;
-    unsigned above = 0;  // tokens with a key above the digits chosen so far
+    unsigned above = 0;  // maxima with a key above the digits chosen so far
     for (int shift = 24; shift >= 16; shift -= 8) {
-      for (int i = tid; i < kWarps * 256; i += kFilterThreads) (&hist[0][0])[i] = 0;
+      hist[tid] = 0;
       __syncthreads();
-#pragma unroll
-      for (int i = 0; i < kPer; ++i)
-        count_add(hist[warp], index(i) < vocab && (key[i] & mask) == prefix ? (key[i] >> shift) & 255u : 256u);
-      __syncthreads();
-      unsigned total = 0;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) total += hist[w][tid];
-      __syncthreads();
-      hist[0][tid] = total;
+      count_add(hist, tmax != 0 && (tmax & mask) == prefix ? (tmax >> shift) & 255u : 256u);
       __syncthreads();
       if (warp == 0) {  // the largest digit d with above + count(digits >= d) >= k; lane l owns 8l..8l+7
         unsigned h[8], mine = 0;
 #pragma unroll
-        for (int b = 0; b < 8; ++b) mine += (h[b] = hist[0][lane * 8 + b]);
+        for (int b = 0; b < 8; ++b) mine += (h[b] = hist[lane * 8 + b]);
         unsigned suffix = mine;
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {
@@ -562,20 +576,47 @@ __device__ void filter_chunk(const T* row, int vocab, int chunk, float temperatu
         int chosen = d;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) chosen = max(chosen, __shfl_xor_sync(kFullMask, chosen, o));
-        if (d >= 0 && d == chosen) {  // valid > k tokens: some digit always qualifies
+        if (d >= 0 && d == chosen) {  // holders >= k maxima: some digit always qualifies
           digit = unsigned(d);
           digit_above = run_above;
-        } else if (chosen < 0 && lane == 0) {  // unreachable; digit 0 keeps a lower bound (more candidates)
+        } else if (chosen < 0 && lane == 0) {  // unreachable; digit 0 keeps a lower bound (a longer list)
           digit = 0;
           digit_above = above;
         }
+        if (lane == 0) n_top = 0;
       }
       __syncthreads();
       prefix |= digit << shift;
       mask |= 0xffu << shift;
       above = digit_above;
     }
-    floor_key = prefix;
+    // The maxima at or above the 16-bit bound (at least k of them), then their exact ranks.
+    const bool in = tmax != 0 && tmax >= prefix;
+    const unsigned ballot = __ballot_sync(kFullMask, in);
+    unsigned first = 0;
+    if (lane == 0 && ballot) first = atomicAdd(&n_top, unsigned(__popc(ballot)));
+    first = __shfl_sync(kFullMask, first, 0);
+    if (in) top[first + __popc(ballot & ((1u << lane) - 1u))] = tmax;
+    __syncthreads();
+    const int n = int(n_top);
+    if (tid < n) {
+      const uint32_t x = top[tid];
+      int greater = 0, at_least = 0;
+      bool first_of_ties = true;  // only one thread of a tie writes
+      for (int j = 0; j < n; ++j) {
+        greater += top[j] > x;
+        at_least += top[j] >= x;
+        first_of_ties &= !(j < tid && top[j] == x);
+      }
+      if (first_of_ties) {
+        if (greater < k && k <= at_least) floor_shared = x;
+#pragma unroll
+        for (int i = 0; i < kRungs; ++i)
+          if ((1 << i) <= k && greater < (1 << i) && (1 << i) <= at_least) rung[i] = x;
+      }
+    }
+    __syncthreads();
+    floor_key = floor_shared;
   }
   if (tid == 0) emitted = 0;
   __syncthreads();
@@ -588,14 +629,17 @@ __device__ void filter_chunk(const T* row, int vocab, int chunk, float temperatu
       if (lane == 0 && ballot) first = atomicAdd(&emitted, unsigned(__popc(ballot)));
       first = __shfl_sync(kFullMask, first, 0);
       const unsigned slot = first + __popc(ballot & ((1u << lane) - 1u));
-      if (take && slot < unsigned(kChunkCands)) cands[slot] = Candidate{index(i), l[i]};
+      if (take && slot < unsigned(kChunkCands)) cands[slot] = Candidate{index(i), to_float(row[index(i)])};  // reloaded (cached): frees kPer registers
     }
     __syncthreads();
   }
   if (tid == 0) {
     u64 b = 0;
     for (int w = 0; w < kWarps; ++w) b = max(b, red[w]);
-    *summary = ChunkSummary{b, floor_key, filter ? int32_t(emitted) : -1};
+    ChunkSummary cs{b, floor_key, filter ? int32_t(emitted) : -1, {}};
+#pragma unroll
+    for (int i = 0; i < kRungs; ++i) cs.rung[i] = rung[i];
+    *summary = cs;
   }
 }
 
@@ -603,7 +647,7 @@ __device__ void filter_chunk(const T* row, int vocab, int chunk, float temperatu
 // (In an unnamed namespace: each op's translation unit gets its own copy of the kernel.)
 namespace {
 template <typename T>
-__global__ void __launch_bounds__(kFilterThreads)
+__global__ void __launch_bounds__(kFilterThreads, 4)
     filter_kernel(const T* __restrict__ logits, int vocab, int per_param, const float* __restrict__ temperature,
                   const int32_t* __restrict__ top_k, int max_top_k, ChunkSummary* __restrict__ sums,
                   Candidate* __restrict__ cands) {
@@ -616,7 +660,103 @@ __global__ void __launch_bounds__(kFilterThreads)
 struct ListScratch {
   Candidate c[kRowCands];
   unsigned n;
+  uint32_t keep_key;  // warp_thresholds' results, for the whole block
+  u64 mass;
 };
+
+// Lists of at most kWarpList candidates are finished by one warp (no block barriers): 4 keys per lane.
+constexpr int kWarpList = 128;
+static_assert(kMaxSplitTopK <= kWarpList, "the top_k-th key is in the sorted list");
+
+// Sorts the warp's 128 keys (v[j] of lane l is element 4l + j) into descending order: a bitonic network,
+// exchanging across lanes for strides of 4 and more.
+__device__ __forceinline__ void warp_sort_descending(uint32_t (&v)[4]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int size = 2; size <= kWarpList; size <<= 1) {
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      if (stride >= 4) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int i = lane * 4 + j;
+          const uint32_t other = __shfl_xor_sync(kFullMask, v[j], stride >> 2);
+          const bool keep_max = ((i & stride) == 0) == ((i & size) == 0);
+          v[j] = keep_max ? max(v[j], other) : min(v[j], other);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (j & stride) continue;
+          const int i = lane * 4 + j;
+          const uint32_t a = v[j], b = v[j | stride];
+          const bool descending = (i & size) == 0;
+          if (descending ? a < b : a > b) {
+            v[j] = b;
+            v[j | stride] = a;
+          }
+        }
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t pick(const uint32_t (&v)[4], int j) {
+  return j == 0 ? v[0] : j == 1 ? v[1] : j == 2 ? v[2] : v[3];
+}
+
+// The thresholds of radix_select_by (top-k, then top-p) over a list of n <= kWarpList candidates, by sorting
+// their keys: the top_k-th key, then the largest key whose at-or-above mass reaches the top-p target, and that
+// mass (fixed point, so exactly the radix passes' sums). Warp 0 calls it; the results go to list.keep_key/mass.
+__device__ inline void warp_thresholds(ListScratch& list, int n, int32_t k, float top_p, const Warp& w) {
+  const int lane = threadIdx.x & 31;
+  uint32_t v[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int i = lane * 4 + j;
+    v[j] = i < n ? order_key(scaled_logit(list.c[i].logit, w.inv_temperature)) : 0u;  // 0: below every key
+  }
+  warp_sort_descending(v);
+  const uint32_t kth = __shfl_sync(kFullMask, pick(v, (k - 1) & 3), (k - 1) >> 2);
+  u64 m[4], lane_mass = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    m[j] = v[j] >= kth ? fixed_mass(exp_weight(key_float(v[j]) - w.zmax)) : 0;
+    lane_mass += m[j];
+  }
+  const u64 total = warp_sum(lane_mass);
+  uint32_t keep = kth;
+  u64 mass = total;
+  if (top_p_active(top_p)) {
+    const u64 target = top_p_target(top_p, total);
+    u64 before = lane_mass;  // inclusive scan over lanes, then made exclusive
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const u64 t = __shfl_up_sync(kFullMask, before, o);
+      if (lane >= o) before += t;
+    }
+    before -= lane_mass;
+    int first = kWarpList;  // the first sorted position whose running mass reaches the target
+#pragma unroll
+    for (int j = 3; j >= 0; --j) {
+      u64 run = before;
+#pragma unroll
+      for (int q = 0; q <= j; ++q) run += m[q];
+      if (run >= target) first = lane * 4 + j;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) first = min(first, __shfl_xor_sync(kFullMask, first, o));
+    keep = __shfl_sync(kFullMask, pick(v, first & 3), first >> 2);
+    u64 kept = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) kept += v[j] >= keep ? m[j] : 0;
+    mass = warp_sum(kept);
+  }
+  if (lane == 0) {
+    list.keep_key = keep;
+    list.mass = mass;
+  }
+}
 
 // The row's warp from the filter's output, when the candidates suffice (else false: call warp_row). One-hot
 // rows are always done here (argmax only). All threads call it and get the same.
@@ -641,6 +781,23 @@ __device__ inline bool split_warp(int vocab, float temperature, int32_t top_k, f
   if (w.one_hot) return true;
   const int32_t k = effective_top_k(top_k, vocab);
   if (block_reduce<true>(unfiltered, s) != 0 || !(k > 0 && k <= max_top_k)) return false;
+  // A bound on the row's top_k-th key from the rungs: when m = ceil(k / 2^i) chunks have rung i >= x, the row
+  // holds m * 2^i >= k tokens >= x. Thread t ranks rung t / chunks of chunk t % chunks among that rung's.
+  uint32_t* rungs = reinterpret_cast<uint32_t*>(&s.sub[0][0]);
+  static_assert(sizeof(s.sub) >= sizeof(uint32_t) * kRungs * 256, "rungs of up to 256 chunks fit the scratch");
+  for (int t = threadIdx.x; t < kRungs * chunks; t += blockDim.x) rungs[t] = sums[t % chunks].rung[t / chunks];
+  __syncthreads();
+  for (int t = threadIdx.x; t < kRungs * chunks; t += blockDim.x) {
+    const int i = t / chunks, r = 1 << i, m = (k + r - 1) / r;
+    const uint32_t x = rungs[t];
+    if (r > k || m > chunks || x == 0) continue;
+    int greater = 0, at_least = 0;
+    for (int c = 0; c < chunks; ++c) {
+      greater += rungs[i * chunks + c] > x;
+      at_least += rungs[i * chunks + c] >= x;
+    }
+    if (greater < m && m <= at_least) floor_key = max(floor_key, u64(x));
+  }
   const uint32_t row_floor = uint32_t(block_reduce<true>(floor_key, s));
   if (threadIdx.x == 0) list.n = 0;
   __syncthreads();
@@ -665,6 +822,13 @@ __device__ inline bool split_warp(int vocab, float temperature, int32_t top_k, f
   __syncthreads();
   const int n = int(list.n);
   if (n > kRowCands) return false;
+  if (n <= kWarpList) {  // n >= k: the list holds every token at or above the row's top_k-th key
+    if (threadIdx.x < 32) warp_thresholds(list, n, k, top_p, w);
+    __syncthreads();
+    w.keep_key = list.keep_key;
+    w.mass = float(double(list.mass) * kMassUnit);
+    return true;
+  }
   const int rounds = (n + int(blockDim.x) - 1) / int(blockDim.x);
   auto visit = [&](auto&& f) {
     for (int r = 0; r < rounds; ++r) {
@@ -682,6 +846,24 @@ __device__ inline bool split_warp(int vocab, float temperature, int32_t top_k, f
   }
   w.mass = float(double(mass) * kMassUnit);
   return true;
+}
+
+// The exponential race over the list split_warp left (every token of positive weight under its warp).
+template <typename WeightFn>
+__device__ int32_t race_list(const ListScratch& list, const philox::Stream& rng, WeightFn&& weight_fn, Scratch& s) {
+  u64 best = 0;
+  const int n = int(list.n);
+  const bool one_warp = n <= kWarpList;  // as split_warp: warp 0 alone, no barrier; the other threads get -1
+  if (one_warp && threadIdx.x >= 32) return -1;
+  for (int i = threadIdx.x; i < n; i += one_warp ? 32 : int(blockDim.x)) {
+    const Candidate cand = list.c[i];
+    const float x = weight_fn(cand.logit, cand.index);
+    if (x > 0.f) {
+      const philox::Block r = rng.group(uint32_t(cand.index) >> 2);
+      best = max(best, u64(race_entry(race_score(x, r.v[cand.index & 3]), cand.index)));
+    }
+  }
+  return race_winner(one_warp ? warp_max(best) : block_reduce<true>(best, s));
 }
 
 // The exponential race over a filtered row's chunk candidates (as race over the row: tokens outside them have

@@ -1,0 +1,89 @@
+"""Run sample and speculative_verify on a few shapes of bench_sampling.py, a few calls each, for Nsight Compute:
+
+    ncu --clock-control none -k regex:"filter|finish|probs|warp_rows|verify" --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \
+        python bench/profile_sampling.py sample:1 sample:128 verify:1:4 verify-greedy:128:4
+
+A shape is OP:B[:k] with OP in sample, verify, verify-greedy (V = 151936, bf16 logits, the warp of
+bench_sampling.py: T 0.8, top-k 50, top-p 0.95). Each shape runs --calls times after one warm-up call; the
+counters come from ncu. Without ncu the script prints each shape's median time per call (no L2 flush:
+bench_sampling.py is the benchmark).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_sampling import TEMPERATURE, TOP_K, TOP_P  # noqa: E402
+
+OPS = ("sample", "verify", "verify-greedy")
+
+
+def parse(spec: str) -> tuple[str, int, int]:
+    parts = spec.split(":")
+    try:
+        op, batch = parts[0], int(parts[1])
+        k = int(parts[2]) if len(parts) > 2 else 4
+    except (IndexError, ValueError):
+        op, batch, k = "", 0, 0
+    if op not in OPS or batch < 1 or not 1 <= k <= 16 or len(parts) > 3:
+        sys.exit(f"shape {spec!r} is not OP:B[:k] with OP in {OPS}, B >= 1 and 1 <= k <= 16")
+    return op, batch, k
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("shapes", nargs="+", help="OP:B[:k]")
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--calls", type=int, default=3)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("profile_sampling.py needs a GPU")
+    from pass_ext import ops
+    dev, V = "cuda", args.vocab
+    seed = torch.tensor([1234], device=dev)
+    offset = torch.tensor([0], device=dev)
+    for spec in args.shapes:
+        op, B, k = parse(spec)
+        temperature = torch.full((B,), TEMPERATURE, device=dev)
+        top_k = torch.full((B,), TOP_K, dtype=torch.int32, device=dev)
+        top_p = torch.full((B,), TOP_P, device=dev)
+        if op == "sample":
+            logits = (torch.randn(B, V, device=dev) * 3).bfloat16()
+            out = torch.empty(B, dtype=torch.long, device=dev)
+            call = lambda: ops.sample(logits, temperature, top_k, top_p, seed, offset, out=out)  # noqa: E731
+        else:
+            target = (torch.randn(B, k + 1, V, device=dev) * 3).bfloat16()
+            out_tokens = torch.empty(B, k + 1, dtype=torch.long, device=dev)
+            accepted = torch.empty(B, dtype=torch.int32, device=dev)
+            if op == "verify":
+                q = torch.empty(B * k, V, device=dev)
+                drafts = ops.sample(target[:, :k].reshape(B * k, V), temperature.repeat_interleave(k),
+                                    top_k.repeat_interleave(k), top_p.repeat_interleave(k), seed, offset,
+                                    probs_out=q).reshape(B, k)
+                q = q.reshape(B, k, V)
+            else:
+                drafts, q, temperature = target.argmax(-1)[:, :k].contiguous(), None, torch.zeros_like(temperature)
+            call = lambda: ops.speculative_verify(target, drafts, q, temperature, top_k, top_p,  # noqa: E731
+                                                  seed, offset, out_tokens, accepted)
+        call()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(args.calls):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        print(f"{spec}: {statistics.median(times):.1f} µs per call (median of {args.calls}, L2 warm)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
