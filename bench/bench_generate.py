@@ -56,11 +56,30 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gener
 ROW_FIELDS = dict(projected=False, status="ok", note="", new_tokens=None, k=None, tokens_per_s=None,
                   tokens_per_s_runs=None, speedup_vs_ar=None, decode_tokens_per_s=None, decode_speedup_vs_ar=None,
                   tokens_per_forward=None, acceptance_by_position=None, step_s=None, roofline_pct=None,
-                  differing_rows=None, rows_compared=None, near_ties=None, max_tie_ulps=None, tpf_source=None)
+                  differing_rows=None, rows_compared=None, near_ties=None, max_tie_ulps=None, tpf_source=None,
+                  auto_inputs=None)
 NEAR_TIE_ULPS = 4  # a divergence is a near-tie when the two tokens' logits lie within this many bf16/fp16 ulps
 
 
 # ---- small helpers -------------------------------------------------------------------------------------------
+def auto_inputs(model, batch: int, sampled: bool) -> dict:
+    """What lookahead='auto' decided from, for a batch and setting: the step costs it measured per context
+    bucket (ms per step, k 0 = plain decoding), the running acceptance per draft position after the timed calls,
+    and the speed-up over k = 0 it predicted for each k (the ratio of expected tokens per step to step cost),
+    to compare with the measured speed-up of the row."""
+    from pass_ext import autotune
+    acceptance = autotune.acceptance_of(model.lookahead, sampled)
+    base = 1  # the auto rows run fused PaSS
+    costs: dict = {}
+    for (method, b, ctx, samp, k), sec in model.__dict__.get("step_costs", {}).items():
+        if b == batch and samp == sampled and method in ("ar", "pass"):
+            costs.setdefault(ctx, {})[k] = sec
+    predicted = {ctx: {k: round(autotune.expected_tokens(acceptance or [], k, base) * c[0] / sec, 3)
+                       for k, sec in sorted(c.items())} for ctx, c in costs.items() if 0 in c}
+    return dict(step_ms={ctx: {k: round(sec * 1e3, 4) for k, sec in sorted(c.items())} for ctx, c in costs.items()},
+                acceptance=[round(a, 4) for a in acceptance] if acceptance else None, predicted_speedup=predicted)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -408,6 +427,8 @@ class Bench:
                    tokens_per_forward=out.stats.tokens_per_forward, forward_passes=out.stats.forward_passes,
                    acceptance_by_position=out.stats.acceptance_by_position)
         row["tokens_per_s"] = median(row["tokens_per_s_runs"])
+        if method == "pass-auto":
+            row["auto_inputs"] = auto_inputs(model, B, setting != "greedy")
         if runs[0][1] is not None:  # decode time = the call minus its (timed) prefill
             decode = median([d for _, d, _ in runs])
             row["decode_tokens_per_s"] = tokens / decode
