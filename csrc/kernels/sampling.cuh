@@ -629,7 +629,8 @@ __device__ void filter_chunk(const T* row, int vocab, int chunk, float temperatu
       if (lane == 0 && ballot) first = atomicAdd(&emitted, unsigned(__popc(ballot)));
       first = __shfl_sync(kFullMask, first, 0);
       const unsigned slot = first + __popc(ballot & ((1u << lane) - 1u));
-      if (take && slot < unsigned(kChunkCands)) cands[slot] = Candidate{index(i), to_float(row[index(i)])};  // reloaded (cached): frees kPer registers
+      // The logit is loaded again (a cache hit) rather than kept: that frees kPer registers.
+      if (take && slot < unsigned(kChunkCands)) cands[slot] = Candidate{index(i), to_float(row[index(i)])};
     }
     __syncthreads();
   }
