@@ -5,22 +5,21 @@
         python bench/profile_sampling.py sample:1 sample:128 verify:1:4 verify-greedy:128:4
 
 A shape is OP:B[:k] with OP in sample, verify, verify-greedy (V = 151936, bf16 logits, the warp of
-bench_sampling.py: T 0.8, top-k 50, top-p 0.95). Each shape runs --calls times after one warm-up call; the
-counters come from ncu. Without ncu the script prints each shape's median time per call (no L2 flush:
-bench_sampling.py is the benchmark).
+bench_sampling.py: T 0.8, top-k 50, top-p 0.95). Each shape runs --calls times after three warm-up calls,
+timed as bench_sampling.py times them (its time_us: L2 flushed before each); the counters come from ncu, and
+the printed median is what the shape costs outside it.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_sampling import TEMPERATURE, TOP_K, TOP_P  # noqa: E402
+from bench_sampling import TEMPERATURE, TOP_K, TOP_P, time_us  # noqa: E402
 
 OPS = ("sample", "verify", "verify-greedy")
 
@@ -48,6 +47,7 @@ def main() -> None:
     from pass_ext import ops
     dev, V = "cuda", args.vocab
     seed = torch.tensor([1234], device=dev)
+    flush = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=dev)
     offset = torch.tensor([0], device=dev)
     for spec in args.shapes:
         op, B, k = parse(spec)
@@ -72,18 +72,8 @@ def main() -> None:
                 drafts, q, temperature = target.argmax(-1)[:, :k].contiguous(), None, torch.zeros_like(temperature)
             call = lambda: ops.speculative_verify(target, drafts, q, temperature, top_k, top_p,  # noqa: E731
                                                   seed, offset, out_tokens, accepted)
-        call()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(args.calls):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        print(f"{spec}: {statistics.median(times):.1f} µs per call (median of {args.calls}, L2 warm)", flush=True)
-
+        us = time_us(call, args.calls, flush)
+        print(f"{spec}: {us:.1f} µs per call (median of {args.calls}, L2 flushed)", flush=True)
 
 if __name__ == "__main__":
     main()
