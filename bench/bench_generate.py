@@ -65,7 +65,8 @@ NEAR_TIE_ULPS = 4  # a divergence is a near-tie when the two tokens' logits lie 
 def auto_inputs(model, batch: int, sampled: bool) -> dict:
     """What lookahead='auto' decided from, for a batch and setting: the step costs it measured per context
     bucket (ms per step, k 0 = plain decoding), the running acceptance per draft position after the timed calls,
-    and the speed-up over k = 0 it predicted for each k (the ratio of expected tokens per step to step cost),
+    the batch efficiency (pass_ext.autotune.record_efficiency), and the per-step speed-up over k = 0 it predicts
+    for each k (the batch's expected tokens per step over the step cost; auto also rounds steps per call),
     to compare with the measured speed-up of the row."""
     from pass_ext import autotune
     acceptance = autotune.acceptance_of(model.lookahead, sampled)
@@ -74,10 +75,13 @@ def auto_inputs(model, batch: int, sampled: bool) -> dict:
     for (method, b, ctx, samp, k), sec in model.__dict__.get("step_costs", {}).items():
         if b == batch and samp == sampled and method in ("ar", "pass"):
             costs.setdefault(ctx, {})[k] = sec
-    predicted = {ctx: {k: round(autotune.expected_tokens(acceptance or [], k, base) * c[0] / sec, 3)
+    eff = autotune.efficiency_of(model, sampled, batch)
+    predicted = {ctx: {k: round((1.0 if k == 0 else base + eff * (autotune.expected_tokens(acceptance or [], k, base)
+                                                                   - base)) * c[0] / sec, 3)
                        for k, sec in sorted(c.items())} for ctx, c in costs.items() if 0 in c}
     return dict(step_ms={ctx: {k: round(sec * 1e3, 4) for k, sec in sorted(c.items())} for ctx, c in costs.items()},
-                acceptance=[round(a, 4) for a in acceptance] if acceptance else None, predicted_speedup=predicted)
+                acceptance=[round(a, 4) for a in acceptance] if acceptance else None, batch_efficiency=round(eff, 4),
+                predicted_speedup=predicted)
 
 
 def sync(device: torch.device) -> None:

@@ -11,6 +11,10 @@ decoding, 2 for paper mode, whose drafting pass also emits a token). Auto picks 
 - Acceptance is measured too: every PaSS call updates a running average per position on the look-ahead
   embeddings (`lookahead.meta["acceptance"]`, greedy and sampled kept apart); the first guess comes from the
   acceptance measured when the embeddings were made, stored in the same field of their file.
+- A batch finishes with its slowest row, and the host looks at the rows only every `sync_every` steps, so a
+  call runs ceil_to(sync_every, max_new_tokens / E_batch) steps, not max_new_tokens / E(k): E_batch is the gain
+  of the slowest row. Auto scores whole calls that way: E_batch(k) = base + e (E(k) - base), with e, the batch
+  efficiency, measured per (batch size, setting) after every PaSS call (`record_efficiency`; 1 at B = 1).
 """
 from __future__ import annotations
 
@@ -72,23 +76,69 @@ def record_acceptance(la, sampled: bool, histogram: list) -> None:
 HYSTERESIS = 0.05  # keep the previous call's k unless another scores this much better
 
 
-def choose_k(costs: dict, acceptance: Optional[list], base: int, max_k: int, previous: Optional[int] = None) -> int:
+def call_steps(new_tokens: int, tokens_per_step: float, sync_every: int = 1) -> int:
+    """Steps a call runs to emit new_tokens at tokens_per_step: the host stops the loop on a multiple of
+    sync_every."""
+    steps = math.ceil(new_tokens / max(tokens_per_step, 1e-9) - 1e-9)
+    return -(-max(steps, 1) // sync_every) * sync_every
+
+
+def choose_k(costs: dict, acceptance: Optional[list], base: int, max_k: int, previous: Optional[int] = None,
+             new_tokens: Optional[int] = None, sync_every: int = 1, efficiency: float = 1.0) -> int:
     """argmax_k E(k) / cost(k) over the measured costs {k: seconds} (k = 0 costs plain decoding). Without
     an acceptance estimate, the largest k that could still win even if every draft were accepted.
 
+    With `new_tokens`, a whole call is scored instead: tokens / (call_steps(new_tokens, E_batch(k),
+    sync_every) * cost(k)), E_batch(k) = base + efficiency * (E(k) - base) (see `record_efficiency`).
+
     `previous` (the k chosen for the same bucket last time) stays unless the best scores more than HYSTERESIS
-    better: the running acceptance moves a little after every call, and a new k means a new workspace and a
+    better, or it scores below k = 0: the running acceptance moves a little after every call, and a new k means a new workspace and a
     new CUDA graph capture, which costs more than a near-tie in E(k)/cost(k) gains."""
     ar = costs.get(0)
     if acceptance is None:
         best = max((k for k in costs if k > 0 and k <= max_k and (k + base) / costs[k] > 1.0 / ar), default=0)
         return best
-    score = {k: (1.0 if k == 0 else expected_tokens(acceptance, k, base)) / c for k, c in costs.items()
-             if k <= max_k}
+    def gain(k):
+        return 1.0 if k == 0 else base + efficiency * (expected_tokens(acceptance, k, base) - base)
+    if new_tokens is None:
+        score = {k: gain(k) / c for k, c in costs.items() if k <= max_k}
+    else:
+        score = {k: 1.0 / (call_steps(new_tokens, gain(k), sync_every) * c) for k, c in costs.items() if k <= max_k}
     best = max(score, key=lambda k: (score[k], -k))
-    if previous in score and score[previous] * (1 + HYSTERESIS) >= score[best]:
+    # Never keep a k that scores below plain decoding: the hysteresis only spares near-ties between winners.
+    if previous in score and score[previous] * (1 + HYSTERESIS) >= score[best] and (
+            previous == 0 or 0 not in score or score[previous] >= score[0]):
         return previous
     return best
+
+
+def record_efficiency(model, sampled: bool, batch: int, new_tokens: list, active_forwards: list,
+                      passes_per_step: int = 1, base: int = 1, min_gain: float = 0.05) -> None:
+    """Fold one PaSS call into the batch efficiency e of (setting, batch). Per step (passes_per_step
+    forwards), the batch got G = max_b tokens_b / max_b steps_b (it ran until its slowest row was done); the
+    acceptance predicts the mean over rows, E = mean_b tokens_b / steps_b; e = (G - base) / (E - base),
+    clipped to [0, 1] (base: the tokens a step yields with no draft accepted). Calls whose rows gained less
+    than `min_gain` over base say nothing about e and are skipped."""
+    rows = [(n, a / passes_per_step) for n, a in zip(new_tokens, active_forwards) if a > 0]
+    if not rows:
+        return
+    mean_gain = sum(n / a for n, a in rows) / len(rows)
+    if mean_gain - base < min_gain:
+        return
+    batch_gain = max(n for n, _ in rows) / max(a for _, a in rows)
+    e = min(max((batch_gain - base) / (mean_gain - base), 0.0), 1.0)
+    table = model.__dict__.setdefault("auto_efficiency", {})
+    key = (_setting(sampled), batch)
+    table[key] = e if key not in table else (1 - EMA) * table[key] + EMA * e
+
+
+def efficiency_of(model, sampled: bool, batch: int) -> float:
+    """The batch efficiency for (setting, batch): measured, else that of the largest smaller batch measured
+    (stragglers only get worse with more rows), else 1 (a single row is its own slowest row)."""
+    table = model.__dict__.get("auto_efficiency", {})
+    setting = _setting(sampled)
+    known = sorted(b for s, b in table if s == setting and b <= batch)
+    return table[(setting, known[-1])] if known else 1.0
 
 
 def context_bucket(n: int) -> int:

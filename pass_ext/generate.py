@@ -301,7 +301,9 @@ def generate(
         bucket = (method, B, autotune.context_bucket(context), sampled)
         k = chosen[bucket] = autotune.choose_k(costs, autotune.acceptance_of(model.lookahead, sampled),
                                                base=2 if method == "pass-paper" else 1, max_k=model.lookahead.k,
-                                               previous=chosen.get(bucket))
+                                               previous=chosen.get(bucket), new_tokens=max_new_tokens,
+                                               sync_every=sync_every,
+                                               efficiency=autotune.efficiency_of(model, sampled, B))
         if k == 0:
             engine_method = "ar"
 
@@ -361,10 +363,13 @@ def generate(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     elapsed = time.perf_counter() - t0
+    out = _output(rows, out_rows, stats, method, k, elapsed, pad)
     if engine_method in ("pass", "pass-paper"):
         from . import autotune
         autotune.record_acceptance(model.lookahead, sampled, stats.hist.tolist())
-    out = _output(rows, out_rows, stats, method, k, elapsed, pad)
+        autotune.record_efficiency(model, sampled, B, out.num_new_tokens.tolist(), stats.active_forwards.tolist(),
+                                   passes_per_step=engine_cls.passes_per_step,
+                                   base=2 if engine_method == "pass-paper" else 1)
     out.stats.prefill_s = prefill_s
     return out
 

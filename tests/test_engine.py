@@ -311,6 +311,45 @@ def test_autotune_choice_and_running_acceptance():
     assert autotune.choose_k(near, [0.4, 0.04], 1, 2, previous=1) == 1     # within 5%: keep 1
     assert autotune.choose_k(near, [0.4, 0.04], 1, 2, previous=0) == 2     # 1.0 vs 1.416: switch
 
+    # hysteresis never keeps a k that scores below plain decoding
+    assert autotune.choose_k({0: 1.0, 1: 1.2}, [0.18], 1, 1) == 0              # 1.18/1.2 < 1
+    assert autotune.choose_k({0: 1.0, 1: 1.2}, [0.18], 1, 1, previous=1) == 0  # within 5%, but below k = 0
+
+
+def test_autotune_scores_whole_calls_with_the_batch_efficiency():
+    """SmolLM2 at B = 8 on the H200: k = 1 steps cost 1.21x plain decoding's, rows averaged 1.30 tokens per
+    step, but the batch ran until its slowest row (1.19) and the host stopped on a multiple of 4 steps: 56
+    steps instead of 64, a 0.95x call. The per-step score picked k = 1; the call score must not."""
+    from pass_ext import autotune
+    assert autotune.call_steps(64, 1.0, 4) == 64
+    assert autotune.call_steps(64, 1.3, 4) == 52          # 49.2 -> 50 -> 52
+    assert autotune.call_steps(64, 1.19, 1) == 54
+    assert autotune.call_steps(1, 3.0, 4) == 4
+    costs = {0: 1.21e-3, 1: 1.46e-3}
+    assert autotune.choose_k(costs, [0.30], 1, 1) == 1                           # per step: 1.30/1.21 > 1
+    assert autotune.choose_k(costs, [0.30], 1, 1, new_tokens=64, sync_every=4) == 1  # 52 steps: still a win
+    assert autotune.choose_k(costs, [0.30], 1, 1, new_tokens=64, sync_every=4, efficiency=0.6) == 0  # 56 steps
+
+    class M:
+        pass
+    model = M()
+    assert autotune.efficiency_of(model, False, 8) == 1.0                  # nothing measured
+    # rows: 64 tokens each in 49..54 forwards (mean 1.24 per step); the batch took 54: G = 1.185
+    autotune.record_efficiency(model, False, 8, [64] * 4, [49, 50, 52, 54])
+    mean = sum(64 / a for a in [49, 50, 52, 54]) / 4
+    e = (64 / 54 - 1) / (mean - 1)
+    assert autotune.efficiency_of(model, False, 8) == pytest.approx(e)
+    assert autotune.efficiency_of(model, False, 32) == pytest.approx(e)    # the largest smaller batch measured
+    assert autotune.efficiency_of(model, False, 4) == 1.0
+    assert autotune.efficiency_of(model, True, 8) == 1.0                   # settings kept apart
+    autotune.record_efficiency(model, False, 8, [64] * 2, [64, 64])        # no gain: says nothing
+    assert autotune.efficiency_of(model, False, 8) == pytest.approx(e)
+    autotune.record_efficiency(model, False, 8, [64, 64], [40, 40])        # every row alike: e = 1
+    assert autotune.efficiency_of(model, False, 8) == pytest.approx(0.7 * e + 0.3)
+    # paper mode: two forwards a step, base 2 tokens a step
+    autotune.record_efficiency(model, False, 1, [60], [40], passes_per_step=2, base=2)
+    assert autotune.efficiency_of(model, False, 1) == 1.0
+
     class LA:
         meta = {}
     autotune.record_acceptance(LA, False, [10, 10, 20])     # reached: 40, 30, 20 -> a = 0.75, 0.667
