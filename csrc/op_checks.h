@@ -42,8 +42,11 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_new, c
     TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
                 t.scalar_type());
     check_same_device(q, t, name);
-    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   }
+  // k_new / v_new may be any view (the launchers copy what their kernels cannot read in place); the
+  // tensors the op writes must be contiguous.
+  for (const auto& [t, name] : {std::pair{k_cache, "k_cache"}, {v_cache, "v_cache"}, {out, "out"}})
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(q.is_contiguous(), "q must be contiguous");
   check_same_device(q, cache_lens, "cache_lens");
   TORCH_CHECK(cache_lens.is_contiguous(), "cache_lens must be contiguous");
@@ -55,6 +58,18 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_new, c
     check_same_device(q, m, "tree_mask");
     TORCH_CHECK(m.is_contiguous(), "tree_mask must be contiguous");
   }
+}
+
+// Elements between consecutive new tokens of k_new / v_new [B, Q, Hkv, D] when a kernel can read the tensor
+// in place: heads and channels contiguous within a token, token (b, j) at (b * Q + j) * stride (a slice of a
+// contiguous [B, Q, ...] tensor, such as the k or v part of a fused qkv projection); 0 when it cannot.
+inline int64_t token_stride(const at::Tensor& t) {
+  const int64_t B = t.size(0), Q = t.size(1), H = t.size(2), D = t.size(3);
+  if (t.is_contiguous()) return H * D;
+  if (t.stride(3) != 1 || (H > 1 && t.stride(2) != D)) return 0;
+  const int64_t tok = Q > 1 ? t.stride(1) : t.stride(0);
+  if (Q > 1 && B > 1 && t.stride(0) != Q * tok) return 0;
+  return tok >= H * D ? tok : 0;
 }
 
 // Checks shared by sample and speculative_verify: per-row sampling parameters and the RNG tensors.

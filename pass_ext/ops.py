@@ -55,7 +55,8 @@ def attention_with_kv_cache(
 
     Args:
         q: [B, Q, Hq, D] (all >= 1) queries of the new tokens (float32/float64 on CPU; float32/bf16/fp16 on CUDA).
-        k_new, v_new: [B, Q, Hkv, D] keys/values of the new tokens, Hq a multiple of Hkv (GQA).
+        k_new, v_new: [B, Q, Hkv, D] keys/values of the new tokens, Hq a multiple of Hkv (GQA); any strides
+            (views of a fused [B, Q, (Hq + 2 Hkv) D] projection are read in place on CUDA).
         k_cache, v_cache: [B, Hkv, S_max, D], **mutated**: new token j of row b is written at slot
             cache_lens[b] + j. Slots at or past S_max are never written (CPU raises when a row would
             overflow; CUDA cannot raise without a host sync, so it skips those slots and clamps reads).
@@ -77,9 +78,11 @@ def attention_with_kv_cache(
     if out is None:
         out = torch.empty_like(q)
     # Read-only inputs are made contiguous here (a no-op when they are); the caches and out are written in
-    # place, so they must be contiguous already and the op says so otherwise.
+    # place, so they must be contiguous already and the op says so otherwise. k_new / v_new go as they are:
+    # the CUDA kernels read the k and v slices of a fused qkv projection in place, and the op copies any
+    # other layout itself.
     torch.ops.pass_ext.attention_with_kv_cache(
-        q, k_new.contiguous(), v_new.contiguous(), k_cache, v_cache, cache_lens.contiguous(),
+        q, k_new, v_new, k_cache, v_cache, cache_lens.contiguous(),
         None if tree_mask is None else tree_mask.contiguous(), float(scale), out)
     return out
 

@@ -9,7 +9,9 @@
 namespace pass_ext::kernels {
 
 // Everything the kernels need, on raw pointers. Element type T is one of float, __half, __nv_bfloat16.
-//   q [B,Q,Hq,D], k_new/v_new [B,Q,Hkv,D], k_cache/v_cache [B,Hkv,S,D], out [B,Q,Hq,D], cache_lens [B],
+//   q [B,Q,Hq,D], k_new/v_new [B,Q,Hkv,D] with token (b, j) at element (b*Q + j) * k_tok / v_tok (heads and
+//   channels contiguous within a token: the k/v slices of a fused qkv projection need no copy),
+//   k_cache/v_cache [B,Hkv,S,D], out [B,Q,Hq,D], cache_lens [B],
 //   tree_mask [Q, mask_words] bit-packed (nullptr = causal),
 //   part_acc [B*Hkv, splits, R, D] fp32 and part_ml [B*Hkv, splits, R] (max, sum), used when splits > 1.
 // A block's "rows" are the R = Q*G query rows that share one KV head: row r is new token r / G of
@@ -25,6 +27,7 @@ struct AttentionParams {
   void* out;
   float* part_acc;
   float2* part_ml;
+  int64_t k_tok, v_tok;  // elements between consecutive new tokens of k_new / v_new (Hkv * D when contiguous)
   int B, Q, Hq, Hkv, D, S;
   int G, R, mask_words, splits;
   float scale_log2;  // softmax scale * log2(e): scores live in the log2 domain (exp2f is one instruction)
@@ -191,10 +194,12 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
         const int j = lin + (idx / cpr) * nblk, c = idx % cpr;
         const int64_t slot = int64_t(len) + j;
         if (slot < 0 || slot >= p.S) continue;
-        const int64_t src = ((int64_t(b) * p.Q + j) * p.Hkv + h) * D;
+        const int64_t tok = int64_t(b) * p.Q + j;
         const int64_t dst = (cache_row + slot) * D;
-        reinterpret_cast<uint4*>(k_cache + dst)[c] = reinterpret_cast<const uint4*>(k_new + src)[c];
-        reinterpret_cast<uint4*>(v_cache + dst)[c] = reinterpret_cast<const uint4*>(v_new + src)[c];
+        reinterpret_cast<uint4*>(k_cache + dst)[c] =
+            reinterpret_cast<const uint4*>(k_new + tok * p.k_tok + h * D)[c];
+        reinterpret_cast<uint4*>(v_cache + dst)[c] =
+            reinterpret_cast<const uint4*>(v_new + tok * p.v_tok + h * D)[c];
       }
     }
   }
@@ -226,9 +231,9 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
         ks = k_cache + off;
         vs = v_cache + off;
       } else if (valid) {
-        const int64_t off = ((int64_t(b) * p.Q + (key - L)) * p.Hkv + h) * D;
-        ks = k_new + off;
-        vs = v_new + off;
+        const int64_t tok = int64_t(b) * p.Q + (key - L);
+        ks = k_new + tok * p.k_tok + h * D;
+        vs = v_new + tok * p.v_tok + h * D;
       }
       const int s_off = (stage * KT + kk) * STRIDE + c * CH;
       cp_async16(sK + s_off, ks + c * CH, valid);

@@ -140,10 +140,12 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
         const int j = lin + (idx / CPR) * nblk, c = idx % CPR;
         const int64_t slot = int64_t(len) + j;
         if (slot < 0 || slot >= p.S) continue;
-        const int64_t src = ((int64_t(b) * p.Q + j) * p.Hkv + h) * D;
+        const int64_t tok = int64_t(b) * p.Q + j;
         const int64_t dst = (cache_row + slot) * D;
-        reinterpret_cast<uint4*>(k_cache + dst)[c] = reinterpret_cast<const uint4*>(k_new + src)[c];
-        reinterpret_cast<uint4*>(v_cache + dst)[c] = reinterpret_cast<const uint4*>(v_new + src)[c];
+        reinterpret_cast<uint4*>(k_cache + dst)[c] =
+            reinterpret_cast<const uint4*>(k_new + tok * p.k_tok + h * D)[c];
+        reinterpret_cast<uint4*>(v_cache + dst)[c] =
+            reinterpret_cast<const uint4*>(v_new + tok * p.v_tok + h * D)[c];
       }
     }
   }
@@ -175,9 +177,9 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
         ks = k_cache + off;
         vs = v_cache + off;
       } else if (valid) {
-        const int64_t off = ((int64_t(b) * p.Q + (key - L)) * p.Hkv + h) * D;
-        ks = k_new + off;
-        vs = v_new + off;
+        const int64_t tok = int64_t(b) * p.Q + (key - L);
+        ks = k_new + tok * p.k_tok + h * D;
+        vs = v_new + tok * p.v_tok + h * D;
       }
       const int s_off = (stage * KT + kk) * STRIDE + c * CH;
       cp_async16(sK + s_off, ks + c * CH, valid);
