@@ -335,6 +335,81 @@ def test_tensor_core_switch_off_cuda():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
 
 
+# Split-KV calls: (dtype, B, Q, Hq, Hkv, D, lens, fused). `fused`: the last block of a tile's splits merges
+# them (at most 8 query rows per tile), else the combine kernel runs. Ragged rows leave most splits of a short row
+# empty: those blocks count themselves done too, and may be the last.
+SPLIT_COMBINE_CASES = {
+    "tc_decode": (torch.bfloat16, 1, 1, 32, 8, 128, [4000], True),
+    "tc_ragged": (torch.float16, 3, 2, 9, 3, 64, [3000, 10, 0], True),
+    "cc_fp32_ragged": (torch.float32, 3, 1, 32, 8, 128, [2500, 0, 33], True),
+    "cc_odd_head_dim": (torch.bfloat16, 2, 1, 9, 3, 96, [1500, 7], True),
+    "tc_many_rows": (torch.bfloat16, 1, 64, 8, 2, 64, [4000], False),
+    "tc_pass_k1_rows": (torch.bfloat16, 2, 4, 9, 3, 64, [900, 3], False),  # 12 rows
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("case", sorted(SPLIT_COMBINE_CASES))
+def test_split_combine_cuda(case):
+    dtype, B, Q, Hq, Hkv, D, lens, fused = SPLIT_COMBINE_CASES[case]
+    for _ in range(3):  # the counters must be back at zero after every launch
+        run_and_check("cuda", dtype, B, Q, Hq, Hkv, D, lens, S=max(lens) + Q + 40)
+    args = make_inputs(B, Q, Hq, Hkv, D, lens, max(lens) + Q + 40, dtype, "cuda")
+    names = _cuda_kernel_names(lambda: ops.attention_with_kv_cache(*args))
+    if not names:
+        pytest.skip("the profiler recorded no CUDA kernels here")
+    if os.environ.get("PASS_EXT_ATTENTION_FUSED_COMBINE") != "0":
+        assert any("attention_combine_kernel" in n for n in names) != fused, names
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("dtype,Hq,Hkv,D", [(torch.bfloat16, 32, 8, 128), (torch.float32, 9, 3, 64)])
+def test_split_combine_in_cuda_graph(dtype, Hq, Hkv, D):
+    """A captured call with split keys and the fused combine, replayed with new lengths each time (other
+    splits empty each time): every replay matches the reference, so each launch left its counters zeroed."""
+    B, Q, S = 2, 1, 3000
+    q, k_new, v_new, k_cache, v_cache, cache_lens = make_inputs(B, Q, Hq, Hkv, D, [2900, 5], S, dtype, "cuda")
+    k0, v0 = k_cache.clone(), v_cache.clone()
+    out = torch.empty_like(q)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, cache_lens, None, None, out)  # warm-up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, cache_lens, None, None, out)
+    torch.cuda.current_stream().wait_stream(stream)
+    atol, rtol = TOL[("cuda", dtype)]
+    for lens in ([2900, 5], [0, 2990], [1, 1], [2999, 2000], [2900, 5]):
+        k_cache.copy_(k0)
+        v_cache.copy_(v0)
+        cache_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        exp_out, _, _ = reference(q, k_new, v_new, k_cache, v_cache, cache_lens, None, 1.0 / math.sqrt(D))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.testing.assert_close(out.double(), exp_out, atol=atol, rtol=rtol, msg=lambda m: f"lens {lens}: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+def test_split_combine_kernel_switch_cuda():
+    """PASS_EXT_ATTENTION_FUSED_COMBINE=0 (read once per process) keeps the combine kernel, same results."""
+    script = (
+        "import sys, torch; sys.path[:0] = sys.argv[1:3]; import test_attention as t; "
+        "c = t.SPLIT_COMBINE_CASES['tc_ragged']; t.run_and_check('cuda', *c[:7], S=max(c[6]) + 50); "
+        "args = t.make_inputs(*c[1:7], max(c[6]) + 50, c[0], 'cuda'); "
+        "names = t._cuda_kernel_names(lambda: t.ops.attention_with_kv_cache(*args)); "
+        "assert not names or any('attention_combine_kernel' in n for n in names), names; print('ok')"
+    )
+    env = dict(os.environ, PASS_EXT_ATTENTION_FUSED_COMBINE="0")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", script, tests_dir, os.path.dirname(tests_dir)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -14,6 +14,13 @@
 //    cache is never touched; callers keep rows in range (DESIGN §2: a row that would overflow stops).
 //  * Limits: Q <= 128 new tokens per row, D a multiple of 8 up to 256 (64 and 128 have tuned paths),
 //    float32/float16/bfloat16 (no float64), tensors 16-byte aligned.
+//
+// KV splits: when the grid splits the keys, the last block of a row tile to finish merges the splits'
+// partials (the fused combine) where that is a small job (at most kFusedCombineMaxRows rows per tile: decode),
+// else a combine kernel runs after. The fused combine counts finished blocks in a per-(device, stream) buffer of
+// counters that every launch leaves zeroed; launches that may overlap must run on different streams (CUDA
+// graphs replay on the stream they are launched on, so two graphs captured on one stream must not be replayed
+// concurrently). PASS_EXT_ATTENTION_FUSED_COMBINE=0 keeps the combine kernel (read once).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -27,6 +34,7 @@
 #include <map>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 #include "kernels/attention.cuh"
 #include "kernels/attention_mma.cuh"
@@ -38,7 +46,7 @@ namespace {
 namespace k = kernels;
 
 constexpr int64_t kMaxQ = 128;
-constexpr int64_t kMaxSplits = 64;
+constexpr int64_t kMaxSplits = k::kMaxSplits;
 
 // Keys of capacity a KV split covers at least: PASS_EXT_ATTENTION_SPLIT_KEYS, default (and minimum)
 // kMinSplitKeys. Fewer splits trade parallelism for the combine launch: a capacity at or below the value runs
@@ -91,9 +99,55 @@ void set_smem(Kernel* kernel, size_t smem, int64_t D) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
 }
 
+// The fused combine's bound: a tile's last block merges at most this many query rows (two per warp; a
+// combine kernel's warp merges one). With more, its warps would merge row after row while the combine
+// kernel spreads them over the GPU: measured on the H200, 64 rows made SmolLM2's PaSS attention 9x slower.
+constexpr int64_t kFusedCombineMaxRows = 2 * k::kWarps;
+
+bool fused_combine_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("PASS_EXT_ATTENTION_FUSED_COMBINE");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return allowed;
+}
+
+// Zeroed int32 counters for the fused combine, at least n of them, for launches on `stream`; nullptr when
+// there are none to give (a graph capture cannot allocate and zero a new buffer: the combine kernel runs).
+// Buffers are never freed: a captured graph keeps the pointer it was captured with.
+int* combine_counters(int64_t n, cudaStream_t stream, const at::Tensor& like) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, cudaStream_t>, at::Tensor> buffers;
+  static std::vector<at::Tensor> retired;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(static_cast<int>(like.get_device()), stream);
+  auto it = buffers.find(key);
+  if (it != buffers.end() && it->second.numel() >= n) return it->second.data_ptr<int32_t>();
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  if (status != cudaStreamCaptureStatusNone) return nullptr;
+  at::Tensor fresh = at::zeros({std::max<int64_t>(n, 4096)}, like.options().dtype(at::kInt));  // on `stream`
+  if (it != buffers.end()) {
+    retired.push_back(it->second);
+    it->second = fresh;
+  } else {
+    buffers.emplace(key, fresh);
+  }
+  return fresh.data_ptr<int32_t>();
+}
+
+// Sets p.counters for a grid of `row_tiles` tiles of `tile_rows` rows per (row, KV head), or leaves it null.
+void pick_combine(k::AttentionParams& p, int64_t row_tiles, int64_t tile_rows, cudaStream_t stream,
+                  const at::Tensor& q) {
+  p.counters = nullptr;
+  if (p.splits <= 1 || !fused_combine_allowed()) return;
+  if (std::min<int64_t>(tile_rows, p.R) > kFusedCombineMaxRows) return;
+  p.counters = combine_counters(int64_t(p.B) * p.Hkv * row_tiles, stream, q);
+}
+
 template <typename T>
 void launch_combine(const k::AttentionParams& p, cudaStream_t stream) {
-  if (p.splits <= 1) return;
+  if (p.splits <= 1 || p.counters != nullptr) return;
   const int64_t rows = int64_t(p.B) * p.Hkv * p.R;
   k::attention_combine_kernel<T><<<static_cast<unsigned>((rows + k::kWarps - 1) / k::kWarps), k::kThreads, 0,
                                    stream>>>(p);
@@ -108,6 +162,7 @@ void launch(k::AttentionParams p, const at::Tensor& q, cudaStream_t stream, int 
   TORCH_CHECK(row_tiles <= 65535, "attention_with_kv_cache: Q * Hq / Hkv = ", p.R, " query rows per KV head is too many");
   p.splits = static_cast<int>(pick_splits(bh * row_tiles, int64_t(p.S) + p.Q, sms));
   const auto partials = alloc_partials(p, q);
+  pick_combine(p, row_tiles, RT, stream, q);
 
   auto* kernel = &k::attention_kernel<T, D_MAX, E, EXACT, RT>;
   const size_t smem = Tile::kSmemBytes;
@@ -224,6 +279,7 @@ bool launch_mma(k::AttentionParams p, const at::Tensor& q, cudaStream_t stream, 
   p.splits = static_cast<int>(
       pick_splits_one_wave(bh * row_tiles, int64_t(p.S) + p.Q, int64_t(sms) * info.blocks_per_sm));
   const auto partials = alloc_partials(p, q);  // the smem opt-in was made with the info query
+  pick_combine(p, row_tiles, Tile::kRows, stream, q);
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.splits), static_cast<unsigned>(bh));
   kernel<<<grid, k::kThreads, Tile::kSmemBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -27,6 +27,9 @@ struct AttentionParams {
   void* out;
   float* part_acc;
   float2* part_ml;
+  // With splits > 1: nullptr (a combine kernel merges the partials) or one zeroed counter per (row x KV
+  // head, row tile): the last block of a tile's splits to finish merges them and zeroes its counter again.
+  int* counters;
   int64_t k_tok, v_tok;  // elements between consecutive new tokens of k_new / v_new (Hkv * D when contiguous)
   int B, Q, Hq, Hkv, D, S;
   int G, R, mask_words, splits;
@@ -37,6 +40,7 @@ constexpr int kThreads = 128;  // 4 warps; every kernel below assumes it
 constexpr int kWarps = kThreads / 32;
 constexpr int kKeyTile = 32;   // keys per pipeline stage: one key per lane in the score phase
 constexpr int kMinSplitKeys = 64;  // a split covers at least this many keys (a multiple of kKeyTile)
+constexpr int kMaxSplits = 64;     // KV splits per (row, KV head, row tile) at most (the combine's lanes hold two)
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -136,6 +140,93 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// One warp merges the split partials of query row `row` of (row x KV head) bh with weights 2^(m_s - M) and
+// normalises into out; splits with an empty sum (no key, or no visible key) weigh 0 and their (unwritten)
+// partials are never added. Lane s holds split s's (max, sum) (and s + 32), so the row's max and total are
+// two warp reductions, and the partials of 8 splits are loaded before any is added: a row costs a few L2 round
+// trips, not two per split. Partials are read through L2 (ld.cg): the fused combine reads what other SMs
+// wrote in the same launch.
+template <typename T>
+__device__ __forceinline__ void combine_row(const AttentionParams& p, int bh, int row, int lane) {
+  static_assert(kMaxSplits <= 64, "two splits per lane");
+  const int b = bh / p.Hkv, h = bh % p.Hkv, D = p.D;
+  const float2* ml = p.part_ml + int64_t(bh) * p.splits * p.R + row;  // split s at ml[s * R]
+  float2 x[2];
+  float M = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int s = lane + 32 * i;
+    x[i] = s < p.splits ? __ldcg(ml + int64_t(s) * p.R) : make_float2(-INFINITY, 0.f);
+    if (x[i].y > 0.f) M = fmaxf(M, x[i].x);
+  }
+  M = warp_max(M);
+  float w[2], total = 0.f;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    w[i] = x[i].y > 0.f ? exp2f(x[i].x - M) : 0.f;
+    total += w[i] * x[i].y;
+  }
+  total = warp_sum(total);
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+
+  T* o = static_cast<T*>(p.out) + ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * D;
+  const float4* acc = reinterpret_cast<const float4*>(p.part_acc + (int64_t(bh) * p.splits * p.R + row) * D);
+  const int64_t split_stride = int64_t(p.R) * D / 4;  // float4s from one split's row to the next
+  for (int base = 0; base < D / 4; base += 32) {  // every lane runs the loop: the shuffles need the whole warp
+    const int d4 = base + lane;
+    const bool mine = d4 < D / 4;
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int s = 0; s < p.splits; ++s) {
+      const float ws = __shfl_sync(0xffffffffu, s < 32 ? w[0] : w[1], s & 31);
+      if (mine) {
+        const float4 v = __ldcg(acc + s * split_stride + d4);
+        if (ws != 0.f) {  // an empty split's partial was never written: it must not reach the sum
+          a.x += ws * v.x;
+          a.y += ws * v.y;
+          a.z += ws * v.z;
+          a.w += ws * v.w;
+        }
+      }
+    }
+    if (mine) {
+      const float res[4] = {a.x * inv, a.y * inv, a.z * inv, a.w * inv};
+      store_floats<T, 4>(o + d4 * 4, res);
+    }
+  }
+}
+
+// Grid ceil(B*Hkv*R / kWarps), kThreads threads: one warp per query row (combine_row).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_combine_kernel(const AttentionParams p) {
+  const int64_t gw = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (gw >= int64_t(p.B) * p.Hkv * p.R) return;
+  combine_row<T>(p, static_cast<int>(gw / p.R), static_cast<int>(gw % p.R), threadIdx.x & 31);
+}
+
+// The fused combine (p.counters set, splits > 1), called by every thread of a block once its partials (or
+// its empty marks) are written: the block counts itself done for tile `tile` of bh, and the last of the
+// splits to get there merges rows [row0, row0 + rows) of the tile. Fence, barrier, atomic: every partial of a
+// block is visible device-wide before its count is; the last block fences again before reading them.
+template <typename T>
+__device__ __forceinline__ void fused_combine(const AttentionParams& p, int bh, int tile, int tiles, int row0,
+                                              int rows) {
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* counter = p.counters + int64_t(bh) * tiles + tile;
+    last = atomicAdd(counter, 1) == p.splits - 1;
+    if (last) *counter = 0;  // every split of the tile has counted: zeroed for the next launch
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int end = min(row0 + rows, p.R);
+  for (int r = row0 + static_cast<int>(threadIdx.x >> 5); r < end; r += kWarps)
+    combine_row<T>(p, bh, r, threadIdx.x & 31);
+}
+
 // Compile-time shape of one attention kernel instance.
 //   D_MAX: head dim bound (smem row length); EXACT: D == D_MAX, otherwise D is read at run time (any
 //   multiple of 8 up to D_MAX). E: contiguous head-dim elements a lane owns in the P.V phase.
@@ -215,6 +306,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
     for (int r = tid; r < RT; r += kThreads)
       if (row0 + r < p.R)
         p.part_ml[(int64_t(bh) * p.splits + split) * p.R + row0 + r] = make_float2(-INFINITY, 0.f);
+    if (p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.y, row0, RT);
     return;
   }
   const int n_tiles = (k_end - k_begin + KT - 1) / KT;
@@ -395,48 +487,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
       if (lane == 0) p.part_ml[prow] = make_float2(m_run[r], l);
     }
   }
-}
-
-// Grid ceil(B*Hkv*R / kWarps), kThreads threads: one warp per query row merges the splits' partials with
-// weights 2^(m_s - M) and normalises; splits with an empty sum (no key, or no visible key) are skipped.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_combine_kernel(const AttentionParams p) {
-  const int lane = threadIdx.x & 31;
-  const int64_t gw = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (gw >= int64_t(p.B) * p.Hkv * p.R) return;
-  const int bh = static_cast<int>(gw / p.R), row = static_cast<int>(gw % p.R);
-  const int b = bh / p.Hkv, h = bh % p.Hkv, D = p.D;
-  const float2* ml = p.part_ml + int64_t(bh) * p.splits * p.R + row;  // split s at ml[s * R]
-
-  float M = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) {
-    const float2 x = ml[int64_t(s) * p.R];
-    if (x.y > 0.f) M = fmaxf(M, x.x);
-  }
-  float total = 0.f;
-  for (int s = 0; s < p.splits; ++s) {
-    const float2 x = ml[int64_t(s) * p.R];
-    if (x.y > 0.f) total += x.y * exp2f(x.x - M);
-  }
-  const float inv = total > 0.f ? 1.f / total : 0.f;
-
-  T* o = static_cast<T*>(p.out) + ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * D;
-  for (int d4 = lane; d4 < D / 4; d4 += 32) {
-    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int s = 0; s < p.splits; ++s) {
-      const float2 x = ml[int64_t(s) * p.R];
-      if (!(x.y > 0.f)) continue;  // never read an empty split's acc (it was not written)
-      const float w = exp2f(x.x - M);
-      const float4 v =
-          reinterpret_cast<const float4*>(p.part_acc + ((int64_t(bh) * p.splits + s) * p.R + row) * D)[d4];
-      a.x += w * v.x;
-      a.y += w * v.y;
-      a.z += w * v.z;
-      a.w += w * v.w;
-    }
-    const float res[4] = {a.x * inv, a.y * inv, a.z * inv, a.w * inv};
-    store_floats<T, 4>(o + d4 * 4, res);
-  }
+  if (p.splits > 1 && p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.y, row0, RT);
 }
 
 }  // namespace pass_ext::kernels

@@ -160,6 +160,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
     for (int r = tid; r < Tile::kRows; r += kThreads)
       if (row0 + r < p.R)
         p.part_ml[(int64_t(bh) * p.splits + split) * p.R + row0 + r] = make_float2(-INFINITY, 0.f);
+    if (p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.x, row0, Tile::kRows);
     return;
   }
   const int n_tiles = (k_end - k_begin + KT - 1) / KT;
@@ -338,60 +339,67 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
       }
     }
     __syncthreads();
-    if (kw != 0) return;
-    float mx[2] = {m_run[0], m_run[1]};
+  }
+  // Only key warp 0 of a row tile holds its rows from here; the others skip to the fused combine.
+  if (kw == 0) {
+    if constexpr (KW > 1) {
+      constexpr int MF = Tile::kMergeFloats;
+      const float* sm = reinterpret_cast<const float*>(smem_raw);
+      float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
-    for (int w = 1; w < KW; ++w)
+      for (int w = 1; w < KW; ++w)
 #pragma unroll
-      for (int hi = 0; hi < 2; ++hi) mx[hi] = fmaxf(mx[hi], sm[((warp + w) * MF + DT * 4 + hi) * 32 + lane]);
-    float m_use[2], f[2];
-#pragma unroll
-    for (int hi = 0; hi < 2; ++hi) {
-      m_use[hi] = mx[hi] == -INFINITY ? 0.f : mx[hi];
-      f[hi] = exp2f(m_run[hi] - m_use[hi]);  // 0 for a warp that saw no visible key
-      l_run[hi] *= f[hi];
-      m_run[hi] = mx[hi];
-    }
-#pragma unroll
-    for (int d = 0; d < DT; ++d)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[d][e] *= f[e >> 1];
-#pragma unroll
-    for (int w = 1; w < KW; ++w) {
-      const float* other = sm + (warp + w) * MF * 32 + lane;
+        for (int hi = 0; hi < 2; ++hi) mx[hi] = fmaxf(mx[hi], sm[((warp + w) * MF + DT * 4 + hi) * 32 + lane]);
+      float m_use[2], f[2];
 #pragma unroll
       for (int hi = 0; hi < 2; ++hi) {
-        f[hi] = exp2f(other[(DT * 4 + hi) * 32] - m_use[hi]);
-        l_run[hi] += f[hi] * other[(DT * 4 + 2 + hi) * 32];
+        m_use[hi] = mx[hi] == -INFINITY ? 0.f : mx[hi];
+        f[hi] = exp2f(m_run[hi] - m_use[hi]);  // 0 for a warp that saw no visible key
+        l_run[hi] *= f[hi];
+        m_run[hi] = mx[hi];
       }
 #pragma unroll
       for (int d = 0; d < DT; ++d)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) o[d][e] += f[e >> 1] * other[(d * 4 + e) * 32];
+        for (int e = 0; e < 4; ++e) o[d][e] *= f[e >> 1];
+#pragma unroll
+      for (int w = 1; w < KW; ++w) {
+        const float* other = sm + (warp + w) * MF * 32 + lane;
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+          f[hi] = exp2f(other[(DT * 4 + hi) * 32] - m_use[hi]);
+          l_run[hi] += f[hi] * other[(DT * 4 + 2 + hi) * 32];
+        }
+#pragma unroll
+        for (int d = 0; d < DT; ++d)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[d][e] += f[e >> 1] * other[(d * 4 + e) * 32];
+      }
     }
-  }
 
-  // (3b) Write out: final rows when there is one split, else unnormalised partials and (max, sum).
-  T* out = static_cast<T*>(p.out);
+    // (3b) Write out: final rows when there is one split, else unnormalised partials and (max, sum).
+    T* out = static_cast<T*>(p.out);
 #pragma unroll
-  for (int hi = 0; hi < 2; ++hi) {
-    const int row = wrow0 + g + 8 * hi;
-    if (row >= p.R) continue;
-    if (p.splits == 1) {
-      const float inv = l_run[hi] > 0.f ? 1.f / l_run[hi] : 0.f;  // a row that saw no key outputs zeros
-      T* orow = out + ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * D;
+    for (int hi = 0; hi < 2; ++hi) {
+      const int row = wrow0 + g + 8 * hi;
+      if (row >= p.R) continue;
+      if (p.splits == 1) {
+        const float inv = l_run[hi] > 0.f ? 1.f / l_run[hi] : 0.f;  // a row that saw no key outputs zeros
+        T* orow = out + ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * D;
 #pragma unroll
-      for (int d = 0; d < DT; ++d)
-        *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * t4) = pack2<T>(o[d][2 * hi] * inv, o[d][2 * hi + 1] * inv);
-    } else {
-      const int64_t prow = (int64_t(bh) * p.splits + split) * p.R + row;
-      float* acc = p.part_acc + prow * D;
+        for (int d = 0; d < DT; ++d)
+          *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * t4) = pack2<T>(o[d][2 * hi] * inv, o[d][2 * hi + 1] * inv);
+      } else {
+        const int64_t prow = (int64_t(bh) * p.splits + split) * p.R + row;
+        float* acc = p.part_acc + prow * D;
 #pragma unroll
-      for (int d = 0; d < DT; ++d)
-        *reinterpret_cast<float2*>(acc + d * 8 + 2 * t4) = make_float2(o[d][2 * hi], o[d][2 * hi + 1]);
-      if (t4 == 0) p.part_ml[prow] = make_float2(m_run[hi], l_run[hi]);
+        for (int d = 0; d < DT; ++d)
+          *reinterpret_cast<float2*>(acc + d * 8 + 2 * t4) = make_float2(o[d][2 * hi], o[d][2 * hi + 1]);
+        if (t4 == 0) p.part_ml[prow] = make_float2(m_run[hi], l_run[hi]);
+      }
     }
   }
+  if (p.splits > 1 && p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.x, row0, Tile::kRows);
 #else
   __trap();  // never launched: the launcher checks for sm_80 code first (a loud stop should that check fail)
 #endif
