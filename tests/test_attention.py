@@ -315,24 +315,37 @@ def test_kernel_choice_cuda(dtype, Q, D, default):
     assert any("attention_kernel" in n and "mma" not in n for n in names) != expect_mma, names
 
 
+def run_script_with_env(script: str, **env) -> None:
+    """Run `script` in a fresh interpreter (the launcher reads its switches once per process) with the tests'
+    folder and the repository first on sys.path and `env` added; it must print 'ok' last."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    script = "import sys; sys.path[:0] = sys.argv[1:3]; " + script
+    proc = subprocess.run([sys.executable, "-c", script, tests_dir, os.path.dirname(tests_dir)],
+                          capture_output=True, text=True, env=dict(os.environ, **env), timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+def test_run_script_with_env():
+    run_script_with_env("import os; import test_attention; assert os.environ['PASS_EXT_PROBE'] == '1'; "
+                        "print('ok')", PASS_EXT_PROBE="1")
+    with pytest.raises(AssertionError):
+        run_script_with_env("print('not it')")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
 def test_tensor_core_switch_off_cuda():
     """PASS_EXT_ATTENTION_TC=0 (read once per process) routes qualifying calls to the CUDA-core kernel, which
     still matches the reference."""
     script = (
-        "import sys, torch; sys.path[:0] = sys.argv[1:3]; import test_attention as t; "
+        "import torch; import test_attention as t; "
         "from pass_ext import masks; "
         "t.run_and_check('cuda', torch.bfloat16, 2, 25, 32, 8, 128, [31, 300], mask=masks.fused_layout(4)[0]); "
         "args = t.make_inputs(2, 4, 32, 8, 128, [50, 7], 100, torch.bfloat16, 'cuda'); "
         "names = t._cuda_kernel_names(lambda: t.ops.attention_with_kv_cache(*args)); "
         "assert not any('attention_mma_kernel' in n for n in names), names; print('ok')"
     )
-    env = dict(os.environ, PASS_EXT_ATTENTION_TC="0")
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", script, tests_dir, os.path.dirname(tests_dir)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+    run_script_with_env(script, PASS_EXT_ATTENTION_TC="0")
 
 
 # Split-KV calls: (dtype, B, Q, Hq, Hkv, D, lens, fused). `fused`: the last block of a tile's splits merges
@@ -397,17 +410,13 @@ def test_split_combine_in_cuda_graph(dtype, Hq, Hkv, D):
 def test_split_combine_kernel_switch_cuda():
     """PASS_EXT_ATTENTION_FUSED_COMBINE=0 (read once per process) keeps the combine kernel, same results."""
     script = (
-        "import sys, torch; sys.path[:0] = sys.argv[1:3]; import test_attention as t; "
+        "import torch; import test_attention as t; "
         "c = t.SPLIT_COMBINE_CASES['tc_ragged']; t.run_and_check('cuda', *c[:7], S=max(c[6]) + 50); "
         "args = t.make_inputs(*c[1:7], max(c[6]) + 50, c[0], 'cuda'); "
         "names = t._cuda_kernel_names(lambda: t.ops.attention_with_kv_cache(*args)); "
         "assert not names or any('attention_combine_kernel' in n for n in names), names; print('ok')"
     )
-    env = dict(os.environ, PASS_EXT_ATTENTION_FUSED_COMBINE="0")
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", script, tests_dir, os.path.dirname(tests_dir)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+    run_script_with_env(script, PASS_EXT_ATTENTION_FUSED_COMBINE="0")
 
 
 @pytest.mark.cuda
