@@ -70,14 +70,13 @@ def auto_inputs(model, batch: int, sampled: bool) -> dict:
     to compare with the measured speed-up of the row."""
     from pass_ext import autotune
     acceptance = autotune.acceptance_of(model.lookahead, sampled)
-    base = 1  # the auto rows run fused PaSS
+    base = autotune.base_tokens("pass")  # the auto rows run fused PaSS
     costs: dict = {}
     for (method, b, ctx, samp, k), sec in model.__dict__.get("step_costs", {}).items():
         if b == batch and samp == sampled and method in ("ar", "pass"):
             costs.setdefault(ctx, {})[k] = sec
     eff = autotune.efficiency_of(model, sampled, batch)
-    predicted = {ctx: {k: round((1.0 if k == 0 else base + eff * (autotune.expected_tokens(acceptance or [], k, base)
-                                                                   - base)) * c[0] / sec, 3)
+    predicted = {ctx: {k: round(autotune.batch_tokens(acceptance or [], k, base, eff) * c[0] / sec, 3)
                        for k, sec in sorted(c.items())} for ctx, c in costs.items() if 0 in c}
     return dict(step_ms={ctx: {k: round(sec * 1e3, 4) for k, sec in sorted(c.items())} for ctx, c in costs.items()},
                 acceptance=[round(a, 4) for a in acceptance] if acceptance else None, batch_efficiency=round(eff, 4),

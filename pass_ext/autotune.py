@@ -76,6 +76,16 @@ def record_acceptance(la, sampled: bool, histogram: list) -> None:
 HYSTERESIS = 0.05  # keep the previous call's k unless another scores this much better
 
 
+def base_tokens(method: str) -> int:
+    """Tokens a PaSS step yields with no draft accepted: 2 in paper mode (its drafting pass emits one), else 1."""
+    return 2 if method == "pass-paper" else 1
+
+
+def batch_tokens(acceptance: list, k: int, base: int, efficiency: float = 1.0) -> float:
+    """Expected tokens per step of a batch's slowest row at k: base + efficiency * (E(k) - base); 1 at k = 0."""
+    return 1.0 if k == 0 else base + efficiency * (expected_tokens(acceptance, k, base) - base)
+
+
 def call_steps(new_tokens: int, tokens_per_step: float, sync_every: int = 1) -> int:
     """Steps a call runs to emit new_tokens at tokens_per_step: the host stops the loop on a multiple of
     sync_every."""
@@ -92,14 +102,14 @@ def choose_k(costs: dict, acceptance: Optional[list], base: int, max_k: int, pre
     sync_every) * cost(k)), E_batch(k) = base + efficiency * (E(k) - base) (see `record_efficiency`).
 
     `previous` (the k chosen for the same bucket last time) stays unless the best scores more than HYSTERESIS
-    better, or it scores below k = 0: the running acceptance moves a little after every call, and a new k means a new workspace and a
-    new CUDA graph capture, which costs more than a near-tie in E(k)/cost(k) gains."""
+    better, or it scores below k = 0: the running acceptance moves a little after every call, and a new k means
+    a new workspace and a new CUDA graph capture, which costs more than a near-tie in E(k)/cost(k) gains."""
     ar = costs.get(0)
     if acceptance is None:
         best = max((k for k in costs if k > 0 and k <= max_k and (k + base) / costs[k] > 1.0 / ar), default=0)
         return best
     def gain(k):
-        return 1.0 if k == 0 else base + efficiency * (expected_tokens(acceptance, k, base) - base)
+        return batch_tokens(acceptance, k, base, efficiency)
     if new_tokens is None:
         score = {k: gain(k) / c for k, c in costs.items() if k <= max_k}
     else:
@@ -166,7 +176,8 @@ def measure_step(model, method: str, batch: int, context: int, sampled: bool, k:
     (the contents are zeros: the cost of a step does not depend on them). On CUDA the step is a replayed
     CUDA graph, as in generation."""
     dev = model.device
-    per_step = E.ENGINES[method].step_tokens(k) * (2 if method == "pass-paper" else 1)
+    engine_cls = E.ENGINES[method]
+    per_step = engine_cls.step_tokens(k) * engine_cls.passes_per_step
     capacity = context + per_step * (reps + 4) + 1
     with torch.no_grad():
         cache = model.new_cache(batch, capacity)

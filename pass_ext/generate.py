@@ -300,7 +300,7 @@ def generate(
         chosen = model.__dict__.setdefault("auto_k", {})
         bucket = (method, B, autotune.context_bucket(context), sampled)
         k = chosen[bucket] = autotune.choose_k(costs, autotune.acceptance_of(model.lookahead, sampled),
-                                               base=2 if method == "pass-paper" else 1, max_k=model.lookahead.k,
+                                               base=autotune.base_tokens(method), max_k=model.lookahead.k,
                                                previous=chosen.get(bucket), new_tokens=max_new_tokens,
                                                sync_every=sync_every,
                                                efficiency=autotune.efficiency_of(model, sampled, B))
@@ -369,7 +369,7 @@ def generate(
         autotune.record_acceptance(model.lookahead, sampled, stats.hist.tolist())
         autotune.record_efficiency(model, sampled, B, out.num_new_tokens.tolist(), stats.active_forwards.tolist(),
                                    passes_per_step=engine_cls.passes_per_step,
-                                   base=2 if engine_method == "pass-paper" else 1)
+                                   base=autotune.base_tokens(engine_method))
     out.stats.prefill_s = prefill_s
     return out
 

@@ -1,8 +1,8 @@
 // CUDA kernels of speculative_verify: filter_kernel reads the k+1 target positions of every row once, one
 // block per chunk of the vocabulary, and one block per (row, position) warps them from its candidates (or
 // with one-block radix selects, as sample; see "Split rows" in sampling.cuh); then one block per row walks the
-// k drafts in order on those warps, racing over the candidates where they held the warp. Acceptance, residual and bonus draws use Philox streams of their own, so the result matches the CPU
-// kernel draw for draw.
+// k drafts in order on those warps, racing over the candidates where they held the warp. Acceptance, residual
+// and bonus draws use Philox streams of their own, so the result matches the CPU kernel draw for draw.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
