@@ -358,6 +358,12 @@ SPLIT_COMBINE_CASES = {
     "cc_odd_head_dim": (torch.bfloat16, 2, 1, 9, 3, 96, [1500, 7], True),
     "tc_many_rows": (torch.bfloat16, 1, 64, 8, 2, 64, [4000], False),
     "tc_pass_k1_rows": (torch.bfloat16, 2, 4, 9, 3, 64, [900, 3], False),  # 12 rows
+    # The merge's lane layouts: 16 / 4 splits per warp at once (D = 8, 32), idle lanes (D = 24), two channel
+    # passes (D = 256), each with more splits than a warp has lanes where the length allows.
+    "cc_d8_many_splits": (torch.float32, 1, 1, 4, 1, 8, [4000], True),
+    "cc_d32_combine_kernel": (torch.float32, 1, 4, 8, 2, 32, [3000], False),  # 16 rows
+    "cc_d24_idle_lanes": (torch.bfloat16, 2, 1, 8, 2, 24, [3000, 100], True),
+    "cc_d256_two_passes": (torch.float16, 1, 1, 8, 4, 256, [3000], True),
 }
 
 

@@ -280,6 +280,8 @@ bool launch_mma(k::AttentionParams p, const at::Tensor& q, cudaStream_t stream, 
       pick_splits_one_wave(bh * row_tiles, int64_t(p.S) + p.Q, int64_t(sms) * info.blocks_per_sm));
   const auto partials = alloc_partials(p, q);  // the smem opt-in was made with the info query
   pick_combine(p, row_tiles, Tile::kRows, stream, q);
+  TORCH_CHECK(p.counters == nullptr || KW == k::kWarps, "attention_with_kv_cache: internal error: the fused "
+              "combine is compiled into the 16-row tensor-core tiles only");
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.splits), static_cast<unsigned>(bh));
   kernel<<<grid, k::kThreads, Tile::kSmemBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

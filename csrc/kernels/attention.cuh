@@ -140,14 +140,21 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// Partials a lane of the split merge has in flight, staged in shared memory: kCombineBatch float4 per lane,
+// kCombineStageBytes for a block's kWarps warps.
+constexpr int kCombineBatch = 8;
+constexpr size_t kCombineStageBytes = size_t(kWarps) * kCombineBatch * 32 * 16;
+
 // One warp merges the split partials of query row `row` of (row x KV head) bh with weights 2^(m_s - M) and
 // normalises into out; splits with an empty sum (no key, or no visible key) weigh 0 and their (unwritten)
 // partials are never added. Lane s holds split s's (max, sum) (and s + 32), so the row's max and total are
-// two warp reductions, and the partials of 8 splits are loaded before any is added: a row costs a few L2 round
-// trips, not two per split. Partials are read through L2 (ld.cg): the fused combine reads what other SMs
-// wrote in the same launch.
+// two warp reductions. The partials come kCombineBatch splits per lane at a time through cp.async into `stage`
+// (this warp's kCombineBatch * 32 float4 of shared memory), all in flight before the first is added: a row
+// costs a few L2 round trips, not one per split. (Plain loads do not get there: ptxas placed each add right
+// after its load, one round trip per split, whatever the source order.) cp.async.cg reads through L2, as the
+// fused combine needs: it reads what other SMs wrote in the same launch.
 template <typename T>
-__device__ __forceinline__ void combine_row(const AttentionParams& p, int bh, int row, int lane) {
+__device__ __forceinline__ void combine_row(const AttentionParams& p, int bh, int row, int lane, float4* stage) {
   static_assert(kMaxSplits <= 64, "two splits per lane");
   const int b = bh / p.Hkv, h = bh % p.Hkv, D = p.D;
   const float2* ml = p.part_ml + int64_t(bh) * p.splits * p.R + row;  // split s at ml[s * R]
@@ -172,16 +179,35 @@ __device__ __forceinline__ void combine_row(const AttentionParams& p, int bh, in
   T* o = static_cast<T*>(p.out) + ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * D;
   const float4* acc = reinterpret_cast<const float4*>(p.part_acc + (int64_t(bh) * p.splits * p.R + row) * D);
   const int64_t split_stride = int64_t(p.R) * D / 4;  // float4s from one split's row to the next
-  for (int base = 0; base < D / 4; base += 32) {  // every lane runs the loop: the shuffles need the whole warp
-    const int d4 = base + lane;
-    const bool mine = d4 < D / 4;
+  // A row's partial is `per` float4s. When that is at most half a warp (D <= 64) and divides 32, the warp
+  // reads `groups` splits at once, one per group of `per` lanes, and adds the groups up at the end.
+  const int per = D / 4;
+  const int groups = per < 32 && 32 % per == 0 ? 32 / per : 1;
+  const int grp = groups > 1 ? lane / per : 0;
+  for (int base = 0; base < per; base += 32) {  // every lane runs the loops: the shuffles need the whole warp
+    const int d4 = base + (groups > 1 ? lane % per : lane);
+    const bool mine = d4 < per;
     float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-    for (int s = 0; s < p.splits; ++s) {
-      const float ws = __shfl_sync(0xffffffffu, s < 32 ? w[0] : w[1], s & 31);
-      if (mine) {
-        const float4 v = __ldcg(acc + s * split_stride + d4);
+    for (int s0 = 0; s0 < p.splits; s0 += kCombineBatch * groups) {
+      // Every lane copies kCombineBatch partials (clamped to the last split and channel: those weigh 0).
+#pragma unroll
+      for (int i = 0; i < kCombineBatch; ++i) {
+        const float4* src = acc + min(s0 + i * groups + grp, p.splits - 1) * split_stride + min(d4, per - 1);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+        cp_async16(stage + i * 32 + lane, src, true);
+#else
+        stage[i * 32 + lane] = __ldcg(src);
+#endif
+      }
+      cp_async_commit();
+      cp_async_wait<0>();  // a lane reads back only its own copies
+#pragma unroll
+      for (int i = 0; i < kCombineBatch; ++i) {
+        const int s = s0 + i * groups + grp;  // differs between groups: each lane picks its split's weight
+        const float w_lo = __shfl_sync(0xffffffffu, w[0], s & 31), w_hi = __shfl_sync(0xffffffffu, w[1], s & 31);
+        const float ws = s < p.splits && mine ? (s < 32 ? w_lo : w_hi) : 0.f;
         if (ws != 0.f) {  // an empty split's partial was never written: it must not reach the sum
+          const float4 v = stage[i * 32 + lane];
           a.x += ws * v.x;
           a.y += ws * v.y;
           a.z += ws * v.z;
@@ -189,7 +215,13 @@ __device__ __forceinline__ void combine_row(const AttentionParams& p, int bh, in
         }
       }
     }
-    if (mine) {
+    for (int o2 = per; o2 < 32 && groups > 1; o2 <<= 1) {
+      a.x += __shfl_xor_sync(0xffffffffu, a.x, o2);
+      a.y += __shfl_xor_sync(0xffffffffu, a.y, o2);
+      a.z += __shfl_xor_sync(0xffffffffu, a.z, o2);
+      a.w += __shfl_xor_sync(0xffffffffu, a.w, o2);
+    }
+    if (mine && grp == 0) {
       const float res[4] = {a.x * inv, a.y * inv, a.z * inv, a.w * inv};
       store_floats<T, 4>(o + d4 * 4, res);
     }
@@ -200,17 +232,21 @@ __device__ __forceinline__ void combine_row(const AttentionParams& p, int bh, in
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attention_combine_kernel(const AttentionParams p) {
   const int64_t gw = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  __shared__ __align__(16) float4 stage[kCombineStageBytes / 16];
   if (gw >= int64_t(p.B) * p.Hkv * p.R) return;
-  combine_row<T>(p, static_cast<int>(gw / p.R), static_cast<int>(gw % p.R), threadIdx.x & 31);
+  combine_row<T>(p, static_cast<int>(gw / p.R), static_cast<int>(gw % p.R), threadIdx.x & 31,
+                 stage + (threadIdx.x >> 5) * kCombineBatch * 32);
 }
 
 // The fused combine (p.counters set, splits > 1), called by every thread of a block once its partials (or
 // its empty marks) are written: the block counts itself done for tile `tile` of bh, and the last of the
 // splits to get there merges rows [row0, row0 + rows) of the tile. Fence, barrier, atomic: every partial of a
 // block is visible device-wide before its count is; the last block fences again before reading them.
+// `smem`: the kernel's dynamic shared memory (at least kCombineStageBytes), which the barrier here frees (the
+// block is done with it: every caller has drained its cp.async groups).
 template <typename T>
 __device__ __forceinline__ void fused_combine(const AttentionParams& p, int bh, int tile, int tiles, int row0,
-                                              int rows) {
+                                              int rows, unsigned char* smem) {
   __shared__ int last;
   __threadfence();
   __syncthreads();
@@ -224,7 +260,8 @@ __device__ __forceinline__ void fused_combine(const AttentionParams& p, int bh, 
   __threadfence();
   const int end = min(row0 + rows, p.R);
   for (int r = row0 + static_cast<int>(threadIdx.x >> 5); r < end; r += kWarps)
-    combine_row<T>(p, bh, r, threadIdx.x & 31);
+    combine_row<T>(p, bh, r, threadIdx.x & 31,
+                   reinterpret_cast<float4*>(smem) + (threadIdx.x >> 5) * kCombineBatch * 32);
 }
 
 // Compile-time shape of one attention kernel instance.
@@ -240,6 +277,7 @@ struct AttentionTile {
   static constexpr int kGroups = D_MAX / (32 * E);         // E-element groups per lane in P.V
   static constexpr size_t kKVBytes = size_t(2) * 2 * kKeyTile * kStride * sizeof(T);  // K,V x 2 stages
   static constexpr size_t kSmemBytes = kKVBytes + sizeof(float) * (size_t(RT) * D_MAX + size_t(RT) * kKeyTile);
+  static_assert(kSmemBytes >= kCombineStageBytes, "the fused combine stages its partials in the ring");
 };
 
 // Grid (splits, ceil(R / RT), B * Hkv), kThreads threads, AttentionTile::kSmemBytes dynamic smem.
@@ -306,7 +344,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
     for (int r = tid; r < RT; r += kThreads)
       if (row0 + r < p.R)
         p.part_ml[(int64_t(bh) * p.splits + split) * p.R + row0 + r] = make_float2(-INFINITY, 0.f);
-    if (p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.y, row0, RT);
+    if (p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.y, row0, RT, smem_raw);
     return;
   }
   const int n_tiles = (k_end - k_begin + KT - 1) / KT;
@@ -487,7 +525,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
       if (lane == 0) p.part_ml[prow] = make_float2(m_run[r], l);
     }
   }
-  if (p.splits > 1 && p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.y, row0, RT);
+  if (p.splits > 1 && p.counters != nullptr)
+    fused_combine<T>(p, bh, row_tile, gridDim.y, row0, RT, smem_raw);
 }
 
 }  // namespace pass_ext::kernels

@@ -92,6 +92,7 @@ struct MmaTile {
   static constexpr size_t kMergeBytes = KW > 1 ? size_t(kWarps) * 32 * kMergeFloats * sizeof(float) : 0;
   static constexpr size_t kSmemBytes = kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes;
   static_assert(kMinSplitKeys % kKeys == 0, "a split must hold whole stages");
+  static_assert(kSmemBytes >= kCombineStageBytes, "the fused combine stages its partials in the ring");
 };
 
 // Grid (ceil(R / kRows), splits, B * Hkv), kThreads threads, MmaTile::kSmemBytes dynamic smem. Same contract
@@ -160,7 +161,8 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
     for (int r = tid; r < Tile::kRows; r += kThreads)
       if (row0 + r < p.R)
         p.part_ml[(int64_t(bh) * p.splits + split) * p.R + row0 + r] = make_float2(-INFINITY, 0.f);
-    if (p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.x, row0, Tile::kRows);
+    if constexpr (KW == kWarps)  // see the end of the kernel
+      if (p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.x, row0, Tile::kRows, smem_raw);
     return;
   }
   const int n_tiles = (k_end - k_begin + KT - 1) / KT;
@@ -399,7 +401,11 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
       }
     }
   }
-  if (p.splits > 1 && p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.x, row0, Tile::kRows);
+  // Only 16-row tiles (KW = kWarps) can hold at most the launcher's kFusedCombineMaxRows rows; the other
+  // instances never merge in the kernel, and leaving the merge out of them keeps it out of their code.
+  if constexpr (KW == kWarps)
+    if (p.splits > 1 && p.counters != nullptr)
+      fused_combine<T>(p, bh, row_tile, gridDim.x, row0, Tile::kRows, smem_raw);
 #else
   __trap();  // never launched: the launcher checks for sm_80 code first (a loud stop should that check fail)
 #endif
