@@ -189,14 +189,16 @@ __device__ __forceinline__ void combine_row(const AttentionParams& p, int bh, in
     const bool mine = d4 < per;
     float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int s0 = 0; s0 < p.splits; s0 += kCombineBatch * groups) {
-      // Every lane copies kCombineBatch partials (clamped to the last split and channel: those weigh 0).
+      // Every lane fills kCombineBatch slots; those past the row's splits (or channels) are zero-filled
+      // without a read (their weight is 0; the address stays in bounds all the same).
 #pragma unroll
       for (int i = 0; i < kCombineBatch; ++i) {
+        const bool real = mine && s0 + i * groups + grp < p.splits;
         const float4* src = acc + min(s0 + i * groups + grp, p.splits - 1) * split_stride + min(d4, per - 1);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-        cp_async16(stage + i * 32 + lane, src, true);
+        cp_async16(stage + i * 32 + lane, src, real);
 #else
-        stage[i * 32 + lane] = __ldcg(src);
+        stage[i * 32 + lane] = real ? __ldcg(src) : make_float4(0.f, 0.f, 0.f, 0.f);
 #endif
       }
       cp_async_commit();
