@@ -53,11 +53,20 @@ HBM_BPS = 3.8e12        # the bandwidth target; the copy roofline is 4.24e12
 MMA_FLOPS = 450e12      # mma.sync m16n8k16 bf16/fp16, fp32 accumulate, sustained next to the softmax
 FMA_FLOPS = 25e12       # the CUDA-core kernel's fp32 FMA loops (about 40% of the FP32 peak)
 EXP_PER_S = SMS * 16 * 1.98e9  # MUFU ex2: 16 per SM and clock
-LAUNCH_US, COMBINE_US, L2_BPS = 2.5, 2.0, 8e12
+LAUNCH_US, COMBINE_US, CLUSTER_US, L2_BPS = 2.5, 2.0, 1.0, 8e12
+MAX_CLUSTER = 16        # splits merged in a thread-block cluster at most (sm_90)
+
+
+def cluster_mode() -> str:
+    """When the launcher merges splits in a cluster: "0" never, "1" decode tiles with many splits, "all" wherever
+    one fits (PASS_EXT_ATTENTION_CLUSTER; an sm_90+ GPU, assumed without one)."""
+    sm90 = not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] >= 9
+    return os.environ.get("PASS_EXT_ATTENTION_CLUSTER") or "1" if sm90 else "0"
 
 
 def plan(Q: int, Hq: int, Hkv: int, D: int, B: int, S: int, dtype: torch.dtype) -> dict:
-    """The launcher's choices: kernel, rows per block, splits (mirrors csrc/cuda/attention_with_kv_cache.cu)."""
+    """The launcher's choices: kernel, rows per block, splits, merge (mirrors csrc/cuda/attention_with_kv_cache.cu,
+    but for the launcher's check that every cluster is resident at once, which needs the CUDA occupancy API)."""
     from pass_ext import ops
     R = Q * (Hq // Hkv)
     tc = ops.attention_uses_tensor_cores(dtype, Q, Hq, Hkv, D)
@@ -71,7 +80,13 @@ def plan(Q: int, Hq: int, Hkv: int, D: int, B: int, S: int, dtype: torch.dtype) 
             splits = max(1, min(slots // base, -(-(S + Q) // 64), 64))
     elif base < 2 * SMS:  # two blocks per SM, rounded up
         splits = max(1, min(-(-2 * SMS // base), -(-(S + Q) // 64), 64))
-    return {"kernel": "tensor-cores" if tc else "cuda-cores", "R": R, "rows_per_block": rows, "splits": splits}
+    merge = "none" if splits == 1 else "global"
+    mode = cluster_mode()
+    wanted = mode == "all" or (mode == "1" and min(rows, R) <= 8 and splits > MAX_CLUSTER)
+    if splits > 1 and wanted and (splits <= MAX_CLUSTER or base * MAX_CLUSTER * 2 >= SMS):
+        splits, merge = min(splits, MAX_CLUSTER), "cluster"
+    return {"kernel": "tensor-cores" if tc else "cuda-cores", "R": R, "rows_per_block": rows, "splits": splits,
+            "merge": merge}
 
 
 def predict(Q, Hq, Hkv, D, lens, S, dtype, nbytes) -> dict:
@@ -84,10 +99,11 @@ def predict(Q, Hq, Hkv, D, lens, S, dtype, nbytes) -> dict:
     flops_run = flops * padded_rows // p["R"]
     rate = MMA_FLOPS if p["kernel"] == "tensor-cores" else FMA_FLOPS
     exps = padded_rows * keys * Hkv
-    partial_bytes = 2 * B * Hkv * p["splits"] * p["R"] * (D + 2) * 4 if p["splits"] > 1 else 0
+    partial_bytes = 2 * B * Hkv * p["splits"] * p["R"] * (D + 2) * 4 if p["merge"] == "global" else 0
     bounds = {"memory_us": nbytes / HBM_BPS * 1e6, "compute_us": flops_run / rate * 1e6,
               "exp_us": exps / EXP_PER_S * 1e6}
-    us = max(bounds.values()) + LAUNCH_US + (COMBINE_US + partial_bytes / L2_BPS * 1e6 if p["splits"] > 1 else 0)
+    merge_us = {"none": 0.0, "cluster": CLUSTER_US, "global": COMBINE_US + partial_bytes / L2_BPS * 1e6}[p["merge"]]
+    us = max(bounds.values()) + LAUNCH_US + merge_us
     return {**p, "flops": flops, "flops_computed": flops_run, "bytes": nbytes, **bounds,
             "bound": max(bounds, key=bounds.get).removesuffix("_us"), "us": us, "tbps": nbytes / us / 1e6}
 
@@ -166,7 +182,8 @@ def bench_config(cfg: dict, args, flush: torch.Tensor, flex, deadline: float) ->
     try:
         ours()  # appends the new tokens: the baselines read them from the cache
         torch.cuda.synchronize()
-        results["pass_ext"] = res(timed(ours, args.iters, flush), kernel=pred["kernel"], splits=pred["splits"])
+        results["pass_ext"] = res(timed(ours, args.iters, flush), kernel=pred["kernel"], splits=pred["splits"],
+                                  merge=pred["merge"])
     except Exception as exc:  # recorded, the sweep goes on
         results["pass_ext"] = na(short_error(exc))
     ref = out.float()

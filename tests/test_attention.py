@@ -348,9 +348,10 @@ def test_tensor_core_switch_off_cuda():
     run_script_with_env(script, PASS_EXT_ATTENTION_TC="0")
 
 
-# Split-KV calls: (dtype, B, Q, Hq, Hkv, D, lens, fused). `fused`: the last block of a tile's splits merges
-# them (at most 8 query rows per tile), else the combine kernel runs. Ragged rows leave most splits of a short row
-# empty: those blocks count themselves done too, and may be the last.
+# Split-KV calls: (dtype, B, Q, Hq, Hkv, D, lens, fused). Merged through global memory (no sm_90, or
+# PASS_EXT_ATTENTION_CLUSTER=0), `fused`: the last block of a tile's splits merges them (at most 8 query rows per
+# tile), else the combine kernel runs. Ragged rows leave most splits of a short row empty: those blocks count
+# themselves done too, and may be the last.
 SPLIT_COMBINE_CASES = {
     "tc_decode": (torch.bfloat16, 1, 1, 32, 8, 128, [4000], True),
     "tc_ragged": (torch.float16, 3, 2, 9, 3, 64, [3000, 10, 0], True),
@@ -364,22 +365,63 @@ SPLIT_COMBINE_CASES = {
     "cc_d32_combine_kernel": (torch.float32, 1, 4, 8, 2, 32, [3000], False),  # 16 rows
     "cc_d24_idle_lanes": (torch.bfloat16, 2, 1, 8, 2, 24, [3000, 100], True),
     "cc_d256_two_passes": (torch.float16, 1, 1, 8, 4, 256, [3000], True),
+    # Cluster sizes 2 and 3 (H200: 264 block slots over 96 and 72 tiles), 16 with two key warps (20 rows), and
+    # the CUDA-core kernel's 16-row tile; ragged, so some splits of a cluster are empty. Each launch's clusters
+    # all fit on the H200 at once (the launcher's condition).
+    "cl_tc_two": (torch.bfloat16, 12, 1, 32, 8, 128, [700, 0, 1, 63, 64, 65, 300, 699, 2, 640, 5, 129], True),
+    "cl_tc_three": (torch.bfloat16, 9, 1, 32, 8, 128, [900, 5, 0, 450, 128, 899, 17, 600, 2], True),
+    "cl_tc_key_warps": (torch.float16, 1, 5, 32, 8, 128, [3000], False),
+    "cl_cc_rows16": (torch.float32, 1, 3, 32, 8, 128, [2000], False),
 }
+# On an H200 (132 SMs), the cases that merge in a cluster by default: decode tiles (at most 8 rows) with more
+# splits than a cluster holds, capped to 16. With PASS_EXT_ATTENTION_CLUSTER=all every case does but these, whose
+# split count exceeds the cluster bound where capping it would leave most SMs idle (one or two KV heads).
+CLUSTER_DEFAULT = {"tc_decode", "tc_ragged", "cc_odd_head_dim"}
+CLUSTER_FALLBACK = {"cc_d8_many_splits", "cc_d32_combine_kernel", "cc_d24_idle_lanes", "cc_d256_two_passes"}
+
+
+def cluster_expected(case: str) -> bool:
+    """Whether the launcher merges `case`'s splits in a cluster here (an sm_90 GPU; PASS_EXT_ATTENTION_CLUSTER)."""
+    mode = os.environ.get("PASS_EXT_ATTENTION_CLUSTER", "1")
+    if not (HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9) or mode == "0":
+        return False
+    return case not in CLUSTER_FALLBACK if mode == "all" else case in CLUSTER_DEFAULT
+
+
+def check_split_case(case: str) -> None:
+    """Run `case` three times against the reference, then check which merge ran: a cluster leaves no combine
+    kernel; through global memory the combine kernel runs unless the fused combine does."""
+    dtype, B, Q, Hq, Hkv, D, lens, fused = SPLIT_COMBINE_CASES[case]
+    for _ in range(3):  # the counters (where used) must be back at zero after every launch
+        run_and_check("cuda", dtype, B, Q, Hq, Hkv, D, lens, S=max(lens) + Q + 40)
+    args = make_inputs(B, Q, Hq, Hkv, D, lens, max(lens) + Q + 40, dtype, "cuda")
+    names = _cuda_kernel_names(lambda: ops.attention_with_kv_cache(*args))
+    if not names or os.environ.get("PASS_EXT_ATTENTION_FUSED_COMBINE") == "0":
+        return
+    combine_kernel = any("attention_combine_kernel" in n for n in names)
+    if cluster_expected(case):
+        assert not combine_kernel, names
+    else:
+        assert combine_kernel != fused, names
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
 @pytest.mark.parametrize("case", sorted(SPLIT_COMBINE_CASES))
 def test_split_combine_cuda(case):
-    dtype, B, Q, Hq, Hkv, D, lens, fused = SPLIT_COMBINE_CASES[case]
-    for _ in range(3):  # the counters must be back at zero after every launch
-        run_and_check("cuda", dtype, B, Q, Hq, Hkv, D, lens, S=max(lens) + Q + 40)
-    args = make_inputs(B, Q, Hq, Hkv, D, lens, max(lens) + Q + 40, dtype, "cuda")
-    names = _cuda_kernel_names(lambda: ops.attention_with_kv_cache(*args))
-    if not names:
-        pytest.skip("the profiler recorded no CUDA kernels here")
-    if os.environ.get("PASS_EXT_ATTENTION_FUSED_COMBINE") != "0":
-        assert any("attention_combine_kernel" in n for n in names) != fused, names
+    check_split_case(case)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("mode", ["0", "all"])
+def test_split_combine_cluster_modes_cuda(mode):
+    """PASS_EXT_ATTENTION_CLUSTER (read once per process): with 0 every split case merges through global memory
+    (fused combine or combine kernel), with `all` every case a cluster fits merges in one (cluster sizes 2 to
+    16, tiles of 4 to 64 rows, both kernels); each matches the reference."""
+    script = ("import test_attention as t; "
+              "[t.check_split_case(c) for c in sorted(t.SPLIT_COMBINE_CASES)]; print('ok')")
+    run_script_with_env(script, PASS_EXT_ATTENTION_CLUSTER=mode)
 
 
 @pytest.mark.cuda
@@ -414,7 +456,8 @@ def test_split_combine_in_cuda_graph(dtype, Hq, Hkv, D):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
 def test_split_combine_kernel_switch_cuda():
-    """PASS_EXT_ATTENTION_FUSED_COMBINE=0 (read once per process) keeps the combine kernel, same results."""
+    """PASS_EXT_ATTENTION_FUSED_COMBINE=0 (read once per process) keeps the combine kernel, same results (clusters
+    off: the case would merge in one)."""
     script = (
         "import torch; import test_attention as t; "
         "c = t.SPLIT_COMBINE_CASES['tc_ragged']; t.run_and_check('cuda', *c[:7], S=max(c[6]) + 50); "
@@ -422,7 +465,7 @@ def test_split_combine_kernel_switch_cuda():
         "names = t._cuda_kernel_names(lambda: t.ops.attention_with_kv_cache(*args)); "
         "assert not names or any('attention_combine_kernel' in n for n in names), names; print('ok')"
     )
-    run_script_with_env(script, PASS_EXT_ATTENTION_FUSED_COMBINE="0")
+    run_script_with_env(script, PASS_EXT_ATTENTION_FUSED_COMBINE="0", PASS_EXT_ATTENTION_CLUSTER="0")
 
 
 @pytest.mark.cuda

@@ -15,12 +15,14 @@
 //  * Limits: Q <= 128 new tokens per row, D a multiple of 8 up to 256 (64 and 128 have tuned paths),
 //    float32/float16/bfloat16 (no float64), tensors 16-byte aligned.
 //
-// KV splits: when the grid splits the keys, the last block of a row tile to finish merges the splits'
-// partials (the fused combine) where that is a small job (at most kFusedCombineMaxRows rows per tile: decode),
-// else a combine kernel runs after. The fused combine counts finished blocks in a per-(device, stream) buffer of
-// counters that every launch leaves zeroed; launches that may overlap must run on different streams (CUDA
-// graphs replay on the stream they are launched on, so two graphs captured on one stream must not be replayed
-// concurrently). PASS_EXT_ATTENTION_FUSED_COMBINE=0 keeps the combine kernel (read once).
+// KV splits: on sm_90, decode tiles with many splits run them as one thread-block cluster (up to 16 blocks) that
+// merges through distributed shared memory at the end of the kernel (pick_cluster; PASS_EXT_ATTENTION_CLUSTER=0
+// turns it off, =all uses it wherever it fits; read once). Otherwise the last block of a row tile to finish
+// merges the splits' partials (the fused combine) where that is a small job (at most kFusedCombineMaxRows rows
+// per tile: decode), else a combine kernel runs after. The fused combine counts finished blocks in a
+// per-(device, stream) buffer of counters that every launch leaves zeroed; launches that may overlap must run on
+// different streams (CUDA graphs replay on the stream they are launched on, so two graphs captured on one stream
+// must not be replayed concurrently). PASS_EXT_ATTENTION_FUSED_COMBINE=0 keeps the combine kernel (read once).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -33,6 +35,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -79,7 +82,7 @@ int64_t pick_splits(int64_t base_blocks, int64_t capacity_keys, int sms) {
 // [B*Hkv, splits, R]. The tensors are returned so they outlive the launches (the caching allocator keeps
 // them stream-ordered).
 std::pair<at::Tensor, at::Tensor> alloc_partials(k::AttentionParams& p, const at::Tensor& q) {
-  if (p.splits <= 1) return {};
+  if (p.splits <= 1 || p.cluster) return {};
   const int64_t bh = int64_t(p.B) * p.Hkv;
   const auto opts = q.options().dtype(at::kFloat);
   at::Tensor part_acc = at::empty({bh * p.splits * p.R * p.D}, opts);
@@ -147,10 +150,116 @@ void pick_combine(k::AttentionParams& p, int64_t row_tiles, int64_t tile_rows, c
 
 template <typename T>
 void launch_combine(const k::AttentionParams& p, cudaStream_t stream) {
-  if (p.splits <= 1 || p.counters != nullptr) return;
+  if (p.splits <= 1 || p.counters != nullptr || p.cluster) return;
   const int64_t rows = int64_t(p.B) * p.Hkv * p.R;
   k::attention_combine_kernel<T><<<static_cast<unsigned>((rows + k::kWarps - 1) / k::kWarps), k::kThreads, 0,
                                    stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- cluster merge (sm_90) ----
+
+// When splits merge in a cluster: kClusterNever (PASS_EXT_ATTENTION_CLUSTER=0: global memory always),
+// kClusterDecode (default: see pick_cluster), kClusterWherever (=all: every split launch a cluster fits, for
+// benchmarks). Read once.
+enum ClusterMode { kClusterNever, kClusterDecode, kClusterWherever };
+
+ClusterMode cluster_mode() {
+  static const ClusterMode mode = [] {
+    const char* v = std::getenv("PASS_EXT_ATTENTION_CLUSTER");
+    if (v == nullptr || *v == '\0' || std::strcmp(v, "1") == 0) return kClusterDecode;
+    if (std::strcmp(v, "0") == 0) return kClusterNever;
+    TORCH_CHECK(std::strcmp(v, "all") == 0, "PASS_EXT_ATTENTION_CLUSTER must be 0, 1 or all, got '", v, "'");
+    return kClusterWherever;
+  }();
+  return mode;
+}
+
+// How many clusters of `size` blocks of `kernel` (its shared-memory opt-in made, `smem` bytes each) can be
+// resident at once here: 0 without sm_90 code on an sm_90+ GPU (sizes above 8 need the non-portable opt-in,
+// which the H100/H200 grant up to 16). A cluster's blocks share one GPC, so this is less than the block slots
+// over `size`: 14 clusters of 16 two-block-per-SM blocks on the H200, not 16. Queried once per (kernel, size,
+// device).
+template <typename Kernel>
+int max_active_clusters(Kernel* kernel, int size, size_t smem, int device) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), size, device);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    int clusters = 0;
+    cudaFuncAttributes attr{};
+    if (at::cuda::getCurrentDeviceProperties()->major >= 9 && cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
+        attr.binaryVersion >= 90 &&
+        (size <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess)) {
+      cudaLaunchConfig_t config{};
+      cudaLaunchAttribute attrs[1];
+      attrs[0].id = cudaLaunchAttributeClusterDimension;
+      attrs[0].val.clusterDim.x = static_cast<unsigned>(size);
+      attrs[0].val.clusterDim.y = 1;
+      attrs[0].val.clusterDim.z = 1;
+      config.gridDim = dim3(static_cast<unsigned>(size));
+      config.blockDim = dim3(k::kThreads);
+      config.dynamicSmemBytes = smem;
+      config.attrs = attrs;
+      config.numAttrs = 1;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) clusters = 0;
+    }
+    (void)cudaGetLastError();  // a refused query leaves no error behind: such calls merge through global memory
+    it = cache.emplace(key, clusters).first;
+  }
+  return it->second;
+}
+
+// Makes the launch a cluster merge where it pays (sets p.cluster and p.splits): the splits of a row tile as one
+// cluster (one per row tile and KV head of a row: `tiles`), as many as the global merge would use up to
+// kMaxClusterSplits. By default only where the global merge is slow: decode tiles (at most kFusedCombineMaxRows
+// rows) with more splits than that (B = 1, 8 KV heads, L = 4096: 33 splits -> 16, 19.2 -> 16.1 us on the H200;
+// bench/NOTES.md). Capping costs parallelism, so it is done only while the capped grid still gives half the SMs a
+// block. Every cluster must be resident at once: a second wave of clusters cost more than the merge saves
+// (64 clusters of 4 where 62 fit: B = 8, Q = 16, 57 -> 79 us), so such launches merge through global memory.
+template <typename Kernel>
+void pick_cluster(k::AttentionParams& p, Kernel* kernel, size_t smem, int64_t tiles, int64_t tile_rows, int sms,
+                  int device) {
+  p.cluster = 0;
+  const ClusterMode mode = cluster_mode();
+  if (p.splits <= 1 || mode == kClusterNever) return;
+  if (mode == kClusterDecode &&
+      (std::min<int64_t>(tile_rows, p.R) > kFusedCombineMaxRows || p.splits <= k::kMaxClusterSplits))
+    return;
+  int64_t size = p.splits;
+  if (size > k::kMaxClusterSplits) {
+    if (tiles * k::kMaxClusterSplits * 2 < sms) return;
+    size = k::kMaxClusterSplits;
+  }
+  if (max_active_clusters(kernel, static_cast<int>(size), smem, device) < tiles) return;
+  p.splits = static_cast<int>(size);
+  p.cluster = 1;
+}
+
+// Launches `kernel` over `grid`, as clusters of p.splits blocks along the split dimension (`split_dim`: 0 = x,
+// 1 = y) when p.cluster is set.
+template <typename Kernel>
+void launch_kernel(Kernel* kernel, dim3 grid, size_t smem, cudaStream_t stream, const k::AttentionParams& p,
+                   int split_dim) {
+  if (!p.cluster) {
+    kernel<<<grid, k::kThreads, smem, stream>>>(p);
+  } else {
+    cudaLaunchConfig_t config{};
+    cudaLaunchAttribute attrs[1];
+    attrs[0].id = cudaLaunchAttributeClusterDimension;
+    attrs[0].val.clusterDim.x = split_dim == 0 ? static_cast<unsigned>(p.splits) : 1u;
+    attrs[0].val.clusterDim.y = split_dim == 1 ? static_cast<unsigned>(p.splits) : 1u;
+    attrs[0].val.clusterDim.z = 1;
+    config.gridDim = grid;
+    config.blockDim = dim3(k::kThreads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attrs;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -160,16 +269,16 @@ void launch(k::AttentionParams p, const at::Tensor& q, cudaStream_t stream, int 
   const int64_t row_tiles = (p.R + RT - 1) / RT;
   const int64_t bh = int64_t(p.B) * p.Hkv;
   TORCH_CHECK(row_tiles <= 65535, "attention_with_kv_cache: Q * Hq / Hkv = ", p.R, " query rows per KV head is too many");
-  p.splits = static_cast<int>(pick_splits(bh * row_tiles, int64_t(p.S) + p.Q, sms));
-  const auto partials = alloc_partials(p, q);
-  pick_combine(p, row_tiles, RT, stream, q);
-
   auto* kernel = &k::attention_kernel<T, D_MAX, E, EXACT, RT>;
   const size_t smem = Tile::kSmemBytes;
   set_smem(kernel, smem, p.D);
+  p.splits = static_cast<int>(pick_splits(bh * row_tiles, int64_t(p.S) + p.Q, sms));
+  pick_cluster(p, kernel, smem, bh * row_tiles, RT, sms, q.get_device());
+  const auto partials = alloc_partials(p, q);
+  if (!p.cluster) pick_combine(p, row_tiles, RT, stream, q);
+
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(row_tiles), static_cast<unsigned>(bh));
-  kernel<<<grid, k::kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, grid, smem, stream, p, 0);
   launch_combine<T>(p, stream);
 }
 
@@ -278,13 +387,13 @@ bool launch_mma(k::AttentionParams p, const at::Tensor& q, cudaStream_t stream, 
   const int64_t bh = int64_t(p.B) * p.Hkv;
   p.splits = static_cast<int>(
       pick_splits_one_wave(bh * row_tiles, int64_t(p.S) + p.Q, int64_t(sms) * info.blocks_per_sm));
+  pick_cluster(p, kernel, Tile::kSmemBytes, bh * row_tiles, Tile::kRows, sms, q.get_device());
   const auto partials = alloc_partials(p, q);  // the smem opt-in was made with the info query
-  pick_combine(p, row_tiles, Tile::kRows, stream, q);
+  if (!p.cluster) pick_combine(p, row_tiles, Tile::kRows, stream, q);
   TORCH_CHECK(p.counters == nullptr || KW == k::kWarps, "attention_with_kv_cache: internal error: the fused "
               "combine is compiled into the 16-row tensor-core tiles only");
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.splits), static_cast<unsigned>(bh));
-  kernel<<<grid, k::kThreads, Tile::kSmemBytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, grid, Tile::kSmemBytes, stream, p, 1);
   launch_combine<T>(p, stream);
   return true;
 }

@@ -1,6 +1,7 @@
 // Device code for attention_with_kv_cache: a flash-decoding kernel (one block per batch row x KV head x
 // row tile x KV split, fp32 online softmax), a combine kernel for the splits, and the fused cache append.
 #pragma once
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -13,7 +14,8 @@ namespace pass_ext::kernels {
 //   channels contiguous within a token: the k/v slices of a fused qkv projection need no copy),
 //   k_cache/v_cache [B,Hkv,S,D], out [B,Q,Hq,D], cache_lens [B],
 //   tree_mask [Q, mask_words] bit-packed (nullptr = causal),
-//   part_acc [B*Hkv, splits, R, D] fp32 and part_ml [B*Hkv, splits, R] (max, sum), used when splits > 1.
+//   part_acc [B*Hkv, splits, R, D] fp32 and part_ml [B*Hkv, splits, R] (max, sum), used when splits > 1 and
+//   the splits do not run as a cluster.
 // A block's "rows" are the R = Q*G query rows that share one KV head: row r is new token r / G of
 // q head h*G + r % G, so every K/V byte a block reads serves all of them.
 struct AttentionParams {
@@ -30,6 +32,9 @@ struct AttentionParams {
   // With splits > 1: nullptr (a combine kernel merges the partials) or one zeroed counter per (row x KV
   // head, row tile): the last block of a tile's splits to finish merges them and zeroes its counter again.
   int* counters;
+  // 1: the splits of a row tile run as one thread-block cluster (sm_90; cluster rank = split) and merge through
+  // distributed shared memory (cluster_merge): no partials in global memory, no counters, no combine kernel.
+  int cluster;
   int64_t k_tok, v_tok;  // elements between consecutive new tokens of k_new / v_new (Hkv * D when contiguous)
   int B, Q, Hq, Hkv, D, S;
   int G, R, mask_words, splits;
@@ -41,6 +46,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kKeyTile = 32;   // keys per pipeline stage: one key per lane in the score phase
 constexpr int kMinSplitKeys = 64;  // a split covers at least this many keys (a multiple of kKeyTile)
 constexpr int kMaxSplits = 64;     // KV splits per (row, KV head, row tile) at most (the combine's lanes hold two)
+constexpr int kMaxClusterSplits = 16;  // splits merged in a cluster at most (sm_90's non-portable cluster size)
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -266,6 +272,67 @@ __device__ __forceinline__ void fused_combine(const AttentionParams& p, int bh, 
                    reinterpret_cast<float4*>(smem) + (threadIdx.x >> 5) * kCombineBatch * 32);
 }
 
+// The cluster merge (p.cluster, splits > 1; sm_90), called by every thread of every block of the cluster once
+// the block's partial rows are in its own shared memory: part [tile_rows][D] fp32, unnormalised, and ml
+// [tile_rows] (max, sum), with (-inf, 0) from a split that saw no key (its part is never read). A cluster barrier
+// publishes them; then groups of `lanes` threads across the cluster each produce 4 output channels of one row,
+// lane s reading split s's (max, sum) and partial from block s's shared memory (one distributed-shared-memory
+// round trip for all splits at once) and the group adding them up with shuffles. A second barrier keeps every
+// block's shared memory alive until the last read. No global partials, atomics or combine launch. The first
+// barrier's release costs a GPU-scope fence (MEMBAR.ALL.GPU on sm_90); the second orders only reads, so it
+// arrives relaxed (no fence): every value a thread read has been used before it arrives.
+template <typename T>
+__device__ __forceinline__ void cluster_merge(const AttentionParams& p, int bh, int row0, int tile_rows,
+                                              const float* part, const float2* ml) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  const int C = p.splits;  // the cluster's blocks, rank = split
+  const int lanes = C <= 2 ? 2 : C <= 4 ? 4 : C <= 8 ? 8 : 16;
+  const int per = p.D / 4;  // float4s per row
+  const int rows = min(tile_rows, p.R - row0);
+  const int items = rows * per;
+  const int groups = kThreads / lanes;  // per block
+  const int s = threadIdx.x % lanes, sc = min(s, C - 1);
+  const int first = static_cast<int>(cluster.block_rank()) * groups + static_cast<int>(threadIdx.x) / lanes;
+  const float2* peer_ml = cluster.map_shared_rank(ml, sc);
+  const float4* peer_part = reinterpret_cast<const float4*>(cluster.map_shared_rank(part, sc));
+  const int b = bh / p.Hkv, h = bh % p.Hkv;
+  // The trip count is the same for every thread (the shuffles need whole warps); lanes past the items idle.
+  for (int base = 0; base < items; base += C * groups) {
+    const int item = base + first;
+    const bool valid = item < items;
+    const int r = valid ? item / per : 0, c4 = valid ? item % per : 0;
+    const float2 x = s < C && valid ? peer_ml[r] : make_float2(-INFINITY, 0.f);
+    const float4 v = peer_part[r * per + c4];  // garbage for an empty split: selected away below
+    float M = x.y > 0.f ? x.x : -INFINITY;
+    for (int o = 1; o < lanes; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    const float w = x.y > 0.f ? exp2f(x.x - M) : 0.f;
+    float tot = w * x.y;
+    float4 a = w != 0.f ? make_float4(w * v.x, w * v.y, w * v.z, w * v.w) : make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int o = 1; o < lanes; o <<= 1) {
+      tot += __shfl_xor_sync(0xffffffffu, tot, o);
+      a.x += __shfl_xor_sync(0xffffffffu, a.x, o);
+      a.y += __shfl_xor_sync(0xffffffffu, a.y, o);
+      a.z += __shfl_xor_sync(0xffffffffu, a.z, o);
+      a.w += __shfl_xor_sync(0xffffffffu, a.w, o);
+    }
+    if (valid && s == 0) {
+      const int row = row0 + r;
+      const float inv = tot > 0.f ? 1.f / tot : 0.f;  // a row that saw no key outputs zeros
+      const float res[4] = {a.x * inv, a.y * inv, a.z * inv, a.w * inv};
+      T* o = static_cast<T*>(p.out) + ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * p.D;
+      store_floats<T, 4>(o + c4 * 4, res);
+    }
+  }
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  cluster.barrier_wait();
+#else
+  __trap();  // never launched: the launcher sets p.cluster only for sm_90 code
+#endif
+}
+
 // Compile-time shape of one attention kernel instance.
 //   D_MAX: head dim bound (smem row length); EXACT: D == D_MAX, otherwise D is read at run time (any
 //   multiple of 8 up to D_MAX). E: contiguous head-dim elements a lane owns in the P.V phase.
@@ -280,6 +347,9 @@ struct AttentionTile {
   static constexpr size_t kKVBytes = size_t(2) * 2 * kKeyTile * kStride * sizeof(T);  // K,V x 2 stages
   static constexpr size_t kSmemBytes = kKVBytes + sizeof(float) * (size_t(RT) * D_MAX + size_t(RT) * kKeyTile);
   static_assert(kSmemBytes >= kCombineStageBytes, "the fused combine stages its partials in the ring");
+  // The cluster merge's partial rows [RT][D] fp32 and their (max, sum) [RT], in the K/V ring once it is idle.
+  static constexpr size_t kPartBytes = sizeof(float) * size_t(RT) * D_MAX;
+  static_assert(kPartBytes + sizeof(float2) * RT <= kKVBytes, "the cluster merge's partials fit the ring");
 };
 
 // Grid (splits, ceil(R / RT), B * Hkv), kThreads threads, AttentionTile::kSmemBytes dynamic smem.
@@ -342,11 +412,19 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
   chunk = max((chunk + KT - 1) / KT * KT, kMinSplitKeys);
   const int k_begin = split * chunk, k_end = min(N, k_begin + chunk);
   const int row0 = row_tile * RT;
-  if (k_begin >= k_end) {  // only when splits > 1: mark empty so the combine skips it
-    for (int r = tid; r < RT; r += kThreads)
-      if (row0 + r < p.R)
+  float* sPart = reinterpret_cast<float*>(smem_raw);                     // cluster merge: [RT][D]
+  float2* sML = reinterpret_cast<float2*>(smem_raw + Tile::kPartBytes);  // and [RT] (max, sum)
+  if (k_begin >= k_end) {  // only when splits > 1: mark empty so the merge skips it
+    for (int r = tid; r < RT; r += kThreads) {
+      if (p.cluster)
+        sML[r] = make_float2(-INFINITY, 0.f);
+      else if (row0 + r < p.R)
         p.part_ml[(int64_t(bh) * p.splits + split) * p.R + row0 + r] = make_float2(-INFINITY, 0.f);
-    if (p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.y, row0, RT, smem_raw);
+    }
+    if (p.cluster)
+      cluster_merge<T>(p, bh, row0, RT, sPart, sML);  // every block of the cluster takes part, empty or not
+    else if (p.counters != nullptr)
+      fused_combine<T>(p, bh, row_tile, gridDim.y, row0, RT, smem_raw);
     return;
   }
   const int n_tiles = (k_end - k_begin + KT - 1) / KT;
@@ -496,14 +574,24 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
     __syncthreads();  // every warp is done with this stage before the next iteration refills it
   }
 
-  // (3) Write out: final rows when there is one split, else unnormalised partials and (max, sum).
+  // (3) Write out: final rows when there is one split, else unnormalised partials and (max, sum) — into this
+  // block's shared memory for the cluster merge (the ring is idle: the loop ended on a barrier), else global.
   T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int r = 0; r < TRS; ++r) {
     const float l = warp_sum(l_lane[r]);
     const int row = row0 + warp * TRS + r;
     if (row >= p.R) continue;
-    if (p.splits == 1) {
+    if (p.cluster) {
+      float* o = sPart + (warp * TRS + r) * D;
+#pragma unroll
+      for (int gi = 0; gi < Tile::kGroups; ++gi) {
+        const int col = (lane + 32 * gi) * E;
+        if (!EXACT && col >= D) continue;
+        store_floats<float, E>(o + col, &acc[r][gi * E]);
+      }
+      if (lane == 0) sML[warp * TRS + r] = make_float2(m_run[r], l);
+    } else if (p.splits == 1) {
       const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that saw no key outputs zeros
       T* o = out + ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * D;
 #pragma unroll
@@ -527,7 +615,9 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
       if (lane == 0) p.part_ml[prow] = make_float2(m_run[r], l);
     }
   }
-  if (p.splits > 1 && p.counters != nullptr)
+  if (p.cluster)
+    cluster_merge<T>(p, bh, row0, RT, sPart, sML);
+  else if (p.splits > 1 && p.counters != nullptr)
     fused_combine<T>(p, bh, row_tile, gridDim.y, row0, RT, smem_raw);
 }
 

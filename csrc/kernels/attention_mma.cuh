@@ -93,6 +93,10 @@ struct MmaTile {
   static constexpr size_t kSmemBytes = kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes;
   static_assert(kMinSplitKeys % kKeys == 0, "a split must hold whole stages");
   static_assert(kSmemBytes >= kCombineStageBytes, "the fused combine stages its partials in the ring");
+  // The cluster merge's partial rows [kRows][D] fp32 and (max, sum) [kRows], in the ring past the KW-way merge.
+  static constexpr size_t kPartOffset = (kMergeBytes + 15) / 16 * 16;
+  static constexpr size_t kMLOffset = kPartOffset + sizeof(float) * size_t(kRows) * D;
+  static_assert(kMLOffset + sizeof(float2) * kRows <= kSmemBytes, "the cluster merge's partials fit the ring");
 };
 
 // Grid (ceil(R / kRows), splits, B * Hkv), kThreads threads, MmaTile::kSmemBytes dynamic smem. Same contract
@@ -157,12 +161,21 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   chunk = max((chunk + KT - 1) / KT * KT, kMinSplitKeys);
   const int k_begin = split * chunk, k_end = min(N, k_begin + chunk);
   const int row0 = row_tile * Tile::kRows;
-  if (k_begin >= k_end) {  // only when splits > 1: mark empty so the combine skips it
-    for (int r = tid; r < Tile::kRows; r += kThreads)
-      if (row0 + r < p.R)
+  float* sPart = reinterpret_cast<float*>(smem_raw + Tile::kPartOffset);  // cluster merge: [kRows][D]
+  float2* sML = reinterpret_cast<float2*>(smem_raw + Tile::kMLOffset);    // and [kRows] (max, sum)
+  if (k_begin >= k_end) {  // only when splits > 1: mark empty so the merge skips it
+    for (int r = tid; r < Tile::kRows; r += kThreads) {
+      if (p.cluster)
+        sML[r] = make_float2(-INFINITY, 0.f);
+      else if (row0 + r < p.R)
         p.part_ml[(int64_t(bh) * p.splits + split) * p.R + row0 + r] = make_float2(-INFINITY, 0.f);
-    if constexpr (KW == kWarps)  // see the end of the kernel
-      if (p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.x, row0, Tile::kRows, smem_raw);
+    }
+    if (p.cluster) {
+      cluster_merge<T>(p, bh, row0, Tile::kRows, sPart, sML);  // every block of the cluster takes part
+    } else {
+      if constexpr (KW == kWarps)  // see the end of the kernel
+        if (p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.x, row0, Tile::kRows, smem_raw);
+    }
     return;
   }
   const int n_tiles = (k_end - k_begin + KT - 1) / KT;
@@ -323,7 +336,11 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   }
 
   // (3a) Key warps of a row tile hold states of the same rows over disjoint keys: merge them into key warp 0
-  // through the (now idle) ring, lane-major so every access is conflict-free.
+  // through the (now idle) ring, lane-major so every access is conflict-free. With one key warp the barrier
+  // is there for the cluster merge, whose partials go into the ring.
+  if constexpr (KW == 1) {
+    if (p.cluster) __syncthreads();  // every warp is done reading the ring
+  }
   if constexpr (KW > 1) {
     constexpr int MF = Tile::kMergeFloats;
     float* sm = reinterpret_cast<float*>(smem_raw);  // [kWarps][MF][32]
@@ -379,13 +396,20 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
       }
     }
 
-    // (3b) Write out: final rows when there is one split, else unnormalised partials and (max, sum).
+    // (3b) Write out: final rows when there is one split, else unnormalised partials and (max, sum) — into
+    // this block's shared memory for the cluster merge, else global memory.
     T* out = static_cast<T*>(p.out);
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
       const int row = wrow0 + g + 8 * hi;
       if (row >= p.R) continue;
-      if (p.splits == 1) {
+      if (p.cluster) {
+        const int r = row - row0;
+#pragma unroll
+        for (int d = 0; d < DT; ++d)
+          *reinterpret_cast<float2*>(sPart + r * D + d * 8 + 2 * t4) = make_float2(o[d][2 * hi], o[d][2 * hi + 1]);
+        if (t4 == 0) sML[r] = make_float2(m_run[hi], l_run[hi]);
+      } else if (p.splits == 1) {
         const float inv = l_run[hi] > 0.f ? 1.f / l_run[hi] : 0.f;  // a row that saw no key outputs zeros
         T* orow = out + ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * D;
 #pragma unroll
@@ -403,9 +427,13 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   }
   // Only 16-row tiles (KW = kWarps) can hold at most the launcher's kFusedCombineMaxRows rows; the other
   // instances never merge in the kernel, and leaving the merge out of them keeps it out of their code.
-  if constexpr (KW == kWarps)
-    if (p.splits > 1 && p.counters != nullptr)
-      fused_combine<T>(p, bh, row_tile, gridDim.x, row0, Tile::kRows, smem_raw);
+  if (p.cluster) {
+    cluster_merge<T>(p, bh, row0, Tile::kRows, sPart, sML);
+  } else {
+    if constexpr (KW == kWarps)
+      if (p.splits > 1 && p.counters != nullptr)
+        fused_combine<T>(p, bh, row_tile, gridDim.x, row0, Tile::kRows, smem_raw);
+  }
 #else
   __trap();  // never launched: the launcher checks for sm_80 code first (a loud stop should that check fail)
 #endif
