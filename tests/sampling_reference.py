@@ -65,6 +65,26 @@ def warp_rows(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
                         for n in range(logits.shape[0])])
 
 
+def warp_rows_matching(logits: torch.Tensor, temperature, top_k, top_p, probs: torch.Tensor,
+                       slack: float = 1e-5) -> torch.Tensor:
+    """warp_rows, except where a row's nucleus is ambiguous: when the cumulative sum crosses top_p within `slack`
+    of it, summation order (fp32 in a kernel, float64 here) decides whether the boundary token is in, so such a
+    row takes the reference cut at top_p - slack or top_p + slack instead if that is what `probs` (the kernel's
+    [N, V]) holds. A nucleus wrong by more than `slack` of probability mass still fails."""
+    ref = warp_rows(logits, temperature, top_k, top_p)
+    got = probs.detach().double().cpu()
+    for n in range(ref.shape[0]):
+        p = float(top_p[n])
+        if not p < 1 or torch.allclose(got[n], ref[n], atol=1e-6, rtol=1e-4):
+            continue
+        for cut in (p - slack, p + slack):
+            alt = warp(logits[n].cpu(), float(temperature[n]), int(top_k[n]), cut)
+            if torch.allclose(got[n], alt, atol=1e-6, rtol=1e-4):
+                ref[n] = alt
+                break
+    return ref
+
+
 def params(rows: int, temperature: float, top_k: int, top_p: float, device) -> tuple[torch.Tensor, ...]:
     return (torch.full((rows,), temperature, dtype=torch.float32, device=device),
             torch.full((rows,), top_k, dtype=torch.int32, device=device),

