@@ -58,7 +58,7 @@ MAX_CLUSTER = 16        # splits merged in a thread-block cluster at most (sm_90
 
 
 def cluster_mode() -> str:
-    """When the launcher merges splits in a cluster: "0" never, "1" decode tiles with many splits, "all" wherever
+    """When the launcher merges splits in a cluster: "0" never, "1" decode tiles (at most 8 rows), "all" wherever
     one fits (PASS_EXT_ATTENTION_CLUSTER; an sm_90+ GPU, assumed without one)."""
     sm90 = not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] >= 9
     return os.environ.get("PASS_EXT_ATTENTION_CLUSTER") or "1" if sm90 else "0"
@@ -82,7 +82,7 @@ def plan(Q: int, Hq: int, Hkv: int, D: int, B: int, S: int, dtype: torch.dtype) 
         splits = max(1, min(-(-2 * SMS // base), -(-(S + Q) // 64), 64))
     merge = "none" if splits == 1 else "global"
     mode = cluster_mode()
-    wanted = mode == "all" or (mode == "1" and min(rows, R) <= 8 and splits > MAX_CLUSTER)
+    wanted = mode == "all" or (mode == "1" and min(rows, R) <= 8)
     if splits > 1 and wanted and (splits <= MAX_CLUSTER or base * MAX_CLUSTER * 2 >= SMS):
         splits, merge = min(splits, MAX_CLUSTER), "cluster"
     return {"kernel": "tensor-cores" if tc else "cuda-cores", "R": R, "rows_per_block": rows, "splits": splits,

@@ -373,10 +373,10 @@ SPLIT_COMBINE_CASES = {
     "cl_tc_key_warps": (torch.float16, 1, 5, 32, 8, 128, [3000], False),
     "cl_cc_rows16": (torch.float32, 1, 3, 32, 8, 128, [2000], False),
 }
-# On an H200 (132 SMs), the cases that merge in a cluster by default: decode tiles (at most 8 rows) with more
-# splits than a cluster holds, capped to 16. With PASS_EXT_ATTENTION_CLUSTER=all every case does but these, whose
-# split count exceeds the cluster bound where capping it would leave most SMs idle (one or two KV heads).
-CLUSTER_DEFAULT = {"tc_decode", "tc_ragged", "cc_odd_head_dim"}
+# On an H200 (132 SMs), the cases that merge in a cluster by default: decode tiles (at most 8 rows). With
+# PASS_EXT_ATTENTION_CLUSTER=all every case does but these, whose split count exceeds the cluster bound where
+# capping it would leave most SMs idle (one or two KV heads).
+CLUSTER_DEFAULT = {"tc_decode", "tc_ragged", "cc_fp32_ragged", "cc_odd_head_dim", "cl_tc_two", "cl_tc_three"}
 CLUSTER_FALLBACK = {"cc_d8_many_splits", "cc_d32_combine_kernel", "cc_d24_idle_lanes", "cc_d256_two_passes"}
 
 

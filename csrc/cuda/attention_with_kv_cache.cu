@@ -15,7 +15,7 @@
 //  * Limits: Q <= 128 new tokens per row, D a multiple of 8 up to 256 (64 and 128 have tuned paths),
 //    float32/float16/bfloat16 (no float64), tensors 16-byte aligned.
 //
-// KV splits: on sm_90, decode tiles with many splits run them as one thread-block cluster (up to 16 blocks) that
+// KV splits: on sm_90, the splits of a decode tile run as one thread-block cluster (up to 16 blocks) that
 // merges through distributed shared memory at the end of the kernel (pick_cluster; PASS_EXT_ATTENTION_CLUSTER=0
 // turns it off, =all uses it wherever it fits; read once). Otherwise the last block of a row tile to finish
 // merges the splits' partials (the fused combine) where that is a small job (at most kFusedCombineMaxRows rows
@@ -214,20 +214,20 @@ int max_active_clusters(Kernel* kernel, int size, size_t smem, int device) {
 
 // Makes the launch a cluster merge where it pays (sets p.cluster and p.splits): the splits of a row tile as one
 // cluster (one per row tile and KV head of a row: `tiles`), as many as the global merge would use up to
-// kMaxClusterSplits. By default only where the global merge is slow: decode tiles (at most kFusedCombineMaxRows
-// rows) with more splits than that (B = 1, 8 KV heads, L = 4096: 33 splits -> 16, 19.2 -> 16.1 us on the H200;
-// bench/NOTES.md). Capping costs parallelism, so it is done only while the capped grid still gives half the SMs a
-// block. Every cluster must be resident at once: a second wave of clusters cost more than the merge saves
-// (64 clusters of 4 where 62 fit: B = 8, Q = 16, 57 -> 79 us), so such launches merge through global memory.
+// kMaxClusterSplits. By default for decode tiles (at most kFusedCombineMaxRows rows), where the merge is a short
+// job at the end of a short kernel. On the H200: B = 1, 8 KV heads, L = 4096, 33 splits -> 16, 19.2 -> 16.1 us;
+// SmolLM2 decode (3 rows, 7 splits) 6.9 -> 5.6 us per call; but the 64-row tiles of its fused PaSS step (75 rows)
+// 6.4 -> 12.9 us, where the combine kernel spreads the rows over the GPU (bench/NOTES.md). Capping costs
+// parallelism, so it is done only while the capped grid still gives half the SMs a block. Every cluster must be
+// resident at once: a second wave of clusters cost more than the merge saves (64 clusters of 4 where 62 fit:
+// B = 8, Q = 16, 57 -> 79 us), so such launches merge through global memory.
 template <typename Kernel>
 void pick_cluster(k::AttentionParams& p, Kernel* kernel, size_t smem, int64_t tiles, int64_t tile_rows, int sms,
                   int device) {
   p.cluster = 0;
   const ClusterMode mode = cluster_mode();
   if (p.splits <= 1 || mode == kClusterNever) return;
-  if (mode == kClusterDecode &&
-      (std::min<int64_t>(tile_rows, p.R) > kFusedCombineMaxRows || p.splits <= k::kMaxClusterSplits))
-    return;
+  if (mode == kClusterDecode && std::min<int64_t>(tile_rows, p.R) > kFusedCombineMaxRows) return;
   int64_t size = p.splits;
   if (size > k::kMaxClusterSplits) {
     if (tiles * k::kMaxClusterSplits * 2 < sms) return;
