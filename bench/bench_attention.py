@@ -382,6 +382,7 @@ def main() -> None:
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "roofline_tbps": ROOFLINE_TBPS,
             "iters": args.iters, "quick": args.quick, "uniform": args.uniform, "tensor_cores_off": tc_off,
             "tc_min_rows": os.environ.get("PASS_EXT_ATTENTION_TC_MIN_ROWS", "4"),
+            "cluster_mode": cluster_mode(),
             "flex_dynamic": not args.flex_static, "seconds": round(time.monotonic() - t0, 1),
             "model": {"hbm_bps": HBM_BPS, "mma_flops": MMA_FLOPS, "fma_flops": FMA_FLOPS, "launch_us": LAUNCH_US}}
     json_path = os.path.join(RESULTS, f"attention{suffix}.json")
