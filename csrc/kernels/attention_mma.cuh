@@ -425,8 +425,9 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
       }
     }
   }
-  // Only 16-row tiles (KW = kWarps) can hold at most the launcher's kFusedCombineMaxRows rows; the other
-  // instances never merge in the kernel, and leaving the merge out of them keeps it out of their code.
+  // The cluster merge serves any tile (by default the launcher clusters decode tiles only). The fused combine:
+  // only 16-row tiles (KW = kWarps) can hold at most the launcher's kFusedCombineMaxRows rows; the other
+  // instances never run it, and leaving it out of them keeps it out of their code.
   if (p.cluster) {
     cluster_merge<T>(p, bh, row0, Tile::kRows, sPart, sML);
   } else {
