@@ -153,4 +153,36 @@ inline void check_verify_args(const at::Tensor& target_logits, const at::Tensor&
   check_output(target_logits, accepted, "accepted", at::kInt, {batch});
 }
 
+// decode_linear: x [M, K] (rows may be strided, elements contiguous), weight [N, K] contiguous, bias [N] or
+// None, out [M, N] contiguous ([M, N / 2] when swiglu, N even); one floating dtype and device for all.
+inline void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              bool swiglu, const at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K], got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.size(0) >= 1 && x.size(1) >= 1,
+              "weight must be [N, K=", x.size(1), "] with N, K >= 1, got ", weight.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "x must be float32, float64, bfloat16 or float16, got ", dtype);
+  const int64_t M = x.size(0), N = weight.size(0);
+  TORCH_CHECK(!swiglu || N % 2 == 0, "swiglu needs an even number of weight rows N (gate rows, then up rows), got ",
+              N);
+  const int64_t n_out = swiglu ? N / 2 : N;
+  TORCH_CHECK(x.stride(1) == 1 || x.size(1) == 1, "x's rows must be contiguous (x.stride(1) == 1), got strides ",
+              x.strides());
+  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
+  TORCH_CHECK(weight.scalar_type() == dtype, "weight must have x's dtype ", dtype, ", got ", weight.scalar_type());
+  check_same_device(x, weight, "weight");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be [N=", N, "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == dtype, "bias must have x's dtype ", dtype, ", got ", bias->scalar_type());
+    TORCH_CHECK(bias->is_contiguous(), "bias must be contiguous");
+    check_same_device(x, *bias, "bias");
+  }
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == n_out, "out must be [M=", M, ", ",
+              swiglu ? "N/2=" : "N=", n_out, "], got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == dtype, "out must have x's dtype ", dtype, ", got ", out.scalar_type());
+  TORCH_CHECK(out.is_contiguous(), "out must be contiguous");
+  check_same_device(x, out, "out");
+}
+
 }  // namespace pass_ext

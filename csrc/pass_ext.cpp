@@ -39,6 +39,10 @@ TORCH_LIBRARY(pass_ext, m) {
   // and draw one token per row into out [N] int64; probs_out [N,V] float32, when given, gets the warped distribution.
   m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
         "Tensor(a!) out, Tensor(b!)? probs_out) -> ()");
+  // out = x weight^T (+ bias) for x [M, K], weight [N, K], bias [N]; with swiglu, out [M, N/2] = silu(gate) * up
+  // where gate and up are the first and second halves of that product's columns, each rounded to the dtype
+  // first. On CUDA (bf16/fp16, M <= 32) a weight-streaming kernel for the few rows of a decode step.
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, bool swiglu, Tensor(a!) out) -> ()");
   // "cpu" or "cpu+cuda": which kernels this build holds.
   m.def("build_info() -> str", &build_info);
 }

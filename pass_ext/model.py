@@ -1,8 +1,10 @@
 """A lean Llama-family decoder (llama, mistral, qwen2; SmolLM is llama) over a preallocated rollback KV cache.
 
 Everything but attention is plain PyTorch; attention goes through `ops.attention_with_kv_cache`, or, for
-training, through the same computation in differentiable torch ops. Weights are frozen; activations keep
-their autograd graph so that look-ahead embeddings fed in as `inputs_embeds` can be trained.
+training, through the same computation in differentiable torch ops. On CUDA, the projections of decode-sized
+forwards (at most 16 tokens by default) go through `ops.decode_linear` where their weights are small enough.
+Weights are frozen; activations keep their autograd graph so that look-ahead embeddings fed in as
+`inputs_embeds` can be trained.
 """
 from __future__ import annotations
 
@@ -285,6 +287,7 @@ class Model(nn.Module):
         self.lm_head = None if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
         self._rope_cos: Optional[torch.Tensor] = None  # [P, D] float32, built lazily
         self._rope_sin: Optional[torch.Tensor] = None
+        self._linear_plan: Optional[tuple] = None  # (size limit, which projections use decode_linear), lazily
         self.fingerprint = self._compute_fingerprint()
 
     # ---- properties -------------------------------------------------------------------------------------------
@@ -310,6 +313,7 @@ class Model(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to()/.cuda() move the weights; rebuild the rope tables on the new device on next use.
         self._rope_cos = self._rope_sin = None
+        self._linear_plan = None
         return super()._apply(fn, recurse)
 
     # ---- cache and positions ----------------------------------------------------------------------------------
@@ -344,7 +348,28 @@ class Model(nn.Module):
     def lm_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] final-norm hidden states -> [..., V] float32 logits."""
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
+        if self._linear_ops(hidden).get("lm_head"):
+            return ops.decode_linear(hidden, weight).float()
         return F.linear(hidden, weight).float()
+
+    def _linear_ops(self, x: torch.Tensor) -> dict:
+        """Which projections of this forward (x [..., d], or the final hidden states) run as `decode_linear`:
+        {'qkv' | 'o' | 'gate_up' | 'down' | 'lm_head': bool}, empty for none. On CUDA without autograd, for at
+        most `ops.linear_max_rows()` rows, the projections whose weights fit the kernel in every layer and are
+        no larger than `ops.linear_max_bytes()` (checked once per device, dtype and limit)."""
+        if x.device.type != "cuda" or torch.is_grad_enabled() or x.numel() // x.shape[-1] > ops.linear_max_rows():
+            return {}
+        limit = ops.linear_max_bytes()
+        if self._linear_plan is None or self._linear_plan[0] != limit:
+            kinds = {"lm_head": [self.embed_tokens if self.lm_head is None else self.lm_head],
+                     "qkv": [layer.wqkv for layer in self.layers], "o": [layer.wo for layer in self.layers],
+                     "gate_up": [layer.w_gate_up for layer in self.layers],
+                     "down": [layer.w_down for layer in self.layers]}
+            probe = x.new_empty(1, 8)
+            self._linear_plan = (limit, {kind: bool(ws) and ops.decode_linear_applies(probe, *ws)
+                                         and all(ops.decode_linear_pays(w) for w in ws)
+                                         for kind, ws in kinds.items()})
+        return self._linear_plan[1]
 
     def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, cache: KVCache,
                 tree_mask: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
@@ -392,9 +417,13 @@ class Model(nn.Module):
         # Fused chains only where autograd is off (training differentiates through the eager ones).
         fused = x.device.type == "cuda" and not torch.is_grad_enabled() and fusion_enabled()
         norm, add_norm, rope, swiglu = (_chain(n, fused) for n in ("norm", "add_norm", "rope", "swiglu"))
+        # Decode-sized forwards project through decode_linear where it pays (SwiGLU fused into gate/up).
+        use = self._linear_ops(x)
+        qkv_linear, o_linear, down_linear = (ops.decode_linear if use.get(n) else F.linear
+                                             for n in ("qkv", "o", "down"))
         h = norm(x, self.layers[0].input_norm if len(self.layers) else self.norm, eps)
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)  # [B, Q, (Hq + 2 Hkv) D]
+            qkv = qkv_linear(h, layer.wqkv, layer.bqkv)  # [B, Q, (Hq + 2 Hkv) D]
             q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
             q, k = rope(q.view(B, Q, Hq, D), k.view(B, Q, Hkv, D), cos, sin)
             v = v.view(B, Q, Hkv, D)
@@ -402,8 +431,12 @@ class Model(nn.Module):
                 a = ops.attention_with_kv_cache(q, k, v, cache.k[i], cache.v[i], cache.lens, tree_mask)  # [B,Q,Hq,D]
             else:
                 a = self._torch_attention(q, k, v, cache.k[i], cache.v[i], cache.lens, torch_mask)
-            x, h = add_norm(x, F.linear(a.reshape(B, Q, Hq * D), layer.wo, layer.bo), layer.post_norm, eps)
-            y = F.linear(swiglu(F.linear(h, layer.w_gate_up, layer.b_gate_up)), layer.w_down, layer.b_down)
+            x, h = add_norm(x, o_linear(a.reshape(B, Q, Hq * D), layer.wo, layer.bo), layer.post_norm, eps)
+            if use.get("gate_up"):
+                act = ops.decode_linear(h, layer.w_gate_up, layer.b_gate_up, swiglu=True)
+            else:
+                act = swiglu(F.linear(h, layer.w_gate_up, layer.b_gate_up))
+            y = down_linear(act, layer.w_down, layer.b_down)
             nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
             x, h = add_norm(x, y, nxt, eps)  # the residual, and the next layer's (or the final) norm of it
         return h if return_hidden else self.lm_head_logits(h)

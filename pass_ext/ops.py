@@ -13,11 +13,12 @@ import torch
 
 from . import _C  # noqa: F401  (loads the native library, which registers torch.ops.pass_ext.*)
 
-__all__ = ["attention_with_kv_cache", "speculative_verify", "sample", "build_info", "has_cuda_kernels",
-           "attention_uses_tensor_cores"]
+__all__ = ["attention_with_kv_cache", "speculative_verify", "sample", "decode_linear", "decode_linear_applies",
+           "decode_linear_pays", "linear_max_rows", "linear_max_bytes", "build_info", "has_cuda_kernels", "attention_uses_tensor_cores"]
 
 
 CUDA_MAX_Q = 128  # new tokens per row one CUDA attention_with_kv_cache call takes (kMaxQ in the launcher)
+LINEAR_MAX_ROWS = 32  # rows of x one CUDA decode_linear call takes (kLinearMaxRows in the kernel)
 
 
 def build_info() -> str:
@@ -179,6 +180,86 @@ def sample(
     return out
 
 
+def _env_int(name: str, default: int, low: int, high: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {raw!r}")
+    return value
+
+
+def linear_max_rows() -> int:
+    """Rows of x (tokens of a forward) up to which the model projects with `decode_linear` on CUDA:
+    PASS_EXT_LINEAR_MAX_ROWS, default 16, at most 32; PASS_EXT_LINEAR=0 turns the op off (every projection
+    through torch's linear). Past 16 rows the kernel re-reads x too often to beat cuBLAS (bench/NOTES.md)."""
+    if os.environ.get("PASS_EXT_LINEAR", "1") == "0":
+        return 0
+    return _env_int("PASS_EXT_LINEAR_MAX_ROWS", 16, 0, LINEAR_MAX_ROWS)
+
+
+def linear_max_bytes() -> int:
+    """Weight size up to which the model projects with `decode_linear`: PASS_EXT_LINEAR_MAX_MB (MiB), default
+    16. Smaller projections are bound by latency, where the op wins (SmolLM2's 1-4 MB: 1.4x cuBLAS per layer on
+    an H200); larger ones by bandwidth, where cuBLAS streams a few per cent faster."""
+    return _env_int("PASS_EXT_LINEAR_MAX_MB", 16, 0, 1 << 20) << 20
+
+
+def decode_linear_applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the CUDA decode_linear kernel takes x [..., K] (contiguous) against each of these weights
+    [N, K]: a CUDA build, x on a GPU in bf16/fp16 with at most LINEAR_MAX_ROWS (32) rows, and contiguous,
+    16-byte aligned weights of x's dtype with K a multiple of 8 and at most 2^20 rows."""
+    if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16) or not has_cuda_kernels():
+        return False
+    if x.numel() // max(1, x.shape[-1]) > LINEAR_MAX_ROWS:
+        return False
+    return all(w.dim() == 2 and w.shape[1] % 8 == 0 and w.shape[0] <= 65535 * 16 and w.dtype == x.dtype
+               and w.is_contiguous() and w.data_ptr() % 16 == 0 for w in weights)
+
+
+def decode_linear_pays(weight: torch.Tensor) -> bool:
+    """Whether the model's default is to project through decode_linear for this weight (`linear_max_bytes`)."""
+    return weight.numel() * weight.element_size() <= linear_max_bytes()
+
+
+def decode_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    swiglu: bool = False,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """x @ weight.T (+ bias) for the few rows of a decode step, optionally SwiGLU-gated.
+
+    Args:
+        x: [..., K] (the leading dims are flattened into M rows).
+        weight: [N, K], x's dtype and device.
+        bias: optional [N].
+        swiglu: return silu(gate) * up [..., N/2], where gate and up are the first and second halves of the
+            product's columns, each rounded to the dtype first (a fused gate/up projection and its activation).
+        out: optional [M, N] ([M, N/2] with swiglu) contiguous buffer, **mutated**.
+    Returns:
+        [..., N] or [..., N/2] in x's dtype.
+
+    The CPU kernel sums each element in order in float (float64 for float64). The CUDA kernel (bf16/fp16,
+    M <= 32, K a multiple of 8, 16-byte aligned) streams the weight through tensor cores; a row's result does
+    not depend on M or on the other rows. `decode_linear_applies` says whether a call fits it.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n_out = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    if out is None:
+        out = torch.empty(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
+    torch.ops.pass_ext.decode_linear(x2, weight, bias, bool(swiglu), out)
+    return out.view(*lead, n_out)
+
+
 @torch.library.register_fake("pass_ext::attention_with_kv_cache")
 def _attention_fake(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, out):
     torch._check(out.shape == q.shape)
@@ -195,4 +276,10 @@ def _verify_fake(target_logits, draft_tokens, draft_probs, temperature, top_k, t
 @torch.library.register_fake("pass_ext::sample")
 def _sample_fake(logits, temperature, top_k, top_p, seed, offset, out, probs_out):
     torch._check(out.shape[0] == logits.shape[0])
+    return None
+
+
+@torch.library.register_fake("pass_ext::decode_linear")
+def _decode_linear_fake(x, weight, bias, swiglu, out):
+    torch._check(out.shape[0] == x.shape[0])
     return None

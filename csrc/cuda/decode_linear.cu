@@ -1,0 +1,134 @@
+// CUDA launcher of decode_linear (kernels/linear.cuh): bf16/fp16, at most kLinearMaxRows rows of x, K a
+// multiple of 8, 16-byte aligned x rows and weight. Callers with other shapes use torch's linear.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "kernels/linear.cuh"
+#include "op_checks.h"
+
+namespace pass_ext {
+namespace {
+
+using namespace kernels;
+
+// Whether `kernel` runs sm_90 code on the current device (thread-block clusters), once per kernel and device.
+template <typename Kernel>
+bool runs_clusters(Kernel* kernel, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, bool> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    cudaFuncAttributes attr{};
+    const bool ok = at::cuda::getCurrentDeviceProperties()->major >= 9 &&
+                    cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion >= 90;
+    (void)cudaGetLastError();
+    it = cache.emplace(key, ok).first;
+  }
+  return it->second;
+}
+
+// Splits of K per tile (a cluster of that many blocks): doubled while the grid stays within four blocks per SM
+// and every warp of a split keeps two chunks or more. From N, K and the GPU only, never from M (a row's
+// result must not depend on the batch). SmolLM2's projections (36-192 tiles, K 576-1536) take 2-4, Llama-8B's
+// down projection (256 tiles, K 14336) 2, its gate/up projection (1792 tiles) 1.
+int pick_splits(int tiles, int K, int sms) {
+  const int chunks = (K + 31) / 32;
+  int splits = 1;
+  while (splits < kLinearMaxSplits && int64_t(tiles) * splits * 2 <= 4 * int64_t(sms) &&
+         chunks >= 2 * kLinearWarps * splits * 2)
+    splits *= 2;
+  return splits;
+}
+
+template <typename T, int MT, bool kSwiglu>
+void launch_mt(const LinearParams& p, int tiles, int K, cudaStream_t stream) {
+  auto* kernel = decode_linear_kernel<T, MT, kSwiglu>;
+  const int device = c10::cuda::current_device();
+  const int splits = runs_clusters(kernel, device)
+                         ? pick_splits(tiles, K, at::cuda::getCurrentDeviceProperties()->multiProcessorCount)
+                         : 1;
+  const dim3 grid{unsigned(splits), unsigned(tiles)}, block{unsigned(kLinearWarps * 32)};
+  if (splits == 1) {
+    kernel<<<grid, block, 0, stream>>>(p);
+  } else {
+    cudaLaunchConfig_t config{};
+    cudaLaunchAttribute attrs[1];
+    attrs[0].id = cudaLaunchAttributeClusterDimension;
+    attrs[0].val.clusterDim.x = unsigned(splits);
+    attrs[0].val.clusterDim.y = 1;
+    attrs[0].val.clusterDim.z = 1;
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = 0;
+    config.stream = stream;
+    config.attrs = attrs;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool kSwiglu>
+void launch(const LinearParams& p, int tiles, cudaStream_t stream) {
+  switch ((p.M + 7) / 8) {
+    case 1: launch_mt<T, 1, kSwiglu>(p, tiles, p.K, stream); break;
+    case 2: launch_mt<T, 2, kSwiglu>(p, tiles, p.K, stream); break;
+    case 3: launch_mt<T, 3, kSwiglu>(p, tiles, p.K, stream); break;
+    default: launch_mt<T, 4, kSwiglu>(p, tiles, p.K, stream); break;
+  }
+}
+
+void decode_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        bool swiglu, at::Tensor& out) {
+  check_linear_args(x, weight, bias, swiglu, out);
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "decode_linear on CUDA takes bfloat16 or float16 x, got ",
+              dtype, " (use torch.nn.functional.linear)");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(M <= kLinearMaxRows, "decode_linear on CUDA takes at most ", kLinearMaxRows, " rows of x (M), got ", M,
+              " (use torch.nn.functional.linear)");
+  TORCH_CHECK(K % 8 == 0, "decode_linear on CUDA needs K (x.size(1)) a multiple of 8, got ", K);
+  TORCH_CHECK(N <= INT32_MAX && K <= INT32_MAX, "weight is too large for decode_linear: ", weight.sizes());
+  TORCH_CHECK(M <= 1 || x.stride(0) % 8 == 0, "decode_linear on CUDA needs x's row stride a multiple of 8 "
+              "elements (16 bytes), got ", x.stride(0));
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+              reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
+              "decode_linear on CUDA needs 16-byte aligned x and weight");
+  if (M == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  LinearParams p;
+  p.x = x.data_ptr();
+  p.w = weight.data_ptr();
+  p.bias = bias ? bias->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.M = int(M);
+  p.N = int(N);
+  p.K = int(K);
+  p.x_stride = M > 1 ? x.stride(0) : K;
+  p.out_stride = out.size(1);
+  const int64_t tiles = swiglu ? (N / 2 + 7) / 8 : (N + 15) / 16;
+  TORCH_CHECK(tiles <= 65535, "decode_linear on CUDA takes at most ", 65535 * 16,
+              " weight rows, got ", N);
+  if (dtype == at::kBFloat16) {
+    swiglu ? launch<__nv_bfloat16, true>(p, int(tiles), stream) : launch<__nv_bfloat16, false>(p, int(tiles), stream);
+  } else {
+    swiglu ? launch<__half, true>(p, int(tiles), stream) : launch<__half, false>(p, int(tiles), stream);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pass_ext, CUDA, m) { m.impl("decode_linear", &decode_linear_cuda); }
+
+}  // namespace pass_ext
