@@ -8,7 +8,7 @@ import torch
 import pass_ext
 from pass_ext import _C
 
-OPS = ("attention_with_kv_cache", "speculative_verify", "sample")
+OPS = ("attention_with_kv_cache", "speculative_verify", "sample", "decode_linear")
 
 
 def test_ops_registered_with_every_kernel():
