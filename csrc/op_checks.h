@@ -156,7 +156,10 @@ inline void check_verify_args(const at::Tensor& target_logits, const at::Tensor&
 // decode_linear: x [M, K] (rows may be strided, elements contiguous), weight [N, K] contiguous, bias [N] or
 // None, out [M, N] contiguous ([M, N / 2] when swiglu, N even); one floating dtype and device for all.
 inline void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              bool swiglu, const at::Tensor& out) {
+                              bool swiglu, const std::optional<at::Tensor>& rope_cos,
+                              const std::optional<at::Tensor>& rope_sin, const std::optional<at::Tensor>& positions,
+                              int64_t rope_rows, const std::optional<at::Tensor>& norm_weight, double eps,
+                              const std::optional<at::Tensor>& residual, const at::Tensor& out) {
   TORCH_CHECK(x.dim() == 2, "x must be [M, K], got ", x.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.size(0) >= 1 && x.size(1) >= 1,
               "weight must be [N, K=", x.size(1), "] with N, K >= 1, got ", weight.sizes());
@@ -177,6 +180,48 @@ inline void check_linear_args(const at::Tensor& x, const at::Tensor& weight, con
     TORCH_CHECK(bias->scalar_type() == dtype, "bias must have x's dtype ", dtype, ", got ", bias->scalar_type());
     TORCH_CHECK(bias->is_contiguous(), "bias must be contiguous");
     check_same_device(x, *bias, "bias");
+  }
+  const bool rope = rope_cos.has_value();
+  TORCH_CHECK(rope == rope_sin.has_value() && rope == positions.has_value(),
+              "rope_cos, rope_sin and positions go together (all or none)");
+  if (rope) {
+    TORCH_CHECK(!swiglu, "swiglu and the rotary embedding (rope_cos) exclude each other");
+    const auto& c = *rope_cos;
+    TORCH_CHECK(c.dim() == 2 && c.size(0) >= 1 && c.size(1) >= 2 && c.size(1) % 2 == 0,
+                "rope_cos must be [positions >= 1, head_dim (even)], got ", c.sizes());
+    TORCH_CHECK(rope_sin->sizes() == c.sizes(), "rope_sin must match rope_cos ", c.sizes(), ", got ",
+                rope_sin->sizes());
+    for (const auto& [t, name] : {std::pair{c, "rope_cos"}, {*rope_sin, "rope_sin"}}) {
+      TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+      TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+      check_same_device(x, t, name);
+    }
+    const int64_t dim = c.size(1);
+    TORCH_CHECK(N % dim == 0, "weight rows N (", N, ") must be whole heads of rope_cos.size(1)=", dim, " channels");
+    TORCH_CHECK(rope_rows >= 0 && rope_rows <= N && rope_rows % dim == 0, "rope_rows must be whole heads (a ",
+                "multiple of ", dim, ") in [0, N=", N, "], got ", rope_rows);
+    TORCH_CHECK(positions->scalar_type() == at::kLong, "positions must be int64, got ", positions->scalar_type());
+    TORCH_CHECK(positions->dim() == 1 && positions->size(0) == M, "positions must be [M=", M, "], got ",
+                positions->sizes());
+    TORCH_CHECK(positions->is_contiguous(), "positions must be contiguous");
+    check_same_device(x, *positions, "positions");
+  }
+  if (norm_weight.has_value()) {
+    const auto& w = *norm_weight;
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1), "norm_weight must be [K=", x.size(1), "], got ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == dtype, "norm_weight must have x's dtype ", dtype, ", got ", w.scalar_type());
+    TORCH_CHECK(w.is_contiguous(), "norm_weight must be contiguous");
+    check_same_device(x, w, "norm_weight");
+    TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be a finite number >= 0, got ", eps);
+  }
+  if (residual.has_value()) {
+    const auto& r = *residual;
+    TORCH_CHECK(!swiglu && !rope, "residual goes with the plain product only (not swiglu or the rotary embedding)");
+    TORCH_CHECK(r.dim() == 2 && r.size(0) == M && r.size(1) == N, "residual must be [M=", M, ", N=", N, "], got ",
+                r.sizes());
+    TORCH_CHECK(r.scalar_type() == dtype, "residual must have x's dtype ", dtype, ", got ", r.scalar_type());
+    TORCH_CHECK(r.is_contiguous(), "residual must be contiguous");
+    check_same_device(x, r, "residual");
   }
   TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == n_out, "out must be [M=", M, ", ",
               swiglu ? "N/2=" : "N=", n_out, "], got ", out.sizes());

@@ -41,8 +41,12 @@ TORCH_LIBRARY(pass_ext, m) {
         "Tensor(a!) out, Tensor(b!)? probs_out) -> ()");
   // out = x weight^T (+ bias) for x [M, K], weight [N, K], bias [N]; with swiglu, out [M, N/2] = silu(gate) * up
   // where gate and up are the first and second halves of that product's columns, each rounded to the dtype
-  // first. On CUDA (bf16/fp16, M <= 32) a weight-streaming kernel for the few rows of a decode step.
-  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, bool swiglu, Tensor(a!) out) -> ()");
+  // first; with rope_cos/rope_sin [P, D] float32 and positions [M] int64, the rotary embedding of the heads of
+  // D channels in columns [0, rope_rows) (q and k of a fused projection) at each row's position. norm_weight [K]:
+  // x goes through RMSNorm (eps) first; residual [M, N]: added to the product. On CUDA (bf16/fp16, M <= 32) a
+  // weight-streaming kernel for the few rows of a decode step.
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, bool swiglu, Tensor? rope_cos, Tensor? rope_sin, "
+        "Tensor? positions, int rope_rows, Tensor? norm_weight, float eps, Tensor? residual, Tensor(a!) out) -> ()");
   // "cpu" or "cpu+cuda": which kernels this build holds.
   m.def("build_info() -> str", &build_info);
 }

@@ -407,31 +407,54 @@ class Model(nn.Module):
                 raise RuntimeError(f"{Q} new tokens after cache lens {cache.lens.tolist()} exceed the cache "
                                    f"capacity {cache.capacity} (nothing was written)")
         self.ensure_positions(0)
-        cos = self._rope_cos[positions].to(self.dtype).unsqueeze(2)  # [B, Q, 1, D]
-        sin = self._rope_sin[positions].to(self.dtype).unsqueeze(2)
-        torch_mask = self._torch_mask(cache, Q, tree_mask) if attention == "torch" else None
-
         c = self.config
         Hq, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
+        # Decode-sized forwards project through decode_linear where it pays, with SwiGLU fused into gate/up and
+        # the rotary embedding into qkv (heads of a multiple of 16 channels).
+        use = self._linear_ops(x)
+        rope_in_qkv = bool(use.get("qkv")) and D % 16 == 0
+        if rope_in_qkv:
+            flat_positions = positions.reshape(-1).to(torch.long)
+        else:
+            cos = self._rope_cos[positions].to(self.dtype).unsqueeze(2)  # [B, Q, 1, D]
+            sin = self._rope_sin[positions].to(self.dtype).unsqueeze(2)
+        torch_mask = self._torch_mask(cache, Q, tree_mask) if attention == "torch" else None
+
         eps = c.rms_norm_eps
         # Fused chains only where autograd is off (training differentiates through the eager ones).
         fused = x.device.type == "cuda" and not torch.is_grad_enabled() and fusion_enabled()
         norm, add_norm, rope, swiglu = (_chain(n, fused) for n in ("norm", "add_norm", "rope", "swiglu"))
-        # Decode-sized forwards project through decode_linear where it pays (SwiGLU fused into gate/up).
-        use = self._linear_ops(x)
         qkv_linear, o_linear, down_linear = (ops.decode_linear if use.get(n) else F.linear
                                              for n in ("qkv", "o", "down"))
-        h = norm(x, self.layers[0].input_norm if len(self.layers) else self.norm, eps)
+        # When every projection of a layer runs as decode_linear, the norms and residual adds go into them too
+        # (RMSNorm before qkv and gate/up, the residual add after o and down): five kernels per layer
+        # (PASS_EXT_LINEAR_NORM=0: seven, with the add+norm chains).
+        ends = rope_in_qkv and all(use.get(n) for n in ("o", "gate_up", "down")) and ops.linear_fuses_norm()
+        h = None if ends else norm(x, self.layers[0].input_norm if len(self.layers) else self.norm, eps)
         for i, layer in enumerate(self.layers):
-            qkv = qkv_linear(h, layer.wqkv, layer.bqkv)  # [B, Q, (Hq + 2 Hkv) D]
-            q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-            q, k = rope(q.view(B, Q, Hq, D), k.view(B, Q, Hkv, D), cos, sin)
+            if rope_in_qkv:
+                qkv = ops.decode_linear(h if h is not None else x, layer.wqkv, layer.bqkv, rope_cos=self._rope_cos,
+                                        rope_sin=self._rope_sin, positions=flat_positions, rope_rows=(Hq + Hkv) * D,
+                                        norm_weight=None if h is not None else layer.input_norm, eps=eps)
+                q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+                q, k = q.view(B, Q, Hq, D), k.view(B, Q, Hkv, D)
+            else:
+                qkv = qkv_linear(h, layer.wqkv, layer.bqkv)  # [B, Q, (Hq + 2 Hkv) D]
+                q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+                q, k = rope(q.view(B, Q, Hq, D), k.view(B, Q, Hkv, D), cos, sin)
             v = v.view(B, Q, Hkv, D)
             if attention == "op":
                 a = ops.attention_with_kv_cache(q, k, v, cache.k[i], cache.v[i], cache.lens, tree_mask)  # [B,Q,Hq,D]
             else:
                 a = self._torch_attention(q, k, v, cache.k[i], cache.v[i], cache.lens, torch_mask)
-            x, h = add_norm(x, o_linear(a.reshape(B, Q, Hq * D), layer.wo, layer.bo), layer.post_norm, eps)
+            a = a.reshape(B, Q, Hq * D)
+            if ends:
+                x = ops.decode_linear(a, layer.wo, layer.bo, residual=x)
+                act = ops.decode_linear(x, layer.w_gate_up, layer.b_gate_up, swiglu=True, norm_weight=layer.post_norm,
+                                        eps=eps)
+                x = ops.decode_linear(act, layer.w_down, layer.b_down, residual=x)
+                continue
+            x, h = add_norm(x, o_linear(a, layer.wo, layer.bo), layer.post_norm, eps)
             if use.get("gate_up"):
                 act = ops.decode_linear(h, layer.w_gate_up, layer.b_gate_up, swiglu=True)
             else:
@@ -439,6 +462,8 @@ class Model(nn.Module):
             y = down_linear(act, layer.w_down, layer.b_down)
             nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
             x, h = add_norm(x, y, nxt, eps)  # the residual, and the next layer's (or the final) norm of it
+        if ends:
+            h = norm(x, self.norm, eps)
         return h if return_hidden else self.lm_head_logits(h)
 
     def _torch_mask(self, cache: KVCache, Q: int, tree_mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,9 @@ import torch
 from . import _C  # noqa: F401  (loads the native library, which registers torch.ops.pass_ext.*)
 
 __all__ = ["attention_with_kv_cache", "speculative_verify", "sample", "decode_linear", "decode_linear_applies",
-           "decode_linear_pays", "linear_max_rows", "linear_max_bytes", "build_info", "has_cuda_kernels", "attention_uses_tensor_cores"]
+           "decode_linear_pays", "linear_max_rows", "linear_max_bytes", "linear_fuses_norm", "build_info",
+           "has_cuda_kernels",
+           "attention_uses_tensor_cores"]
 
 
 CUDA_MAX_Q = 128  # new tokens per row one CUDA attention_with_kv_cache call takes (kMaxQ in the launcher)
@@ -209,6 +211,15 @@ def linear_max_bytes() -> int:
     return _env_int("PASS_EXT_LINEAR_MAX_MB", 16, 0, 1 << 20) << 20
 
 
+def linear_fuses_norm() -> bool:
+    """Whether a forward whose projections all run as `decode_linear` fuses its RMSNorms and residual adds
+    into them too (five kernels per layer instead of seven): PASS_EXT_LINEAR_NORM, '1' (default) or '0'."""
+    raw = os.environ.get("PASS_EXT_LINEAR_NORM", "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"PASS_EXT_LINEAR_NORM must be '0' or '1', got {raw!r}")
+    return raw == "1"
+
+
 def decode_linear_applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether the CUDA decode_linear kernel takes x [..., K] (contiguous) against each of these weights
     [N, K]: a CUDA build, x on a GPU in bf16/fp16 with at most LINEAR_MAX_ROWS (32) rows, and contiguous,
@@ -232,8 +243,16 @@ def decode_linear(
     bias: Optional[torch.Tensor] = None,
     swiglu: bool = False,
     out: Optional[torch.Tensor] = None,
+    rope_cos: Optional[torch.Tensor] = None,
+    rope_sin: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
+    rope_rows: int = 0,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    residual: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """x @ weight.T (+ bias) for the few rows of a decode step, optionally SwiGLU-gated.
+    """x @ weight.T (+ bias) for the few rows of a decode step, optionally SwiGLU-gated or with the rotary
+    embedding of a fused q/k/v projection applied.
 
     Args:
         x: [..., K] (the leading dims are flattened into M rows).
@@ -242,12 +261,23 @@ def decode_linear(
         swiglu: return silu(gate) * up [..., N/2], where gate and up are the first and second halves of the
             product's columns, each rounded to the dtype first (a fused gate/up projection and its activation).
         out: optional [M, N] ([M, N/2] with swiglu) contiguous buffer, **mutated**.
+        rope_cos, rope_sin: optional [P, D] float32 tables (position p's angles, channels [freqs, freqs]); with
+            them, the columns [0, rope_rows) are heads of D channels, each rotated as `q * cos + rotate_half(q)
+            * sin` at its row's position (cos/sin rounded to the dtype, the rotation rounded once); the columns
+            past rope_rows (v) are left as they are. N and rope_rows must be whole heads.
+        positions: [...] int64 positions of x's rows (same leading dims), with rope_cos; clamped to [0, P).
+        rope_rows: columns that get the rotary embedding (q and k heads: (Hq + Hkv) * D).
+        norm_weight: optional [K]: x goes through RMSNorm first, with the model's roundings:
+            `weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)` (statistics in float).
+        eps: the RMSNorm epsilon.
+        residual: optional [..., N] (x's leading dims), added to the product (rounded to the dtype first, the
+            sum rounded once); not with swiglu or the rotary embedding.
     Returns:
         [..., N] or [..., N/2] in x's dtype.
 
     The CPU kernel sums each element in order in float (float64 for float64). The CUDA kernel (bf16/fp16,
-    M <= 32, K a multiple of 8, 16-byte aligned) streams the weight through tensor cores; a row's result does
-    not depend on M or on the other rows. `decode_linear_applies` says whether a call fits it.
+    M <= 32, K a multiple of 8, D a multiple of 16, 16-byte aligned) streams the weight through tensor cores;
+    a row's result does not depend on M or on the other rows. `decode_linear_applies` says whether a call fits.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -256,7 +286,12 @@ def decode_linear(
     n_out = weight.shape[0] // 2 if swiglu else weight.shape[0]
     if out is None:
         out = torch.empty(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
-    torch.ops.pass_ext.decode_linear(x2, weight, bias, bool(swiglu), out)
+    if positions is not None:
+        positions = positions.reshape(-1).contiguous()
+    if residual is not None:
+        residual = residual.reshape(-1, weight.shape[0]).contiguous()
+    torch.ops.pass_ext.decode_linear(x2, weight, bias, bool(swiglu), rope_cos, rope_sin, positions, int(rope_rows),
+                                     norm_weight, float(eps), residual, out)
     return out.view(*lead, n_out)
 
 
@@ -280,6 +315,7 @@ def _sample_fake(logits, temperature, top_k, top_p, seed, offset, out, probs_out
 
 
 @torch.library.register_fake("pass_ext::decode_linear")
-def _decode_linear_fake(x, weight, bias, swiglu, out):
+def _decode_linear_fake(x, weight, bias, swiglu, rope_cos, rope_sin, positions, rope_rows, norm_weight, eps, residual,
+                        out):
     torch._check(out.shape[0] == x.shape[0])
     return None

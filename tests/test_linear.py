@@ -152,7 +152,7 @@ def _cases(device):
 def test_bad_arguments_name_the_argument(device):
     for args, message in _cases(device):
         with pytest.raises(RuntimeError, match=message):
-            torch.ops.pass_ext.decode_linear(*args)
+            torch.ops.pass_ext.decode_linear(*args[:4], None, None, None, 0, None, 1e-6, None, args[4])
 
 
 @pytest.mark.cuda
@@ -170,7 +170,7 @@ def test_cuda_limits_are_errors():
         ((torch.randn(2, 24, **bf)[:, 2:18], w, None, False, torch.empty(2, 8, **bf)), "16-byte aligned"),
     ]:
         with pytest.raises(RuntimeError, match=message):
-            torch.ops.pass_ext.decode_linear(*args)
+            torch.ops.pass_ext.decode_linear(*args[:4], None, None, None, 0, None, 1e-6, None, args[4])
     assert not ops.decode_linear_applies(torch.randn(33, 16, **bf), w)
     assert ops.decode_linear_applies(torch.randn(4, 2, 16, **bf), w)
 
@@ -181,7 +181,178 @@ def test_opcheck(device, swiglu):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x, w, b = make(3, 32, 64, dtype, device, True)
     out = torch.empty(3, 16 if swiglu else 32, dtype=dtype, device=device)
-    torch.library.opcheck(torch.ops.pass_ext.decode_linear.default, (x, w, b, swiglu, out))
+    torch.library.opcheck(torch.ops.pass_ext.decode_linear.default,
+                          (x, w, b, swiglu, None, None, None, 0, None, 1e-6, None, out))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_model_wiring_of_every_fusion_on_cpu(tiny_hf_model, arch, monkeypatch):
+    """The model's decode path with every projection through decode_linear (RMSNorm, rope, SwiGLU and residual
+    adds fused) gives the unfused forward's logits; run on CPU in float32 by forcing the plan the CUDA path
+    takes for small models, so the wiring is checked without a GPU."""
+    import pass_ext.model as model_module
+    hf = tiny_hf_model(arch, seed=7, hidden_size=96, intermediate_size=344)
+    model = pass_ext.load_model(hf, dtype=torch.float32, device="cpu")
+    seq = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    outs = {}
+    for forced in (False, "norm", True):  # unfused; rope/SwiGLU fused, norms apart; everything fused
+        monkeypatch.setenv("PASS_EXT_LINEAR_NORM", "0" if forced == "norm" else "1")
+        if forced:
+            monkeypatch.setattr(model_module.Model, "_linear_ops",
+                                lambda self, x: dict.fromkeys(("qkv", "o", "gate_up", "down", "lm_head"), True))
+        cache = model.new_cache(2, 32)
+        with torch.no_grad():
+            a = model(seq[:, :9], positions=torch.arange(9).expand(2, 9), cache=cache)
+            cache.commit(9)
+            b = model(seq[:, 9:], positions=torch.arange(9, 12).expand(2, 3), cache=cache)
+        outs[forced] = torch.cat([a, b], dim=1)
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs["norm"], outs[False], rtol=1e-4, atol=1e-4)
+
+
+def rope_tables(P, D, theta=10000.0):
+    inv = 1.0 / theta ** (torch.arange(0, D, 2).float() / D)
+    freqs = torch.outer(torch.arange(P).float(), inv)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rope_reference(x, w, b, cos, sin, positions, rope_rows):
+    """The rounded projection, then each head of columns [0, rope_rows) rotated in float64 with cos/sin rounded
+    to the dtype (as the model's fused rope chain gets them), rounded once."""
+    y = reference(x, w, b, False)
+    D = cos.shape[1]
+    heads = y.double()[:, :rope_rows].view(y.shape[0], -1, D)
+    c = cos[positions].to(x.dtype).double()[:, None]
+    s = sin[positions].to(x.dtype).double()[:, None]
+    rotated = torch.cat((-heads[..., D // 2:], heads[..., : D // 2]), dim=-1)
+    out = y.clone()
+    out[:, :rope_rows] = (heads * c + rotated * s).reshape(y.shape[0], -1).to(x.dtype)
+    return out
+
+
+# (M, heads q/k/v, D, K): SmolLM2's (9/3/3 x 64, d = 576) and Qwen2.5-1.5B's (12/2/2 x 128, d = 1536) fused
+# projections, and a small one with rope on every head.
+ROPE_SHAPES = [(1, (9, 3, 3), 64, 576), (5, (12, 2, 2), 128, 1536), (16, (2, 1, 0), 16, 40), (3, (4, 2, 2), 32, 64)]
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("M,heads,D,K", ROPE_SHAPES)
+def test_rope_matches_reference(device, dtype, M, heads, D, K):
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA kernel takes bf16/fp16")
+    hq, hk, hv = heads
+    N, rope_rows = (hq + hk + hv) * D, (hq + hk) * D
+    x, w, b = make(M, N, K, dtype, device, True, seed=M + D)
+    cos, sin = rope_tables(300, D)
+    positions = torch.randint(0, 300, (M,), generator=torch.Generator().manual_seed(D))
+    out = ops.decode_linear(x, w, b, rope_cos=cos.to(device), rope_sin=sin.to(device), positions=positions.to(device),
+                            rope_rows=rope_rows)
+    ref = rope_reference(x.cpu(), w.cpu(), b.cpu(), cos, sin, positions, rope_rows)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.cpu().double(), ref.double(), atol=2 * atol, rtol=2 * rtol)
+    if device == "cuda":
+        cpu = ops.decode_linear(x.cpu(), w.cpu(), b.cpu(), rope_cos=cos, rope_sin=sin, positions=positions,
+                                rope_rows=rope_rows)
+        differ = (out.cpu() != cpu).double().mean().item()
+        assert differ < 0.03, f"{differ:.1%} of the outputs differ from the CPU kernel"
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_rope_bad_arguments(device):
+    bf = dict(dtype=torch.bfloat16, device=device)
+    x, w = torch.randn(2, 16, **bf), torch.randn(64, 16, **bf)
+    cos, sin = (t.to(device) for t in rope_tables(10, 32))
+    pos = torch.zeros(2, dtype=torch.long, device=device)
+    out = torch.empty(2, 64, **bf)
+    for args, message in [
+        ((cos, None, pos, 32), "rope_cos, rope_sin and positions go together"),
+        ((cos, sin, pos.int(), 32), "positions must be int64"),
+        ((cos, sin, pos[:1], 32), "positions must be \\[M=2\\]"),
+        ((cos, sin, pos, 48), "rope_rows must be whole heads"),
+        ((cos.double(), sin.double(), pos, 32), "rope_cos must be float32"),
+        ((cos, sin[:, :16], pos, 32), "rope_sin must match rope_cos"),
+        ((cos[:, :32:1].t().contiguous().t(), sin, pos, 32), "rope_cos must be contiguous"),
+        ((cos[:, :24].contiguous(), sin[:, :24].contiguous(), pos, 24), "weight rows N \\(64\\) must be whole heads"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.pass_ext.decode_linear(x, w, None, False, *args, None, 1e-6, None, out)
+    with pytest.raises(RuntimeError, match="swiglu and the rotary embedding"):
+        torch.ops.pass_ext.decode_linear(x, w, None, True, cos, sin, pos, 32, None, 1e-6, None,
+                                         torch.empty(2, 32, **bf))
+
+
+def rms_norm(x, weight, eps):
+    """The model's RMSNorm (float statistics, the scaled row rounded, times the weight rounded)."""
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+# (norm, residual, mode) combinations the model uses (norm + rope: qkv; o and down: residual; norm + swiglu:
+# gate_up) and the rest of the grid.
+FUSIONS = [(True, False, "plain"), (True, False, "swiglu"), (True, False, "rope"), (False, True, "plain"),
+           (True, True, "plain")]
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("norm,residual,mode", FUSIONS)
+@pytest.mark.parametrize("M,K", [(1, 576), (7, 64), (12, 264)])
+def test_norm_and_residual_match_reference(device, dtype, norm, residual, mode, M, K):
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA kernel takes bf16/fp16")
+    D, N = 32, 192
+    x, w, b = make(M, N, K, dtype, device, True, seed=M * K)
+    g = torch.Generator().manual_seed(K)
+    x = (x.cpu().float() * 3 + 1).to(dtype).to(device)  # rows with a mean and a scale, as a residual stream has
+    nw = (1 + 0.3 * torch.randn(K, generator=g)).to(dtype).to(device) if norm else None
+    res = torch.randn(M, N, generator=g).to(dtype).to(device) if residual else None
+    kw = dict(norm_weight=nw, eps=1e-5, residual=res)
+    cos, sin = rope_tables(64, D)
+    positions = torch.randint(0, 64, (M,), generator=g)
+    if mode == "rope":
+        kw.update(rope_cos=cos.to(device), rope_sin=sin.to(device), positions=positions.to(device), rope_rows=128)
+    out = ops.decode_linear(x, w, b, swiglu=mode == "swiglu", **kw)
+    xc = x.cpu()
+    xn = rms_norm(xc, nw.cpu(), 1e-5) if norm else xc
+    if mode == "rope":
+        ref = rope_reference(xn, w.cpu(), b.cpu(), cos, sin, positions, 128)
+    else:
+        ref = reference(xn, w.cpu(), b.cpu(), mode == "swiglu")
+    if residual:
+        ref = (res.cpu().double() + ref.double()).to(dtype)
+    atol, rtol = TOL[dtype]
+    # The normalised row is rounded before the product: an input one ulp off moves the product by ~ulp * |w|.
+    torch.testing.assert_close(out.cpu().double(), ref.double(), atol=3 * atol, rtol=3 * rtol)
+    if device == "cuda":
+        cpu = ops.decode_linear(xc, w.cpu(), b.cpu(), swiglu=mode == "swiglu",
+                                **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        differ = (out.cpu() != cpu).double().mean().item()
+        assert differ < 0.05, f"{differ:.1%} of the outputs differ from the CPU kernel"
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_norm_and_residual_bad_arguments(device):
+    bf = dict(dtype=torch.bfloat16, device=device)
+    x, w, out = torch.randn(2, 16, **bf), torch.randn(8, 16, **bf), torch.empty(2, 8, **bf)
+    nw, res = torch.ones(16, **bf), torch.randn(2, 8, **bf)
+    call = torch.ops.pass_ext.decode_linear
+    for kwargs, message in [
+        (dict(norm=nw[:8]), "norm_weight must be \\[K=16\\]"),
+        (dict(norm=nw.half()), "norm_weight must have x's dtype"),
+        (dict(norm=nw, eps=-1.0), "eps must be a finite number >= 0"),
+        (dict(norm=nw, eps=float("nan")), "eps must be a finite number >= 0"),
+        (dict(res=res[:, :4].contiguous()), "residual must be \\[M=2, N=8\\]"),
+        (dict(res=res.half()), "residual must have x's dtype"),
+        (dict(res=torch.randn(8, 2, **bf).T), "residual must be contiguous"),
+        (dict(res=res, swiglu=True), "residual goes with the plain product only"),
+    ]:
+        swiglu = kwargs.get("swiglu", False)
+        o = torch.empty(2, 4, **bf) if swiglu else out
+        with pytest.raises(RuntimeError, match=message):
+            call(x, w, None, swiglu, None, None, None, 0, kwargs.get("norm"), kwargs.get("eps", 1e-6),
+                 kwargs.get("res"), o)
 
 
 def test_linear_settings(monkeypatch):
@@ -203,6 +374,13 @@ def test_linear_settings(monkeypatch):
     monkeypatch.setenv("PASS_EXT_LINEAR_MAX_MB", "-2")
     with pytest.raises(ValueError, match="PASS_EXT_LINEAR_MAX_MB must be an integer"):
         ops.linear_max_bytes()
+    monkeypatch.delenv("PASS_EXT_LINEAR_NORM", raising=False)
+    assert ops.linear_fuses_norm()
+    monkeypatch.setenv("PASS_EXT_LINEAR_NORM", "0")
+    assert not ops.linear_fuses_norm()
+    monkeypatch.setenv("PASS_EXT_LINEAR_NORM", "yes")
+    with pytest.raises(ValueError, match="PASS_EXT_LINEAR_NORM must be '0' or '1'"):
+        ops.linear_fuses_norm()
 
 
 @pytest.mark.cuda

@@ -50,9 +50,9 @@ int pick_splits(int tiles, int K, int sms) {
   return splits;
 }
 
-template <typename T, int MT, bool kSwiglu>
+template <typename T, int MT, int kMode>
 void launch_mt(const LinearParams& p, int tiles, int K, cudaStream_t stream) {
-  auto* kernel = decode_linear_kernel<T, MT, kSwiglu>;
+  auto* kernel = decode_linear_kernel<T, MT, kMode>;
   const int device = c10::cuda::current_device();
   const int splits = runs_clusters(kernel, device)
                          ? pick_splits(tiles, K, at::cuda::getCurrentDeviceProperties()->multiProcessorCount)
@@ -78,19 +78,30 @@ void launch_mt(const LinearParams& p, int tiles, int K, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, bool kSwiglu>
+template <typename T, int kMode>
 void launch(const LinearParams& p, int tiles, cudaStream_t stream) {
   switch ((p.M + 7) / 8) {
-    case 1: launch_mt<T, 1, kSwiglu>(p, tiles, p.K, stream); break;
-    case 2: launch_mt<T, 2, kSwiglu>(p, tiles, p.K, stream); break;
-    case 3: launch_mt<T, 3, kSwiglu>(p, tiles, p.K, stream); break;
-    default: launch_mt<T, 4, kSwiglu>(p, tiles, p.K, stream); break;
+    case 1: launch_mt<T, 1, kMode>(p, tiles, p.K, stream); break;
+    case 2: launch_mt<T, 2, kMode>(p, tiles, p.K, stream); break;
+    case 3: launch_mt<T, 3, kMode>(p, tiles, p.K, stream); break;
+    default: launch_mt<T, 4, kMode>(p, tiles, p.K, stream); break;
   }
 }
 
+template <typename T>
+void launch_mode(const LinearParams& p, int tiles, int mode, cudaStream_t stream) {
+  if (mode == kLinearSwiglu) launch<T, kLinearSwiglu>(p, tiles, stream);
+  else if (mode == kLinearRope) launch<T, kLinearRope>(p, tiles, stream);
+  else launch<T, kLinearPlain>(p, tiles, stream);
+}
+
 void decode_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                        bool swiglu, at::Tensor& out) {
-  check_linear_args(x, weight, bias, swiglu, out);
+                        bool swiglu, const std::optional<at::Tensor>& rope_cos,
+                        const std::optional<at::Tensor>& rope_sin, const std::optional<at::Tensor>& positions,
+                        int64_t rope_rows, const std::optional<at::Tensor>& norm_weight, double eps,
+                        const std::optional<at::Tensor>& residual, at::Tensor& out) {
+  check_linear_args(x, weight, bias, swiglu, rope_cos, rope_sin, positions, rope_rows, norm_weight, eps, residual,
+                    out);
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "decode_linear on CUDA takes bfloat16 or float16 x, got ",
               dtype, " (use torch.nn.functional.linear)");
@@ -120,10 +131,31 @@ void decode_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std
   const int64_t tiles = swiglu ? (N / 2 + 7) / 8 : (N + 15) / 16;
   TORCH_CHECK(tiles <= 65535, "decode_linear on CUDA takes at most ", 65535 * 16,
               " weight rows, got ", N);
-  if (dtype == at::kBFloat16) {
-    swiglu ? launch<__nv_bfloat16, true>(p, int(tiles), stream) : launch<__nv_bfloat16, false>(p, int(tiles), stream);
+  const bool rope = rope_cos.has_value();
+  TORCH_CHECK(!rope || rope_cos->size(1) % 16 == 0, "decode_linear on CUDA needs the rotary head dim "
+              "(rope_cos.size(1)) a multiple of 16, got ", rope_cos->size(1));
+  if (rope) {
+    p.rope_cos = rope_cos->data_ptr<float>();
+    p.rope_sin = rope_sin->data_ptr<float>();
+    p.positions = positions->data_ptr<int64_t>();
+    p.rope_dim = int(rope_cos->size(1));
+    p.rope_rows = int(rope_rows);
+    p.rope_positions = int(std::min<int64_t>(rope_cos->size(0), INT32_MAX));
   } else {
-    swiglu ? launch<__half, true>(p, int(tiles), stream) : launch<__half, false>(p, int(tiles), stream);
+    p.rope_cos = p.rope_sin = nullptr;
+    p.positions = nullptr;
+    p.rope_dim = p.rope_rows = p.rope_positions = 0;
+  }
+  p.norm_w = norm_weight ? norm_weight->data_ptr() : nullptr;
+  p.eps = float(eps);
+  p.residual = residual ? residual->data_ptr() : nullptr;
+  TORCH_CHECK(!norm_weight || M <= 1 || x.stride(0) % 8 == 0, "decode_linear's RMSNorm needs x's row stride a "
+              "multiple of 8");
+  const int mode = swiglu ? kLinearSwiglu : rope ? kLinearRope : kLinearPlain;
+  if (dtype == at::kBFloat16) {
+    launch_mode<__nv_bfloat16>(p, int(tiles), mode, stream);
+  } else {
+    launch_mode<__half>(p, int(tiles), mode, stream);
   }
 }
 

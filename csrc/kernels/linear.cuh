@@ -14,15 +14,18 @@
 //     to the first mma of the chunk and 8t+4..8t+7 to the second: every load is a full 16-byte vector, four
 //     lanes cover 64 contiguous bytes of a row, and nothing goes through shared memory on the way in.
 //   - Weight loads skip L1 (read once); x loads keep it (every warp of every block reads the same x).
+// Optional fusions at the ends: the RMSNorm of x before the product (every block computes the row norms; rows
+// are a small model's d), the residual add, SwiGLU or the rotary embedding after it.
 // The result of a row of x does not depend on M or on the other rows: each output element sums its k in an
-// order fixed by N and K alone (mma k-steps, chunks per warp in order, warps in order, cluster ranks in order). So a one-token forward and a
-// multi-token forward project the same token identically.
+// order fixed by N and K alone (mma k-steps, chunks per warp in order, warps in order, cluster ranks in order).
+// So a one-token forward and a multi-token forward project the same token identically.
 #pragma once
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "attention_mma.cuh"
 
@@ -39,7 +42,47 @@ struct LinearParams {
   void* out;         // [M, N] (SwiGLU: [M, N / 2]), rows out_stride elements apart
   int M, N, K;       // K a multiple of 8
   int64_t x_stride, out_stride;
+  // Rotary embedding of a fused q/k/v projection (kRope): weight rows [0, rope_rows) are heads of rope_dim
+  // channels that get rotated by the angles of their token's position; rows past them (v) are not.
+  const float* rope_cos;     // [rope_positions, rope_dim] float32
+  const float* rope_sin;
+  const int64_t* positions;  // [M]; clamped to the table
+  int rope_dim, rope_rows, rope_positions;
+  // RMSNorm of x before the product (norm_w [K], or nullptr): x_k -> T(w_k * T(x_k * rsqrt(mean(x^2) + eps))).
+  const void* norm_w;
+  float eps;
+  // Residual added to the product (plain mode; [M, N] contiguous, or nullptr): out = T(residual + T(product)).
+  const void* residual;
 };
+
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return float(T(v));
+}
+
+// 8 elements of row m (a 16-byte load) through the RMSNorm: the model's roundings (the scaled row in T, then
+// the weight times it in T).
+template <typename T>
+__device__ __forceinline__ uint4 rms_normalize(uint4 v, float rinv, uint4 w) {
+  uint32_t in[4] = {v.x, v.y, v.z, v.w}, wt[4] = {w.x, w.y, w.z, w.w}, res[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 a, b;
+    if constexpr (std::is_same_v<T, __half>) {
+      a = __half22float2(*reinterpret_cast<const __half2*>(&in[i]));
+      b = __half22float2(*reinterpret_cast<const __half2*>(&wt[i]));
+    } else {
+      a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&in[i]));
+      b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wt[i]));
+    }
+    res[i] = pack2<T>(b.x * round_to<T>(a.x * rinv), b.y * round_to<T>(a.y * rinv));
+  }
+  return make_uint4(res[0], res[1], res[2], res[3]);
+}
+
+// What the epilogue makes of the product: the product (+ bias); silu(gate) * up; the product (+ bias) with the
+// rotary embedding applied to its q and k heads.
+enum LinearMode : int { kLinearPlain = 0, kLinearSwiglu = 1, kLinearRope = 2 };
 
 // 16 bytes that are read once: no L1 allocation, so x stays in L1.
 __device__ __forceinline__ uint4 load_once(const void* p) {
@@ -48,11 +91,6 @@ __device__ __forceinline__ uint4 load_once(const void* p) {
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
-}
-
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return float(T(v));
 }
 
 // Chunk ranges of K: a tile's chunks are split over `splits` blocks (a thread-block cluster, sm_90) when the
@@ -67,9 +105,10 @@ __device__ __forceinline__ ChunkRange chunk_range(int K, int split, int splits) 
   return {int(int64_t(chunks) * split / splits), int(int64_t(chunks) * (split + 1) / splits)};
 }
 
-// Grid (splits, tiles): blockIdx.y is a tile of 16 weight rows (SwiGLU: 8 gate + 8 up rows), one per
-// ceil(N / 16) (SwiGLU: ceil(N / 2 / 8)); blockIdx.x the split of K (cluster rank). MT = ceil(M / 8) n-tiles.
-template <typename T, int MT, bool kSwiglu>
+// Grid (splits, tiles): blockIdx.y is a tile of 16 weight rows, one per ceil(N / 16) (SwiGLU: 8 gate rows and
+// their 8 up rows, one per ceil(N / 2 / 8); rope: channels j..j+7 and j+D/2..j+D/2+7 of one head, the pairs the
+// rotation mixes); blockIdx.x the split of K (cluster rank). MT = ceil(M / 8) n-tiles.
+template <typename T, int MT, int kMode>
 __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(const LinearParams p) {
   // Chunks per load batch and warp; two batches in flight (the next loads are issued before the current
   // batch's mma), within 128 registers (two blocks per SM).
@@ -79,20 +118,27 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int tile = int(blockIdx.y);
-  // Weight rows of tile rows g and g + 8.
-  int r0, r1;
+  constexpr bool kSwiglu = kMode == kLinearSwiglu;
+  // The weight row of tile row e (0..15), and whether it exists.
+  auto weight_row = [&](int e, bool& ok) {
+    int r;
+    if constexpr (kSwiglu) {
+      const int half = p.N / 2;
+      r = tile * 8 + (e & 7);
+      ok = r < half;
+      r += e >= 8 ? half : 0;
+    } else if constexpr (kMode == kLinearRope) {
+      const int per_head = p.rope_dim / 16;  // tiles per head (N is a multiple of rope_dim)
+      r = (tile / per_head) * p.rope_dim + (tile % per_head) * 8 + (e & 7) + (e >= 8 ? p.rope_dim / 2 : 0);
+      ok = r < p.N;
+    } else {
+      r = tile * 16 + e;
+      ok = r < p.N;
+    }
+    return r;
+  };
   bool ok0, ok1;
-  if constexpr (kSwiglu) {
-    const int half = p.N / 2;
-    r0 = tile * 8 + g;
-    r1 = r0 + half;
-    ok0 = ok1 = r0 < half;
-  } else {
-    r0 = tile * 16 + g;
-    r1 = r0 + 8;
-    ok0 = r0 < p.N;
-    ok1 = r1 < p.N;
-  }
+  const int r0 = weight_row(g, ok0), r1 = weight_row(g + 8, ok1);
   const T* w = static_cast<const T*>(p.w);
   const T* w0 = w + int64_t(ok0 ? r0 : 0) * p.K + t * 8;
   const T* w1 = w + int64_t(ok1 ? r1 : 0) * p.K + t * 8;
@@ -105,6 +151,7 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
     xr[mt] = static_cast<const T*>(p.x) + int64_t(xok[mt] ? m : 0) * p.x_stride + t * 8;
   }
   const ChunkRange range = chunk_range(p.K, int(blockIdx.x), int(gridDim.x));
+  const T* norm_w = static_cast<const T*>(p.norm_w);
 
   float acc[MT][4];
 #pragma unroll
@@ -113,17 +160,32 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
   struct Batch {
     uint4 a[U], b[U], x[U][MT];
   };
-  // Loads chunks c, c + 8, ... (U of them) of this warp; chunks past the range load zeros (no memory access).
-  auto load = [&](Batch& v, int c0) {
+  // Loads the weights of chunks c, c + 8, ... (U of them) of this warp, then (load_x) x's, through the RMSNorm
+  // when there is one; chunks past the range load zeros (no memory access).
+  float rx[MT];
+  auto load_w = [&](Batch& v, int c0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * kLinearWarps;
       const bool in = c < range.end && c * 32 + t * 8 < p.K;  // K % 8 == 0: a lane's 8 elements are in or out
       v.a[u] = in && ok0 ? load_once(w0 + c * 32) : zero;
       v.b[u] = in && ok1 ? load_once(w1 + c * 32) : zero;
+    }
+  };
+  auto load_x = [&](Batch& v, int c0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * kLinearWarps;
+      const bool in = c < range.end && c * 32 + t * 8 < p.K;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
         v.x[u][mt] = in && xok[mt] ? __ldg(reinterpret_cast<const uint4*>(xr[mt] + c * 32)) : zero;
+      if (norm_w && in) {
+        const uint4 nw = __ldg(reinterpret_cast<const uint4*>(norm_w + c * 32 + t * 8));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+          if (xok[mt]) v.x[u][mt] = rms_normalize<T>(v.x[u][mt], rx[mt], nw);
+      }
     }
   };
   auto compute = [&](const Batch& v) {
@@ -138,16 +200,67 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
       }
     }
   };
-  // Chunks in order c = begin + warp, + 8, + 16, ...: batches A and B alternate, each loaded one batch ahead.
   Batch A, B;
   int c = range.begin + warp;
-  if (c < range.end) load(A, c);
+  // The first weights go out before anything else, so that their latency covers the prologue: the epilogue's
+  // inputs fetched into shared memory (bias; residual or rotary cos/sin per row), then the RMSNorm's row norms.
+  if (c < range.end) load_w(A, c);
+  __shared__ float pre_bias[16];
+  __shared__ float pre[kLinearMaxRows][32];
+  __shared__ float rinv[kLinearMaxRows];
+  if (threadIdx.x < 16) {
+    bool ok;
+    const int r = weight_row(int(threadIdx.x), ok);
+    pre_bias[threadIdx.x] = p.bias && ok ? float(static_cast<const T*>(p.bias)[r]) : 0.f;
+  }
+  if (p.residual) {  // plain mode: tile row e is column tile * 16 + e
+    for (int i = int(threadIdx.x); i < p.M * 16; i += kLinearWarps * 32) {
+      const int m = i >> 4, e = i & 15, col = tile * 16 + e;
+      pre[m][e] = col < p.N ? float(static_cast<const T*>(p.residual)[int64_t(m) * p.out_stride + col]) : 0.f;
+    }
+  }
+  if constexpr (kMode == kLinearRope) {  // per row: cos and sin of channels j (tile rows 0..7) and j + D/2, in T
+    for (int i = int(threadIdx.x); i < p.M * 32; i += kLinearWarps * 32) {
+      const int m = i >> 5, e = i & 31;
+      bool ok;
+      const int j = weight_row((e & 7) + (e >= 16 ? 8 : 0), ok) % p.rope_dim;
+      const int64_t pos = min(max(p.positions[m], int64_t(0)), int64_t(p.rope_positions - 1));
+      const float* table = (e >> 3) & 1 ? p.rope_sin : p.rope_cos;
+      pre[m][e] = round_to<T>(table[pos * p.rope_dim + j]);
+    }
+  }
+  if (norm_w) {  // 1 / rms of every row of x, in every block (the rows are short: a small model's d)
+    for (int m = warp; m < p.M; m += kLinearWarps) {
+      const T* row = static_cast<const T*>(p.x) + int64_t(m) * p.x_stride;
+      float ss = 0.f;
+      for (int k = lane * 8; k < p.K; k += 256) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(row + k));
+        const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) ss += float(e[i]) * float(e[i]);
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      if (lane == 0) rinv[m] = rsqrtf(ss / float(p.K) + p.eps);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) rx[mt] = norm_w && xok[mt] ? rinv[mt * 8 + g] : 0.f;
+  if (c < range.end) load_x(A, c);
+  // Chunks in order c = begin + warp, + 8, + 16, ...: batches A and B alternate, each loaded one batch ahead.
   while (c < range.end) {
-    if (c + kStep < range.end) load(B, c + kStep);
+    if (c + kStep < range.end) {
+      load_w(B, c + kStep);
+      load_x(B, c + kStep);
+    }
     compute(A);
     c += kStep;
     if (c >= range.end) break;
-    if (c + kStep < range.end) load(A, c + kStep);
+    if (c + kStep < range.end) {
+      load_w(A, c + kStep);
+      load_x(A, c + kStep);
+    }
     compute(B);
     c += kStep;
   }
@@ -195,9 +308,8 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
 #endif
   }
   if (!active) return;
-  const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out);
-  const float b0 = bias && ok0 ? float(bias[r0]) : 0.f, b1 = bias && ok1 ? float(bias[r1]) : 0.f;
+  const float b0 = pre_bias[g], b1 = pre_bias[g + 8];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int m = mt * 8 + 2 * t + i;
@@ -208,7 +320,25 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
       // The eager chain's roundings: gate and up in T, then silu(gate) * up in float, rounded once.
       const float gate = round_to<T>(s[i] + b0), up = round_to<T>(s[2 + i] + b1);
       row[r0] = T(gate / (1.f + __expf(-gate)) * up);
+    } else if constexpr (kMode == kLinearRope) {
+      if (!ok0) continue;
+      // The projection rounded to T, as the fused rope chain reads it; cos/sin rounded to T, as the model
+      // hands them to that chain; the rotation in float, rounded once.
+      const float lo = round_to<T>(s[i] + b0), hi = round_to<T>(s[2 + i] + b1);
+      if (r0 >= p.rope_rows) {
+        row[r0] = T(lo);
+        row[r1] = T(hi);
+        continue;
+      }
+      const float* cs = pre[m];  // cos j, sin j, cos j + D/2, sin j + D/2 of tile row g
+      row[r0] = T(lo * cs[g] - hi * cs[8 + g]);
+      row[r1] = T(hi * cs[16 + g] + lo * cs[24 + g]);
     } else {
+      if (p.residual) {  // the eager residual add: the product rounded to T, the sum rounded once
+        if (ok0) row[r0] = T(pre[m][g] + round_to<T>(s[i] + b0));
+        if (ok1) row[r1] = T(pre[m][g + 8] + round_to<T>(s[2 + i] + b1));
+        continue;
+      }
       if (ok0) row[r0] = T(s[i] + b0);
       if (ok1) row[r1] = T(s[2 + i] + b1);
     }
