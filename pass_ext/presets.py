@@ -32,6 +32,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                         num_heads=40, num_kv_heads=40, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0,
                         rope_scaling=None, max_position_embeddings=4096, tie_word_embeddings=False,
                         attention_bias=False, bos_token_id=1, eos_token_id=2),
+    # SmolLM2-135M's shape under another name than the real model's (its step cost without its weights).
+    "smollm2-135m-random": dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                                rope_theta=100000.0, rope_scaling=None, max_position_embeddings=8192,
+                                tie_word_embeddings=True, attention_bias=False, bos_token_id=1, eos_token_id=2),
     "qwen2.5-0.5b": dict(arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
                          num_heads=14, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
                          rope_scaling=None, max_position_embeddings=32768, tie_word_embeddings=True,
