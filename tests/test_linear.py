@@ -410,3 +410,18 @@ def test_model_decode_with_and_without_the_op(tiny_hf_model, arch, monkeypatch):
     with torch.no_grad():
         ref = hf.to(device="cuda", dtype=torch.bfloat16)(seq).logits.float()
     torch.testing.assert_close(outs["1"], ref, rtol=0.05, atol=0.1)
+
+
+def test_bench_linear_arguments():
+    """bench/bench_linear.py names a bad argument's allowed values (and, without a GPU, says it needs one)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "bench" / "bench_linear.py"
+    for argv, message in [(["--rows", "1,40"], "--rows must be integers in [1, 32]"),
+                          (["--models", "gpt-2"], "--models: unknown model 'gpt-2'")]:
+        proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "needs a GPU" in proc.stderr
