@@ -62,14 +62,14 @@ for tool in $tools; do
       # Only the op groups, whose inputs are all copied from the host: memory that torch's own (unchecked)
       # kernels wrote would look uninitialised to the tool.
       env_vars+=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
-      [[ "${ALL_KERNELS:-0}" == 1 ]] || driver_args+=(--groups attention,sample,verify)
+      [[ "${ALL_KERNELS:-0}" == 1 ]] || driver_args+=(--groups attention,sample,verify,linear)
       ;;
     racecheck)
       args+=(--racecheck-report analysis)
       # Shared-memory races live inside our kernels, which the op groups run in every configuration. With the
       # engine group (whole models, graphs) racecheck on the H200 stopped with "Internal Sanitizer Error:
       # failed to handle a hardware exception" inside a torch kernel, after the op groups ran clean.
-      [[ "${ALL_KERNELS:-0}" == 1 ]] || driver_args+=(--groups attention,sample,verify)
+      [[ "${ALL_KERNELS:-0}" == 1 ]] || driver_args+=(--groups attention,sample,verify,linear)
       ;;
   esac
   log="$log_dir/$tool.log"

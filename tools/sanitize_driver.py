@@ -1,8 +1,9 @@
-"""A few small CUDA cases that reach every path of the three ops (and the engine around them), for running under
+"""A few small CUDA cases that reach every path of the native ops (and the engine around them), for running under
 compute-sanitizer (tools/sanitize.sh). Each case also checks its result against the CPU kernels, so a case that
 ran clean but computed garbage fails too.
 
-    python tools/sanitize_driver.py [--groups attention,sample,verify,engine,graph] [--dtypes float32,bfloat16,float16]
+    python tools/sanitize_driver.py [--groups attention,sample,verify,engine,graph,linear]
+                                    [--dtypes float32,bfloat16,float16]
 
 Prints one line per group and "sanitize_driver: ok" last; exits 1 when a check fails, 2 without a GPU.
 """
@@ -24,7 +25,7 @@ from pass_ext import masks, ops  # noqa: E402
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (atol, rtol) of the attention against float64 on the same rounded inputs (as tests/test_attention.py).
 TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1.6e-2, 2e-2)}
-GROUPS = ("attention", "sample", "verify", "engine", "graph")
+GROUPS = ("attention", "sample", "verify", "engine", "graph", "linear")
 # Graph capture allocates through the caching allocator; with caching off (memcheck, initcheck) torch refuses.
 NO_CACHING = os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") not in (None, "", "0")
 
@@ -316,6 +317,54 @@ def run_graph(dev, dtypes, g, fails) -> int:
     return n
 
 
+# ---- decode_linear ------------------------------------------------------------------------------------------------
+# (name, M, N, K, options): one tile and one split; ragged N and K (partial tile, partial chunk); four n-tiles with
+# a strided x; a K split over a cluster (sm_90: few tiles, long K); SwiGLU; the rotary embedding with a v part; the
+# RMSNorm with SwiGLU; the residual add with the RMSNorm.
+LINEAR_CASES = [
+    ("plain-one-tile", 1, 16, 64, {}),
+    ("ragged-n-k-bias", 5, 24, 40, {"bias": True}),
+    ("m32-strided-x", 32, 48, 96, {"bias": True, "strided": True}),
+    ("k-split-cluster", 3, 32, 8192, {}),
+    ("swiglu", 9, 96, 576, {"swiglu": True, "bias": True}),
+    ("rope-qkv", 5, 5 * 64, 128, {"rope": 4 * 64, "bias": True}),
+    ("norm-swiglu", 2, 64, 200, {"norm": True, "swiglu": True}),
+    ("norm-residual", 4, 40, 64, {"norm": True, "residual": True}),
+]
+
+
+def run_linear(dev, dtypes, g, fails) -> int:
+    n = 0
+    for dtype in dtypes:
+        if dev.type == "cuda" and dtype == torch.float32:
+            continue  # the CUDA kernel takes bf16/fp16
+        for name, M, N, K, o in LINEAR_CASES:
+            tag = f"linear {name} {dtype}"
+            wide = rand(g, M, K + 8, dtype=dtype)  # strided rows: a slice of a wider tensor, on the device too
+            x, x_dev = (wide[:, :K], wide.to(dev)[:, :K]) if o.get("strided") else (wide[:, :K].contiguous(),) * 2
+            kw = dict(bias=rand(g, N, dtype=dtype) if o.get("bias") else None, swiglu=bool(o.get("swiglu")))
+            if o.get("rope"):
+                D = 64
+                inv = 1.0 / 10000.0 ** (torch.arange(0, D, 2).float() / D)
+                emb = torch.cat([torch.outer(torch.arange(50).float(), inv)] * 2, -1)
+                kw.update(rope_cos=emb.cos(), rope_sin=emb.sin(), positions=torch.randint(0, 60, (M,), generator=g),
+                          rope_rows=o["rope"])  # positions past the table are clamped
+            if o.get("norm"):
+                kw.update(norm_weight=(1 + 0.2 * torch.randn(K, generator=g)).to(dtype), eps=1e-5)
+            if o.get("residual"):
+                kw["residual"] = rand(g, M, N, dtype=dtype)
+            w = rand(g, N, K, dtype=dtype, scale=K ** -0.5)
+            ref = ops.decode_linear(x, w, **kw)
+            out = ops.decode_linear(x_dev.to(dev), w.to(dev),
+                                    **{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            diff = (out.cpu().float() - ref.float()).abs().max().item()
+            fails.check(diff <= 0.1 * max(1.0, ref.float().abs().max().item()), f"{tag}: max |cuda - cpu| {diff:.3g}")
+            n += 1
+    return n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}")
@@ -333,7 +382,8 @@ def main() -> int:
         return 2
     g = torch.Generator().manual_seed(0)
     fails = Failures()
-    runners = dict(attention=run_attention, sample=run_sample, verify=run_verify, engine=run_engine, graph=run_graph)
+    runners = dict(attention=run_attention, sample=run_sample, verify=run_verify, engine=run_engine, graph=run_graph,
+                   linear=run_linear)
     for name in groups:
         try:
             n = runners[name](dev, dtypes, g, fails)
