@@ -1,5 +1,6 @@
 """Tokens per forward (and tokens/s on this machine) of every method on a few real prompts, greedy, with a
-check that every method's tokens equal plain decoding's. Runs on CPU or GPU.
+check that every method's tokens equal plain decoding's (pass_ext.benchmark, one timed call after a warm-up;
+`python -m pass_ext bench` is the same with more options). Runs on CPU or GPU.
 
     python bench/bench_methods.py --model smollm2-135m [--draft-model M] [--new 48]
 """
@@ -10,12 +11,9 @@ import json
 import os
 
 import pass_ext
+from pass_ext.benchmark import DEFAULT_PROMPTS, compare_methods, format_rows
 
-PROMPTS = [
-    "def is_prime(n: int) -> bool:\n    \"\"\"Return True if n is a prime number.\"\"\"\n",
-    "import json\n\ndef load_config(path):\n    \"\"\"Read a JSON config file and return it as a dict.\"\"\"\n",
-    "The three most important ideas in thermodynamics are",
-]
+PROMPTS = DEFAULT_PROMPTS
 
 
 def main() -> None:
@@ -33,28 +31,15 @@ def main() -> None:
     if args.lookahead_file:
         pass_ext.load_lookahead(model, args.lookahead_file)
     draft = pass_ext.load_model(args.draft_model, device=args.device) if args.draft_model else None
-    ids = [model.tokenizer(p)["input_ids"] for p in PROMPTS]
     methods = ["ar"] + (["pass", "pass-paper"] if model.lookahead is not None else []) + (["draft"] if draft else [])
-    rows, ref = [], None
-    for method in methods:
-        k = args.k if method != "ar" else None
-        out = pass_ext.generate(model, ids, method=method, lookahead=k, max_new_tokens=args.new,
-                                draft_model=draft if method == "draft" else None, eos_token_id=False)
-        if ref is None:
-            ref = out
-        same = all(out.new_tokens[b].tolist() == ref.new_tokens[b].tolist() for b in range(len(ids)))
-        rows.append(dict(method=method, k=out.stats.k, tokens_per_forward=out.stats.tokens_per_forward,
-                         tokens_per_s=out.stats.tokens_per_s, acceptance=out.stats.acceptance_by_position,
-                         same_tokens_as_ar=same))
+    rows = compare_methods(model, PROMPTS, methods, max_new_tokens=args.new, repeats=1, lookahead=args.k,
+                           draft_model=draft)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(model=args.model, draft_model=args.draft_model, device=str(model.device),
                        dtype=str(model.dtype), new_tokens=args.new, prompts=len(PROMPTS), rows=rows), f, indent=1)
     print(f"\n{args.model} on {model.device} ({model.dtype}), {len(PROMPTS)} prompts x {args.new} tokens, greedy")
-    print(f"{'method':11s} {'k':>2s} {'tokens/forward':>15s} {'tokens/s':>9s}  same as ar")
-    for r in rows:
-        print(f"{r['method']:11s} {r['k']:2d} {r['tokens_per_forward']:15.2f} {r['tokens_per_s']:9.1f}  "
-              f"{r['same_tokens_as_ar']}")
+    print(format_rows(rows))
 
 
 if __name__ == "__main__":

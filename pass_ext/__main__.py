@@ -1,4 +1,4 @@
-"""Command line: `python -m pass_ext generate|train ...` (see --help of each verb)."""
+"""Command line: `python -m pass_ext generate|train|bench ...` (see --help of each verb)."""
 from __future__ import annotations
 
 import argparse
@@ -116,6 +116,50 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    import torch
+
+    import pass_ext
+    from .benchmark import BENCH_METHODS, DEFAULT_PROMPTS, compare_methods, format_rows
+    methods = [m for m in args.methods.split(",") if m]
+    if not methods or any(m not in BENCH_METHODS for m in methods):
+        raise ValueError(f"--methods must be some of {', '.join(BENCH_METHODS)}, got {args.methods!r}")
+    if "draft" in methods and not args.draft_model:
+        raise ValueError("--methods draft needs --draft-model")
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.repeats < 1 or args.max_new_tokens < 1:
+        raise ValueError(f"--repeats and --max-new-tokens must be >= 1, got {args.repeats}, {args.max_new_tokens}")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = pass_ext.load_model(args.model, dtype=dtype, device=args.device)
+    if args.lookahead_file:
+        pass_ext.load_lookahead(model, args.lookahead_file)
+    draft = pass_ext.load_model(args.draft_model, dtype=dtype, device=args.device) if args.draft_model else None
+    if any(m.startswith("pass") for m in methods) and model.lookahead is None:
+        raise ValueError(f"{args.model} has no look-ahead embeddings: pass --lookahead-file, or --methods ar,draft")
+    if model.tokenizer is None:
+        print("this model has no tokenizer; pass_ext bench needs one to encode the prompts", file=sys.stderr)
+        return 2
+    prompts = args.prompt or DEFAULT_PROMPTS
+    if args.batch:
+        prompts = [prompts[i % len(prompts)] for i in range(args.batch)]
+    rows = compare_methods(model, prompts, methods, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                           lookahead=args.lookahead, draft_model=draft, temperature=args.temperature,
+                           top_k=args.top_k, seed=args.seed, progress=not args.quiet)
+    setting = "greedy" if args.temperature <= 0 else f"T={args.temperature:g}, top-k {args.top_k}"
+    print(f"{args.model} on {model.device} ({str(model.dtype).replace('torch.', '')}), {len(prompts)} rows x "
+          f"{args.max_new_tokens} new tokens, {setting}, median of {args.repeats} calls after a warm-up")
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=args.model, device=str(model.device), dtype=str(model.dtype), rows=len(prompts),
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           results=rows), f, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pass_ext", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -155,6 +199,27 @@ def main(argv=None) -> int:
     t.add_argument("--self-new-tokens", type=int, default=192, help="tokens per self-generated sequence")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
     t.set_defaults(fn=cmd_train)
+
+    b = sub.add_parser("bench", help="every method on the same prompts: tokens/s, tokens per forward, speed-up "
+                                     "over ar, same tokens as ar")
+    _add_model_args(b)
+    b.add_argument("--methods", default="ar,pass,pass-paper,pass-auto",
+                   help="comma-separated, from ar, pass, pass-paper, pass-auto (pass with lookahead='auto'), draft")
+    b.add_argument("--prompt", action="append", default=None,
+                   help="a prompt (repeatable; default: two code prompts and one English prompt)")
+    b.add_argument("--batch", type=int, default=None, help="rows per call (the prompts repeated to fill them)")
+    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=3, help="timed calls per method, after one warm-up call")
+    b.add_argument("--lookahead", type=int, default=None, help="drafts per step k (default: the embeddings' k; "
+                                                                   "4 for draft)")
+    b.add_argument("--lookahead-file", default=None, help="look-ahead embeddings (.safetensors) to load")
+    b.add_argument("--draft-model", default=None, help="draft model for the draft method")
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--top-k", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(fn=cmd_bench)
 
     args = parser.parse_args(argv)
     try:
