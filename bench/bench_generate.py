@@ -844,7 +844,9 @@ def main(argv=None) -> dict:
             device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             dtype=str(bench.dtype).replace("torch.", ""), torch=torch.__version__,
             transformers=importlib.import_module("transformers").__version__, build=pass_ext.build_info(),
-            fused_chains=pass_ext.model.fusion_enabled()))
+            fused_chains=pass_ext.model.fusion_enabled(),
+            decode_linear=dict(max_rows=pass_ext.ops.linear_max_rows(), max_mib=pass_ext.ops.linear_max_bytes() >> 20,
+                               fuse_norm=pass_ext.ops.linear_fuses_norm())))
     finalize(res)
     if not args.report_only or args.merge:
         save_results(res, args.out)

@@ -91,8 +91,11 @@ def main() -> None:
     eager = timed_calls(model, ids, args, False)
     ideal = weight_bytes / BANDWIDTH
     from pass_ext.model import fusion_enabled
+    from pass_ext.ops import linear_max_bytes, linear_max_rows
+    linear = (f"decode_linear <= {linear_max_rows()} rows, <= {linear_max_bytes() >> 20} MiB" if linear_max_rows()
+              else "decode_linear off")
     print(f"{args.model} {args.method} B={args.batch} k={args.k if args.method != 'ar' else 0} "
-          f"(fused chains {'on' if fusion_enabled() else 'off'}, T={args.temperature}): "
+          f"(fused chains {'on' if fusion_enabled() else 'off'}, {linear}, T={args.temperature}): "
           f"{1e3 * with_graphs:.3f} ms/forward with graphs, {1e3 * eager:.3f} eager; weights "
           f"{weight_bytes / 1e9:.2f} GB -> ideal {1e3 * ideal:.3f} ms ({100 * ideal / with_graphs:.0f}% of it)")
 
