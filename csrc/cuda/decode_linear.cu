@@ -39,8 +39,9 @@ bool runs_clusters(Kernel* kernel, int device) {
 
 // Splits of K per tile (a cluster of that many blocks): doubled while the grid stays within four blocks per SM
 // and every warp of a split keeps two chunks or more. From N, K and the GPU only, never from M (a row's
-// result must not depend on the batch). SmolLM2's projections (36-192 tiles, K 576-1536) take 2-4, Llama-8B's
-// down projection (256 tiles, K 14336) 2, its gate/up projection (1792 tiles) 1.
+// result must not depend on the batch). SmolLM2's projections with K = 576 take 1 (18 chunks: too few), its down
+// projection (36 tiles, K 1536) 2; Qwen2.5-1.5B's down projection (96 tiles, K 8960) 4; Llama-8B's down
+// projection (256 tiles, K 14336) 2, its gate/up projection (1792 tiles) 1.
 int pick_splits(int tiles, int K, int sms) {
   const int chunks = (K + 31) / 32;
   int splits = 1;
@@ -51,11 +52,11 @@ int pick_splits(int tiles, int K, int sms) {
 }
 
 template <typename T, int MT, int kMode>
-void launch_mt(const LinearParams& p, int tiles, int K, cudaStream_t stream) {
+void launch_mt(const LinearParams& p, int tiles, cudaStream_t stream) {
   auto* kernel = decode_linear_kernel<T, MT, kMode>;
   const int device = c10::cuda::current_device();
   const int splits = runs_clusters(kernel, device)
-                         ? pick_splits(tiles, K, at::cuda::getCurrentDeviceProperties()->multiProcessorCount)
+                         ? pick_splits(tiles, p.K, at::cuda::getCurrentDeviceProperties()->multiProcessorCount)
                          : 1;
   const dim3 grid{unsigned(splits), unsigned(tiles)}, block{unsigned(kLinearWarps * 32)};
   if (splits == 1) {
@@ -81,10 +82,10 @@ void launch_mt(const LinearParams& p, int tiles, int K, cudaStream_t stream) {
 template <typename T, int kMode>
 void launch(const LinearParams& p, int tiles, cudaStream_t stream) {
   switch ((p.M + 7) / 8) {
-    case 1: launch_mt<T, 1, kMode>(p, tiles, p.K, stream); break;
-    case 2: launch_mt<T, 2, kMode>(p, tiles, p.K, stream); break;
-    case 3: launch_mt<T, 3, kMode>(p, tiles, p.K, stream); break;
-    default: launch_mt<T, 4, kMode>(p, tiles, p.K, stream); break;
+    case 1: launch_mt<T, 1, kMode>(p, tiles, stream); break;
+    case 2: launch_mt<T, 2, kMode>(p, tiles, stream); break;
+    case 3: launch_mt<T, 3, kMode>(p, tiles, stream); break;
+    default: launch_mt<T, 4, kMode>(p, tiles, stream); break;
   }
 }
 
