@@ -13,8 +13,6 @@ import os
 import pass_ext
 from pass_ext.benchmark import DEFAULT_PROMPTS, compare_methods, format_rows
 
-PROMPTS = DEFAULT_PROMPTS
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -32,13 +30,15 @@ def main() -> None:
         pass_ext.load_lookahead(model, args.lookahead_file)
     draft = pass_ext.load_model(args.draft_model, device=args.device) if args.draft_model else None
     methods = ["ar"] + (["pass", "pass-paper"] if model.lookahead is not None else []) + (["draft"] if draft else [])
-    rows = compare_methods(model, PROMPTS, methods, max_new_tokens=args.new, repeats=1, lookahead=args.k,
+    rows = compare_methods(model, DEFAULT_PROMPTS, methods, max_new_tokens=args.new, repeats=1, lookahead=args.k,
                            draft_model=draft)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(model=args.model, draft_model=args.draft_model, device=str(model.device),
-                       dtype=str(model.dtype), new_tokens=args.new, prompts=len(PROMPTS), rows=rows), f, indent=1)
-    print(f"\n{args.model} on {model.device} ({model.dtype}), {len(PROMPTS)} prompts x {args.new} tokens, greedy")
+                       dtype=str(model.dtype), new_tokens=args.new, prompts=len(DEFAULT_PROMPTS), rows=rows), f,
+                  indent=1)
+    print(f"\n{args.model} on {model.device} ({model.dtype}), {len(DEFAULT_PROMPTS)} prompts x {args.new} tokens, "
+          "greedy")
     print(format_rows(rows))
 
 

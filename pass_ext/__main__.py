@@ -122,12 +122,9 @@ def cmd_bench(args) -> int:
     import torch
 
     import pass_ext
-    from .benchmark import BENCH_METHODS, DEFAULT_PROMPTS, compare_methods, format_rows
+    from .benchmark import DEFAULT_PROMPTS, check_methods, compare_methods, format_rows
     methods = [m for m in args.methods.split(",") if m]
-    if not methods or any(m not in BENCH_METHODS for m in methods):
-        raise ValueError(f"--methods must be some of {', '.join(BENCH_METHODS)}, got {args.methods!r}")
-    if "draft" in methods and not args.draft_model:
-        raise ValueError("--methods draft needs --draft-model")
+    check_methods(methods, bool(args.draft_model))  # before the model loads
     if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if args.repeats < 1 or args.max_new_tokens < 1:
@@ -137,8 +134,6 @@ def cmd_bench(args) -> int:
     if args.lookahead_file:
         pass_ext.load_lookahead(model, args.lookahead_file)
     draft = pass_ext.load_model(args.draft_model, dtype=dtype, device=args.device) if args.draft_model else None
-    if any(m.startswith("pass") for m in methods) and model.lookahead is None:
-        raise ValueError(f"{args.model} has no look-ahead embeddings: pass --lookahead-file, or --methods ar,draft")
     if model.tokenizer is None:
         print("this model has no tokenizer; pass_ext bench needs one to encode the prompts", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import torch
 
 from .generate import generate
 
-__all__ = ["DEFAULT_PROMPTS", "BENCH_METHODS", "compare_methods", "format_rows"]
+__all__ = ["DEFAULT_PROMPTS", "BENCH_METHODS", "check_methods", "compare_methods", "format_rows"]
 
 # Two held-out-style code prompts and one English prompt.
 DEFAULT_PROMPTS = [
@@ -23,6 +23,15 @@ DEFAULT_PROMPTS = [
 ]
 # "pass-auto" is method="pass" with lookahead="auto".
 BENCH_METHODS = ("ar", "pass", "pass-paper", "pass-auto", "draft")
+
+
+def check_methods(methods: Sequence[str], has_draft_model: bool) -> None:
+    """Raises ValueError unless `methods` are some of BENCH_METHODS, with a draft model for "draft"."""
+    unknown = [m for m in methods if m not in BENCH_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be some of {', '.join(BENCH_METHODS)}, got {list(methods)}")
+    if "draft" in methods and not has_draft_model:
+        raise ValueError("method 'draft' needs a draft model")
 
 
 def _sync(device: torch.device) -> None:
@@ -42,14 +51,10 @@ def compare_methods(model, prompts: Sequence, methods: Sequence[str] = ("ar", "p
     its prefill), tokens_per_forward, acceptance (per draft position), speedup (decode tokens/s over "ar"'s, when
     "ar" ran first) and same_tokens_as_ar (greedy only: every row's tokens equal "ar"'s; None when sampled or
     without an "ar" row)."""
-    unknown = [m for m in methods if m not in BENCH_METHODS]
-    if unknown or not methods:
-        raise ValueError(f"methods must be some of {', '.join(BENCH_METHODS)}, got {list(methods)}")
-    if "draft" in methods and draft_model is None:
-        raise ValueError("method 'draft' needs a draft model")
+    check_methods(methods, draft_model is not None)
     if any(m.startswith("pass") for m in methods) and model.lookahead is None:
         raise ValueError("methods pass, pass-paper and pass-auto need look-ahead embeddings on the model "
-                         "(pass_ext.load_lookahead, or a model that ships them)")
+                         "(pass_ext.load_lookahead or the CLI's --lookahead-file, or a model that ships them)")
     if int(repeats) < 1 or int(max_new_tokens) < 1:
         raise ValueError(f"repeats and max_new_tokens must be >= 1, got {repeats}, {max_new_tokens}")
     ids = [model.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
@@ -65,7 +70,7 @@ def compare_methods(model, prompts: Sequence, methods: Sequence[str] = ("ar", "p
             if method == "pass-auto":
                 kw["lookahead"] = "auto"
             elif method != "ar":
-                kw["lookahead"] = lookahead if method != "draft" or lookahead else 4
+                kw["lookahead"] = lookahead  # None: generate's default (the embeddings' k; 4 for draft)
             if method == "draft":
                 kw["draft_model"] = draft_model
             runs = []

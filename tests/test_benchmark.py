@@ -80,8 +80,8 @@ def test_cli_bench(fetched, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [(["--batch", "0"], "--batch must be >= 1"),
-                                          (["--methods", "ar,draft"], "--methods draft needs --draft-model"),
-                                          (["--methods", "ar,beam"], "--methods must be some of"),
+                                          (["--methods", "ar,draft"], "method 'draft' needs a draft model"),
+                                          (["--methods", "ar,beam"], "methods must be some of"),
                                           (["--repeats", "0"], "--repeats and --max-new-tokens must be >= 1")])
 def test_cli_bench_errors(capsys, argv, message):
     """Bad arguments are refused before the model loads."""
