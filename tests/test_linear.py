@@ -130,6 +130,62 @@ def test_cuda_graph_replay():
     assert torch.equal(out, ops.decode_linear(new, w, b, swiglu=True))
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("Hq", [4, 8], ids=["cuda-core-attention", "tensor-core-attention"])
+def test_cuda_dependent_calls_match_one_at_a_time(Hq):
+    """On sm_90 each projection and attention kernel may start before the kernel before it has finished
+    (programmatic dependent launch) and must wait for it before reading its output. A chain of decoder layers,
+    each call reading the one before, gives the same bits launched back to back, replayed from a CUDA graph,
+    and with a device sync after every call (where nothing can overlap)."""
+    dt, dev = torch.bfloat16, "cuda"
+    g = torch.Generator().manual_seed(3)
+    d, Hkv, D, ffn, S, B, layers = 256, 2, 64, 2048, 96, 2, 12
+    rnd = lambda *shape, s=1.0: (s * torch.randn(*shape, generator=g)).to(dt).to(dev)  # noqa: E731
+    ws = [dict(qkv=rnd((Hq + 2 * Hkv) * D, d, s=d ** -0.5), o=rnd(d, Hq * D, s=(Hq * D) ** -0.5),
+               gate_up=rnd(2 * ffn, d, s=d ** -0.5), down=rnd(d, ffn, s=ffn ** -0.5),  # down: K split in a cluster
+               n1=1 + rnd(d, s=0.1), n2=1 + rnd(d, s=0.1)) for _ in range(layers)]
+    cos, sin = (t.to(dev) for t in rope_tables(S, D))
+    lens = torch.tensor([40, 77], dtype=torch.int32, device=dev)
+    positions = lens.long()
+    caches = [(rnd(B, Hkv, S, D), rnd(B, Hkv, S, D)) for _ in range(layers)]
+
+    def run(x, kv, sync):
+        for w, (kc, vc) in zip(ws, kv):
+            qkv = ops.decode_linear(x, w["qkv"], rope_cos=cos, rope_sin=sin, positions=positions,
+                                    rope_rows=(Hq + Hkv) * D, norm_weight=w["n1"], eps=1e-5)
+            q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+            a = ops.attention_with_kv_cache(q.reshape(B, 1, Hq, D), k.view(B, 1, Hkv, D), v.view(B, 1, Hkv, D),
+                                            kc, vc, lens)
+            if sync:
+                torch.cuda.synchronize()
+            x = ops.decode_linear(a.view(B, Hq * D), w["o"], residual=x)
+            if sync:
+                torch.cuda.synchronize()
+            act = ops.decode_linear(x, w["gate_up"], swiglu=True, norm_weight=w["n2"], eps=1e-5)
+            if sync:
+                torch.cuda.synchronize()
+            x = ops.decode_linear(act, w["down"], residual=x)
+            if sync:
+                torch.cuda.synchronize()
+        return x
+
+    x0 = rnd(B, d)
+    fresh = lambda: [(kc.clone(), vc.clone()) for kc, vc in caches]  # noqa: E731
+    serial = run(x0, fresh(), sync=True)
+    eager = run(x0, fresh(), sync=False)
+    static_x, static_kv = x0.clone(), fresh()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run(static_x, static_kv, sync=False)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert serial.abs().sum() > 0
+    assert torch.equal(eager, serial)
+    assert torch.equal(out, serial)
+
+
 def _cases(device):
     bf = dict(dtype=torch.bfloat16, device=device)
     x, w = torch.randn(2, 16, **bf), torch.randn(8, 16, **bf)

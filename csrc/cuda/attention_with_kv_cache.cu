@@ -41,6 +41,7 @@
 
 #include "kernels/attention.cuh"
 #include "kernels/attention_mma.cuh"
+#include "launch.h"
 #include "op_checks.h"
 
 namespace pass_ext {
@@ -239,28 +240,13 @@ void pick_cluster(k::AttentionParams& p, Kernel* kernel, size_t smem, int64_t ti
 }
 
 // Launches `kernel` over `grid`, as clusters of p.splits blocks along the split dimension (`split_dim`: 0 = x,
-// 1 = y) when p.cluster is set.
+// 1 = y) when p.cluster is set; as a dependent launch (launch.h) where the GPU runs the kernel's sm_90 code.
 template <typename Kernel>
 void launch_kernel(Kernel* kernel, dim3 grid, size_t smem, cudaStream_t stream, const k::AttentionParams& p,
-                   int split_dim) {
-  if (!p.cluster) {
-    kernel<<<grid, k::kThreads, smem, stream>>>(p);
-  } else {
-    cudaLaunchConfig_t config{};
-    cudaLaunchAttribute attrs[1];
-    attrs[0].id = cudaLaunchAttributeClusterDimension;
-    attrs[0].val.clusterDim.x = split_dim == 0 ? static_cast<unsigned>(p.splits) : 1u;
-    attrs[0].val.clusterDim.y = split_dim == 1 ? static_cast<unsigned>(p.splits) : 1u;
-    attrs[0].val.clusterDim.z = 1;
-    config.gridDim = grid;
-    config.blockDim = dim3(k::kThreads);
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    config.attrs = attrs;
-    config.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+                   int split_dim, int device) {
+  const unsigned size = p.cluster ? static_cast<unsigned>(p.splits) : 1u;
+  launch_kernel_ex(kernel, grid, dim3(k::kThreads), smem, stream, split_dim == 0 ? dim3(size) : dim3(1, size),
+                   launches_dependent(kernel, device), p);
 }
 
 template <typename T, int D_MAX, int E, bool EXACT, int RT>
@@ -278,7 +264,7 @@ void launch(k::AttentionParams p, const at::Tensor& q, cudaStream_t stream, int 
   if (!p.cluster) pick_combine(p, row_tiles, RT, stream, q);
 
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(row_tiles), static_cast<unsigned>(bh));
-  launch_kernel(kernel, grid, smem, stream, p, 0);
+  launch_kernel(kernel, grid, smem, stream, p, 0, q.get_device());
   launch_combine<T>(p, stream);
 }
 
@@ -393,7 +379,7 @@ bool launch_mma(k::AttentionParams p, const at::Tensor& q, cudaStream_t stream, 
   TORCH_CHECK(p.counters == nullptr || KW == k::kWarps, "attention_with_kv_cache: internal error: the fused "
               "combine is compiled into the 16-row tensor-core tiles only");
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.splits), static_cast<unsigned>(bh));
-  launch_kernel(kernel, grid, Tile::kSmemBytes, stream, p, 1);
+  launch_kernel(kernel, grid, Tile::kSmemBytes, stream, p, 1, q.get_device());
   launch_combine<T>(p, stream);
   return true;
 }

@@ -7,35 +7,14 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <map>
-#include <mutex>
-#include <utility>
-
 #include "kernels/linear.cuh"
+#include "launch.h"
 #include "op_checks.h"
 
 namespace pass_ext {
 namespace {
 
 using namespace kernels;
-
-// Whether `kernel` runs sm_90 code on the current device (thread-block clusters), once per kernel and device.
-template <typename Kernel>
-bool runs_clusters(Kernel* kernel, int device) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, bool> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
-  auto it = cache.find(key);
-  if (it == cache.end()) {
-    cudaFuncAttributes attr{};
-    const bool ok = at::cuda::getCurrentDeviceProperties()->major >= 9 &&
-                    cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion >= 90;
-    (void)cudaGetLastError();
-    it = cache.emplace(key, ok).first;
-  }
-  return it->second;
-}
 
 // Splits of K per tile (a cluster of that many blocks): doubled while the grid stays within four blocks per SM
 // and every warp of a split keeps two chunks or more. From N, K and the GPU only, never from M (a row's
@@ -55,28 +34,12 @@ template <typename T, int MT, int kMode>
 void launch_mt(const LinearParams& p, int tiles, cudaStream_t stream) {
   auto* kernel = decode_linear_kernel<T, MT, kMode>;
   const int device = c10::cuda::current_device();
-  const int splits = runs_clusters(kernel, device)
-                         ? pick_splits(tiles, p.K, at::cuda::getCurrentDeviceProperties()->multiProcessorCount)
-                         : 1;
-  const dim3 grid{unsigned(splits), unsigned(tiles)}, block{unsigned(kLinearWarps * 32)};
-  if (splits == 1) {
-    kernel<<<grid, block, 0, stream>>>(p);
-  } else {
-    cudaLaunchConfig_t config{};
-    cudaLaunchAttribute attrs[1];
-    attrs[0].id = cudaLaunchAttributeClusterDimension;
-    attrs[0].val.clusterDim.x = unsigned(splits);
-    attrs[0].val.clusterDim.y = 1;
-    attrs[0].val.clusterDim.z = 1;
-    config.gridDim = grid;
-    config.blockDim = block;
-    config.dynamicSmemBytes = 0;
-    config.stream = stream;
-    config.attrs = attrs;
-    config.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const bool sm90 = runs_sm90(kernel, device);
+  const int splits =
+      sm90 ? pick_splits(tiles, p.K, at::cuda::getCurrentDeviceProperties()->multiProcessorCount) : 1;
+  // Dependent launch: the kernel streams its first weights in before it waits for x (the kernel before it).
+  launch_kernel_ex(kernel, dim3(unsigned(splits), unsigned(tiles)), dim3(kLinearWarps * 32), 0, stream,
+                   dim3(unsigned(splits)), sm90 && dependent_launch_allowed(), p);
 }
 
 template <typename T, int kMode>

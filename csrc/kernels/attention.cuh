@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "pdl.cuh"
+
 namespace pass_ext::kernels {
 
 // Everything the kernels need, on raw pointers. Element type T is one of float, __half, __nv_bfloat16.
@@ -359,6 +361,8 @@ struct AttentionTile {
 // output (splits == 1) or an unnormalised partial for the combine kernel.
 template <typename T, int D_MAX, int E, bool EXACT, int RT>
 __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionParams p) {
+  wait_for_inputs();  // q, k_new and v_new come from the kernel before (a dependent launch: pdl.cuh)
+  release_dependents();
   using Tile = AttentionTile<T, D_MAX, E, EXACT, RT>;
   constexpr int TRS = Tile::kRowsPerWarp, KT = kKeyTile, STRIDE = Tile::kStride, CH = Tile::kChunk;
   constexpr int kPVUnroll = TRS >= 8 ? 1 : 4;  // many rows already give the P.V loop its parallelism

@@ -108,6 +108,8 @@ struct MmaTile {
 template <typename T, int D, int KW>
 __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const AttentionParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  wait_for_inputs();  // q, k_new and v_new come from the kernel before (a dependent launch: pdl.cuh)
+  release_dependents();
   using Tile = MmaTile<T, D, KW>;
   constexpr int KT = Tile::kKeys, NK = Tile::kWarpKeys, ST = Tile::kStages, STRIDE = Tile::kStride;
   constexpr int CH = Tile::kChunk, CPR = D / CH;  // 16-byte chunks per K/V/q row

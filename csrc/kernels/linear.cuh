@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "attention_mma.cuh"
+#include "pdl.cuh"
 
 namespace pass_ext::kernels {
 
@@ -202,9 +203,13 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
   };
   Batch A, B;
   int c = range.begin + warp;
-  // The first weights go out before anything else, so that their latency covers the prologue: the epilogue's
-  // inputs fetched into shared memory (bias; residual or rotary cos/sin per row), then the RMSNorm's row norms.
+  // The first two batches of weights go out before anything else: they depend on no earlier kernel, so under a
+  // dependent launch they stream in while the kernel before this one finishes (for a small model's projection
+  // that is all of the block's weights), and otherwise their latency covers the prologue: the wait for that
+  // kernel, the epilogue's inputs fetched into shared memory (bias; residual or rotary cos/sin per row), then
+  // the RMSNorm's row norms.
   if (c < range.end) load_w(A, c);
+  if (c + kStep < range.end) load_w(B, c + kStep);
   __shared__ float pre_bias[16];
   __shared__ float pre[kLinearMaxRows][32];
   __shared__ float rinv[kLinearMaxRows];
@@ -213,6 +218,8 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
     const int r = weight_row(int(threadIdx.x), ok);
     pre_bias[threadIdx.x] = p.bias && ok ? float(static_cast<const T*>(p.bias)[r]) : 0.f;
   }
+  wait_for_inputs();  // everything below reads activations (x, residual, positions) or writes
+  release_dependents();
   if (p.residual) {  // plain mode: tile row e is column tile * 16 + e
     for (int i = int(threadIdx.x); i < p.M * 16; i += kLinearWarps * 32) {
       const int m = i >> 4, e = i & 15, col = tile * 16 + e;
@@ -248,20 +255,22 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) rx[mt] = norm_w && xok[mt] ? rinv[mt * 8 + g] : 0.f;
   if (c < range.end) load_x(A, c);
-  // Chunks in order c = begin + warp, + 8, + 16, ...: batches A and B alternate, each loaded one batch ahead.
+  if (c + kStep < range.end) load_x(B, c + kStep);
+  // Chunks in order c = begin + warp, + 8, + 16, ...: batches A and B alternate, each refilled two batches ahead
+  // once its mma are issued, so two batches are in flight while one is waited for.
   while (c < range.end) {
-    if (c + kStep < range.end) {
-      load_w(B, c + kStep);
-      load_x(B, c + kStep);
-    }
     compute(A);
+    if (c + 2 * kStep < range.end) {
+      load_w(A, c + 2 * kStep);
+      load_x(A, c + 2 * kStep);
+    }
     c += kStep;
     if (c >= range.end) break;
-    if (c + kStep < range.end) {
-      load_w(A, c + kStep);
-      load_x(A, c + kStep);
-    }
     compute(B);
+    if (c + 2 * kStep < range.end) {
+      load_w(B, c + 2 * kStep);
+      load_x(B, c + 2 * kStep);
+    }
     c += kStep;
   }
 

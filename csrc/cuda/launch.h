@@ -1,0 +1,83 @@
+// Kernel launches shared by the CUDA launchers: thread-block clusters and programmatic dependent launch, both
+// sm_90 features that the launchers use only where the loaded kernel code is sm_90 code.
+#pragma once
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
+
+namespace pass_ext {
+
+// Whether `kernel` runs sm_90 code on the current device (clusters, griddepcontrol), once per kernel and device.
+template <typename Kernel>
+bool runs_sm90(Kernel* kernel, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, bool> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    cudaFuncAttributes attr{};
+    const bool ok = at::cuda::getCurrentDeviceProperties()->major >= 9 &&
+                    cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion >= 90;
+    (void)cudaGetLastError();
+    it = cache.emplace(key, ok).first;
+  }
+  return it->second;
+}
+
+// PASS_EXT_PDL=0 in the environment launches every kernel after the one before it has finished (no programmatic
+// dependent launch), for A/B runs and as a bypass. Read once: a captured CUDA graph keeps its launches anyway.
+inline bool dependent_launch_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("PASS_EXT_PDL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return allowed;
+}
+
+// Whether launches of `kernel` (which must wait for its inputs: kernels/pdl.cuh) may overlap the kernel before.
+template <typename Kernel>
+bool launches_dependent(Kernel* kernel, int device) {
+  return dependent_launch_allowed() && runs_sm90(kernel, device);
+}
+
+// Launches kernel(p) over `grid`: as clusters of `cluster` blocks when that has more than one block, and with
+// programmatic dependent launch when `dependent` (see launches_dependent).
+template <typename Kernel, typename Params>
+void launch_kernel_ex(Kernel* kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, dim3 cluster,
+                      bool dependent, const Params& p) {
+  cudaLaunchAttribute attrs[2];
+  unsigned n = 0;
+  if (cluster.x * cluster.y * cluster.z > 1) {
+    attrs[n].id = cudaLaunchAttributeClusterDimension;
+    attrs[n].val.clusterDim.x = cluster.x;
+    attrs[n].val.clusterDim.y = cluster.y;
+    attrs[n].val.clusterDim.z = cluster.z;
+    ++n;
+  }
+  if (dependent) {
+    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  if (n == 0) {
+    kernel<<<grid, block, smem, stream>>>(p);
+  } else {
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attrs;
+    config.numAttrs = n;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace pass_ext
