@@ -163,13 +163,14 @@ def main() -> None:
             nw = torch.ones(xs["qkv"].shape[1], device=dev, dtype=dtype)
             res = torch.randn(M, sh["o"][0], generator=g, device=dev, dtype=dtype)
 
-            def layer_ours():  # what a small model's decode forward runs: norms and residual adds fused
+            def layer_ours():  # what a small model's decode forward runs: norms and residual adds fused, weights
+                pre = dict(prefetch_weights=True)  # streamed in while the kernel before finishes (sm_90)
                 for L in stack:
                     ops.decode_linear(res, L["qkv"], rope_cos=cos_t, rope_sin=sin_t, positions=pos,
-                                      rope_rows=(hq + hkv) * dh, norm_weight=nw, eps=1e-5)
-                    x1 = ops.decode_linear(xs["o"], L["o"], residual=res)
-                    ops.decode_linear(x1, L["gate_up"], swiglu=True, norm_weight=nw, eps=1e-5)
-                    ops.decode_linear(xs["down"], L["down"], residual=x1)
+                                      rope_rows=(hq + hkv) * dh, norm_weight=nw, eps=1e-5, **pre)
+                    x1 = ops.decode_linear(xs["o"], L["o"], residual=res, **pre)
+                    ops.decode_linear(x1, L["gate_up"], swiglu=True, norm_weight=nw, eps=1e-5, **pre)
+                    ops.decode_linear(xs["down"], L["down"], residual=x1, **pre)
 
             def layer_torch():  # the same with torch's linear and the model's compiled chains
                 h = norm_chain(res, nw, 1e-5)

@@ -44,9 +44,11 @@ TORCH_LIBRARY(pass_ext, m) {
   // first; with rope_cos/rope_sin [P, D] float32 and positions [M] int64, the rotary embedding of the heads of
   // D channels in columns [0, rope_rows) (q and k of a fused projection) at each row's position. norm_weight [K]:
   // x goes through RMSNorm (eps) first; residual [M, N]: added to the product. On CUDA (bf16/fp16, M <= 32) a
-  // weight-streaming kernel for the few rows of a decode step.
+  // weight-streaming kernel for the few rows of a decode step; prefetch_weights: on sm_90 it may start streaming
+  // weight and bias before the kernel before it on the stream has finished (that kernel must not write them).
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, bool swiglu, Tensor? rope_cos, Tensor? rope_sin, "
-        "Tensor? positions, int rope_rows, Tensor? norm_weight, float eps, Tensor? residual, Tensor(a!) out) -> ()");
+        "Tensor? positions, int rope_rows, Tensor? norm_weight, float eps, Tensor? residual, Tensor(a!) out, "
+        "bool prefetch_weights=False) -> ()");
   // "cpu" or "cpu+cuda": which kernels this build holds.
   m.def("build_info() -> str", &build_info);
 }

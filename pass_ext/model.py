@@ -8,6 +8,7 @@ Weights are frozen; activations keep their autograd graph so that look-ahead emb
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -349,7 +350,7 @@ class Model(nn.Module):
         """[..., d] final-norm hidden states -> [..., V] float32 logits."""
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
         if self._linear_ops(hidden).get("lm_head"):
-            return ops.decode_linear(hidden, weight).float()
+            return ops.decode_linear(hidden, weight, prefetch_weights=True).float()
         return F.linear(hidden, weight).float()
 
     def _linear_ops(self, x: torch.Tensor) -> dict:
@@ -424,8 +425,10 @@ class Model(nn.Module):
         # Fused chains only where autograd is off (training differentiates through the eager ones).
         fused = x.device.type == "cuda" and not torch.is_grad_enabled() and fusion_enabled()
         norm, add_norm, rope, swiglu = (_chain(n, fused) for n in ("norm", "add_norm", "rope", "swiglu"))
-        qkv_linear, o_linear, down_linear = (ops.decode_linear if use.get(n) else F.linear
-                                             for n in ("qkv", "o", "down"))
+        # The forward never writes a weight, so each projection may stream its weights in while the kernel
+        # before it finishes (sm_90).
+        linear = functools.partial(ops.decode_linear, prefetch_weights=True)
+        qkv_linear, o_linear, down_linear = (linear if use.get(n) else F.linear for n in ("qkv", "o", "down"))
         # When every projection of a layer runs as decode_linear, the norms and residual adds go into them too
         # (RMSNorm before qkv and gate/up, the residual add after o and down): five kernels per layer
         # (PASS_EXT_LINEAR_NORM=0: seven, with the add+norm chains).
@@ -433,9 +436,9 @@ class Model(nn.Module):
         h = None if ends else norm(x, self.layers[0].input_norm if len(self.layers) else self.norm, eps)
         for i, layer in enumerate(self.layers):
             if rope_in_qkv:
-                qkv = ops.decode_linear(h if h is not None else x, layer.wqkv, layer.bqkv, rope_cos=self._rope_cos,
-                                        rope_sin=self._rope_sin, positions=flat_positions, rope_rows=(Hq + Hkv) * D,
-                                        norm_weight=None if h is not None else layer.input_norm, eps=eps)
+                qkv = linear(h if h is not None else x, layer.wqkv, layer.bqkv, rope_cos=self._rope_cos,
+                             rope_sin=self._rope_sin, positions=flat_positions, rope_rows=(Hq + Hkv) * D,
+                             norm_weight=None if h is not None else layer.input_norm, eps=eps)
                 q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
                 q, k = q.view(B, Q, Hq, D), k.view(B, Q, Hkv, D)
             else:
@@ -449,14 +452,13 @@ class Model(nn.Module):
                 a = self._torch_attention(q, k, v, cache.k[i], cache.v[i], cache.lens, torch_mask)
             a = a.reshape(B, Q, Hq * D)
             if ends:
-                x = ops.decode_linear(a, layer.wo, layer.bo, residual=x)
-                act = ops.decode_linear(x, layer.w_gate_up, layer.b_gate_up, swiglu=True, norm_weight=layer.post_norm,
-                                        eps=eps)
-                x = ops.decode_linear(act, layer.w_down, layer.b_down, residual=x)
+                x = linear(a, layer.wo, layer.bo, residual=x)
+                act = linear(x, layer.w_gate_up, layer.b_gate_up, swiglu=True, norm_weight=layer.post_norm, eps=eps)
+                x = linear(act, layer.w_down, layer.b_down, residual=x)
                 continue
             x, h = add_norm(x, o_linear(a, layer.wo, layer.bo), layer.post_norm, eps)
             if use.get("gate_up"):
-                act = ops.decode_linear(h, layer.w_gate_up, layer.b_gate_up, swiglu=True)
+                act = linear(h, layer.w_gate_up, layer.b_gate_up, swiglu=True)
             else:
                 act = swiglu(F.linear(h, layer.w_gate_up, layer.b_gate_up))
             y = down_linear(act, layer.w_down, layer.b_down)

@@ -250,6 +250,7 @@ def decode_linear(
     norm_weight: Optional[torch.Tensor] = None,
     eps: float = 1e-6,
     residual: Optional[torch.Tensor] = None,
+    prefetch_weights: bool = False,
 ) -> torch.Tensor:
     """x @ weight.T (+ bias) for the few rows of a decode step, optionally SwiGLU-gated or with the rotary
     embedding of a fused q/k/v projection applied.
@@ -272,6 +273,10 @@ def decode_linear(
         eps: the RMSNorm epsilon.
         residual: optional [..., N] (x's leading dims), added to the product (rounded to the dtype first, the
             sum rounded once); not with swiglu or the rotary embedding.
+        prefetch_weights: on sm_90 GPUs the CUDA kernel may start before the kernel before it on the stream has
+            finished (programmatic dependent launch; PASS_EXT_PDL=0 turns that off). With True it streams its
+            first weights (and the bias) in before waiting for that kernel, so that kernel must not write
+            `weight` or `bias` (a model's forward never does); with False it reads nothing before the wait.
     Returns:
         [..., N] or [..., N/2] in x's dtype.
 
@@ -291,7 +296,7 @@ def decode_linear(
     if residual is not None:
         residual = residual.reshape(-1, weight.shape[0]).contiguous()
     torch.ops.pass_ext.decode_linear(x2, weight, bias, bool(swiglu), rope_cos, rope_sin, positions, int(rope_rows),
-                                     norm_weight, float(eps), residual, out)
+                                     norm_weight, float(eps), residual, out, bool(prefetch_weights))
     return out.view(*lead, n_out)
 
 
@@ -316,6 +321,6 @@ def _sample_fake(logits, temperature, top_k, top_p, seed, offset, out, probs_out
 
 @torch.library.register_fake("pass_ext::decode_linear")
 def _decode_linear_fake(x, weight, bias, swiglu, rope_cos, rope_sin, positions, rope_rows, norm_weight, eps, residual,
-                        out):
+                        out, prefetch_weights=False):
     torch._check(out.shape[0] == x.shape[0])
     return None

@@ -87,17 +87,19 @@ def test_cuda_matches_reference_and_cpu(M, N, K, dtype, bias, swiglu):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
 @pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
-def test_cuda_rows_do_not_depend_on_the_batch(swiglu):
+@pytest.mark.parametrize("norm", [False, True], ids=["", "norm"])
+def test_cuda_rows_do_not_depend_on_the_batch(swiglu, norm):
     """A row's output is bit for bit the same whatever M is and whatever the other rows hold, so one-token and
-    multi-token forwards project a token identically."""
+    multi-token forwards project a token identically (the RMSNorm's row statistics included)."""
     x, w, b = make(32, 1000, 576, torch.bfloat16, "cuda", True)
-    full = ops.decode_linear(x, w, b, swiglu=swiglu)
+    kw = dict(swiglu=swiglu, norm_weight=(1 + 0.2 * x[0]).contiguous() if norm else None, eps=1e-5)
+    full = ops.decode_linear(x, w, b, **kw)
     for m in (0, 7, 8, 23, 31):
-        assert torch.equal(ops.decode_linear(x[m:m + 1], w, b, swiglu=swiglu), full[m:m + 1])
-    assert torch.equal(ops.decode_linear(x[:9], w, b, swiglu=swiglu), full[:9])
+        assert torch.equal(ops.decode_linear(x[m:m + 1], w, b, **kw), full[m:m + 1])
+    assert torch.equal(ops.decode_linear(x[:9], w, b, **kw), full[:9])
     other = x.clone()
     other[1:] = torch.randn_like(other[1:])
-    assert torch.equal(ops.decode_linear(other, w, b, swiglu=swiglu)[0], full[0])
+    assert torch.equal(ops.decode_linear(other, w, b, **kw)[0], full[0])
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
@@ -133,11 +135,13 @@ def test_cuda_graph_replay():
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
 @pytest.mark.parametrize("Hq", [4, 8], ids=["cuda-core-attention", "tensor-core-attention"])
-def test_cuda_dependent_calls_match_one_at_a_time(Hq):
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
+def test_cuda_dependent_calls_match_one_at_a_time(Hq, prefetch):
     """On sm_90 each projection and attention kernel may start before the kernel before it has finished
     (programmatic dependent launch) and must wait for it before reading its output. A chain of decoder layers,
     each call reading the one before, gives the same bits launched back to back, replayed from a CUDA graph,
-    and with a device sync after every call (where nothing can overlap)."""
+    and with a device sync after every call (where nothing can overlap). With prefetch_weights the weights are
+    read before that wait (as the model does)."""
     dt, dev = torch.bfloat16, "cuda"
     g = torch.Generator().manual_seed(3)
     d, Hkv, D, ffn, S, B, layers = 256, 2, 64, 2048, 96, 2, 12
@@ -150,22 +154,27 @@ def test_cuda_dependent_calls_match_one_at_a_time(Hq):
     positions = lens.long()
     caches = [(rnd(B, Hkv, S, D), rnd(B, Hkv, S, D)) for _ in range(layers)]
 
+    def linear(*args, **kw):
+        return ops.decode_linear(*args, prefetch_weights=prefetch, **kw)
+
     def run(x, kv, sync):
         for w, (kc, vc) in zip(ws, kv):
-            qkv = ops.decode_linear(x, w["qkv"], rope_cos=cos, rope_sin=sin, positions=positions,
-                                    rope_rows=(Hq + Hkv) * D, norm_weight=w["n1"], eps=1e-5)
+            qkv = linear(x, w["qkv"], rope_cos=cos, rope_sin=sin, positions=positions, rope_rows=(Hq + Hkv) * D,
+                         norm_weight=w["n1"], eps=1e-5)
+            if sync:
+                torch.cuda.synchronize()
             q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
             a = ops.attention_with_kv_cache(q.reshape(B, 1, Hq, D), k.view(B, 1, Hkv, D), v.view(B, 1, Hkv, D),
                                             kc, vc, lens)
             if sync:
                 torch.cuda.synchronize()
-            x = ops.decode_linear(a.view(B, Hq * D), w["o"], residual=x)
+            x = linear(a.view(B, Hq * D), w["o"], residual=x)
             if sync:
                 torch.cuda.synchronize()
-            act = ops.decode_linear(x, w["gate_up"], swiglu=True, norm_weight=w["n2"], eps=1e-5)
+            act = linear(x, w["gate_up"], swiglu=True, norm_weight=w["n2"], eps=1e-5)
             if sync:
                 torch.cuda.synchronize()
-            x = ops.decode_linear(act, w["down"], residual=x)
+            x = linear(act, w["down"], residual=x)
             if sync:
                 torch.cuda.synchronize()
         return x
@@ -354,7 +363,7 @@ FUSIONS = [(True, False, "plain"), (True, False, "swiglu"), (True, False, "rope"
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("norm,residual,mode", FUSIONS)
-@pytest.mark.parametrize("M,K", [(1, 576), (7, 64), (12, 264)])
+@pytest.mark.parametrize("M,K", [(1, 576), (7, 64), (12, 264), (5, 4104)])
 def test_norm_and_residual_match_reference(device, dtype, norm, residual, mode, M, K):
     if device == "cuda" and dtype == torch.float32:
         pytest.skip("the CUDA kernel takes bf16/fp16")
@@ -385,7 +394,11 @@ def test_norm_and_residual_match_reference(device, dtype, norm, residual, mode, 
         cpu = ops.decode_linear(xc, w.cpu(), b.cpu(), swiglu=mode == "swiglu",
                                 **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
         differ = (out.cpu() != cpu).double().mean().item()
-        assert differ < 0.05, f"{differ:.1%} of the outputs differ from the CPU kernel"
+        # Summed in another order, a row's 1 / rms may be one float ulp off the CPU kernel's, which flips the
+        # rounding of some normalised inputs; over K = 4104 fp16 inputs that moves ~11% of the outputs by an ulp
+        # (emulated on CPU with the rms nudged by one ulp either way).
+        limit = 0.05 if not norm or K <= 1024 or dtype == torch.bfloat16 else 0.25
+        assert differ < limit, f"{differ:.1%} of the outputs differ from the CPU kernel"
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

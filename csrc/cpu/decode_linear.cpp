@@ -85,7 +85,7 @@ void decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
                        bool swiglu, const std::optional<at::Tensor>& rope_cos,
                        const std::optional<at::Tensor>& rope_sin, const std::optional<at::Tensor>& positions,
                        int64_t rope_rows, const std::optional<at::Tensor>& norm_weight, double eps,
-                       const std::optional<at::Tensor>& residual, at::Tensor& out) {
+                       const std::optional<at::Tensor>& residual, at::Tensor& out, bool /*prefetch_weights*/) {
   check_linear_args(x, weight, bias, swiglu, rope_cos, rope_sin, positions, rope_rows, norm_weight, eps, residual,
                     out);
   if (x.size(0) == 0) return;

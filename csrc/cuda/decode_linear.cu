@@ -63,7 +63,7 @@ void decode_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std
                         bool swiglu, const std::optional<at::Tensor>& rope_cos,
                         const std::optional<at::Tensor>& rope_sin, const std::optional<at::Tensor>& positions,
                         int64_t rope_rows, const std::optional<at::Tensor>& norm_weight, double eps,
-                        const std::optional<at::Tensor>& residual, at::Tensor& out) {
+                        const std::optional<at::Tensor>& residual, at::Tensor& out, bool prefetch_weights) {
   check_linear_args(x, weight, bias, swiglu, rope_cos, rope_sin, positions, rope_rows, norm_weight, eps, residual,
                     out);
   const auto dtype = x.scalar_type();
@@ -113,6 +113,7 @@ void decode_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std
   p.norm_w = norm_weight ? norm_weight->data_ptr() : nullptr;
   p.eps = float(eps);
   p.residual = residual ? residual->data_ptr() : nullptr;
+  p.prefetch_weights = prefetch_weights ? 1 : 0;
   TORCH_CHECK(!norm_weight || M <= 1 || x.stride(0) % 8 == 0, "decode_linear's RMSNorm needs x's row stride a "
               "multiple of 8");
   const int mode = swiglu ? kLinearSwiglu : rope ? kLinearRope : kLinearPlain;

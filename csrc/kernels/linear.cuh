@@ -54,6 +54,9 @@ struct LinearParams {
   float eps;
   // Residual added to the product (plain mode; [M, N] contiguous, or nullptr): out = T(residual + T(product)).
   const void* residual;
+  // 1: under a dependent launch (pdl.cuh) the first weights and the bias are read before the wait for the kernel
+  // before, which therefore must not write them; 0: everything waits.
+  int prefetch_weights;
 };
 
 template <typename T>
@@ -203,11 +206,11 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
   };
   Batch A, B;
   int c = range.begin + warp;
-  // The first two batches of weights go out before anything else: they depend on no earlier kernel, so under a
-  // dependent launch they stream in while the kernel before this one finishes (for a small model's projection
-  // that is all of the block's weights), and otherwise their latency covers the prologue: the wait for that
-  // kernel, the epilogue's inputs fetched into shared memory (bias; residual or rotary cos/sin per row), then
-  // the RMSNorm's row norms.
+  // The first two batches of weights go out before anything else. With prefetch_weights, under a dependent launch
+  // they stream in while the kernel before this one finishes (for a small model's projection that is all of the
+  // block's weights); either way their latency covers the prologue: the wait for that kernel, the epilogue's
+  // inputs fetched into shared memory (bias; residual or rotary cos/sin per row), then the RMSNorm's row norms.
+  if (!p.prefetch_weights) wait_for_inputs();
   if (c < range.end) load_w(A, c);
   if (c + kStep < range.end) load_w(B, c + kStep);
   __shared__ float pre_bias[16];
@@ -218,7 +221,7 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
     const int r = weight_row(int(threadIdx.x), ok);
     pre_bias[threadIdx.x] = p.bias && ok ? float(static_cast<const T*>(p.bias)[r]) : 0.f;
   }
-  wait_for_inputs();  // everything below reads activations (x, residual, positions) or writes
+  wait_for_inputs();  // everything below reads activations (x, residual, positions) or writes (a no-op if waited)
   release_dependents();
   if (p.residual) {  // plain mode: tile row e is column tile * 16 + e
     for (int i = int(threadIdx.x); i < p.M * 16; i += kLinearWarps * 32) {
@@ -236,19 +239,41 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
       pre[m][e] = round_to<T>(table[pos * p.rope_dim + j]);
     }
   }
-  if (norm_w) {  // 1 / rms of every row of x, in every block (the rows are short: a small model's d)
-    for (int m = warp; m < p.M; m += kLinearWarps) {
-      const T* row = static_cast<const T*>(p.x) + int64_t(m) * p.x_stride;
-      float ss = 0.f;
-      for (int k = lane * 8; k < p.K; k += 256) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(row + k));
-        const T* e = reinterpret_cast<const T*>(&v);
+  if (norm_w) {
+    // 1 / rms of every row of x, in every block: all threads split each row's K (one 16-byte load per thread
+    // and 2048 elements), four rows at a time so that their loads are in flight together; then per row the
+    // warps' sums in warp order (an order fixed by K, so a row's norm does not depend on M).
+    __shared__ float part[kLinearWarps][kLinearMaxRows];
+    constexpr int kRowsAtOnce = 4;
+    for (int m0 = 0; m0 < p.M; m0 += kRowsAtOnce) {
+      float ss[kRowsAtOnce] = {};
+      for (int k = int(threadIdx.x) * 8; k < p.K; k += kLinearWarps * 32 * 8) {
+        uint4 v[kRowsAtOnce];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) ss += float(e[i]) * float(e[i]);
+        for (int i = 0; i < kRowsAtOnce; ++i)
+          v[i] = m0 + i < p.M
+                     ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + int64_t(m0 + i) * p.x_stride + k))
+                     : zero;
+#pragma unroll
+        for (int i = 0; i < kRowsAtOnce; ++i) {
+          const T* e = reinterpret_cast<const T*>(&v[i]);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) ss[i] += float(e[j]) * float(e[j]);
+        }
       }
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-      if (lane == 0) rinv[m] = rsqrtf(ss / float(p.K) + p.eps);
+      for (int i = 0; i < kRowsAtOnce; ++i) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss[i] += __shfl_xor_sync(0xffffffffu, ss[i], o);
+        if (lane == 0 && m0 + i < p.M) part[warp][m0 + i] = ss[i];
+      }
+    }
+    __syncthreads();
+    if (int(threadIdx.x) < p.M) {
+      float total = 0.f;
+#pragma unroll
+      for (int w = 0; w < kLinearWarps; ++w) total += part[w][threadIdx.x];
+      rinv[threadIdx.x] = rsqrtf(total / float(p.K) + p.eps);
     }
     __syncthreads();
   }
