@@ -43,11 +43,10 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_new, c
                 t.scalar_type());
     check_same_device(q, t, name);
   }
-  // k_new / v_new may be any view (the launchers copy what their kernels cannot read in place); the
+  // q, k_new and v_new may be any view (the launchers copy what their kernels cannot read in place); the
   // tensors the op writes must be contiguous.
   for (const auto& [t, name] : {std::pair{k_cache, "k_cache"}, {v_cache, "v_cache"}, {out, "out"}})
     TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(q.is_contiguous(), "q must be contiguous");
   check_same_device(q, cache_lens, "cache_lens");
   TORCH_CHECK(cache_lens.is_contiguous(), "cache_lens must be contiguous");
   if (tree_mask.has_value()) {
@@ -60,9 +59,9 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_new, c
   }
 }
 
-// Elements between consecutive new tokens of k_new / v_new [B, Q, Hkv, D] when a kernel can read the tensor
+// Elements between consecutive new tokens of q / k_new / v_new [B, Q, H, D] when a kernel can read the tensor
 // in place: heads and channels contiguous within a token, token (b, j) at (b * Q + j) * stride (a slice of a
-// contiguous [B, Q, ...] tensor, such as the k or v part of a fused qkv projection); 0 when it cannot.
+// contiguous [B, Q, ...] tensor, such as the q, k or v part of a fused qkv projection); 0 when it cannot.
 inline int64_t token_stride(const at::Tensor& t) {
   const int64_t B = t.size(0), Q = t.size(1), H = t.size(2), D = t.size(3);
   if (t.is_contiguous()) return H * D;

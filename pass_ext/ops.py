@@ -77,13 +77,12 @@ def attention_with_kv_cache(
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    q = q.contiguous()  # before empty_like, which would copy a non-contiguous q's strides into out
     if out is None:
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, whatever q's layout
     # Read-only inputs are made contiguous here (a no-op when they are); the caches and out are written in
-    # place, so they must be contiguous already and the op says so otherwise. k_new / v_new go as they are:
-    # the CUDA kernels read the k and v slices of a fused qkv projection in place, and the op copies any
-    # other layout itself.
+    # place, so they must be contiguous already and the op says so otherwise. q, k_new and v_new go as they
+    # are: the CUDA kernels read the q, k and v slices of a fused qkv projection in place, and the op copies
+    # any other layout itself.
     torch.ops.pass_ext.attention_with_kv_cache(
         q, k_new, v_new, k_cache, v_cache, cache_lens.contiguous(),
         None if tree_mask is None else tree_mask.contiguous(), float(scale), out)

@@ -143,9 +143,9 @@ def test_head_dims(device, D):
     run_and_check(device, torch.float32, 2, 6, 8, 2, D, [19, 50])
 
 
-# Layouts of k_new / v_new besides contiguous: the k and v slices of a fused qkv projection, as the model
+# Layouts of q / k_new / v_new besides contiguous: the q, k and v slices of a fused qkv projection, as the model
 # passes them (the CUDA kernels read them in place); the same with a token stride that is not a multiple of
-# 16 bytes, and heads and tokens swapped in memory (the op copies both first).
+# 16 bytes, and heads and tokens swapped in memory (the op copies those first).
 STRIDED_LAYOUTS = ["qkv_slices", "odd_token_stride", "transposed"]
 
 
@@ -154,19 +154,21 @@ STRIDED_LAYOUTS = ["qkv_slices", "odd_token_stride", "transposed"]
 @pytest.mark.parametrize("B,Q,Hq,Hkv,D,lens", [(3, 1, 32, 8, 128, [5, 0, 70]), (2, 4, 9, 3, 64, [17, 64]),
                                                (1, 25, 12, 2, 128, [130]), (2, 16, 14, 2, 64, [1, 40])])
 def test_strided_new_tokens(device, dtype, layout, B, Q, Hq, Hkv, D, lens):
-    """k_new / v_new as views give the same result and cache as contiguous copies of them."""
+    """q / k_new / v_new as views give the same result and cache as contiguous copies of them."""
     S = max(lens) + Q + 3
-    q, _, _, k_cache, v_cache, cache_lens = make_inputs(B, Q, Hq, Hkv, D, lens, S, dtype, device)
+    _, _, _, k_cache, v_cache, cache_lens = make_inputs(B, Q, Hq, Hkv, D, lens, S, dtype, device)
     width = (Hq + 2 * Hkv) * D
     qkv = torch.randn(B, Q, width + (layout == "odd_token_stride")).to(dtype=dtype, device=device)[..., :width]
+    q = qkv[..., :Hq * D].unflatten(-1, (Hq, D))
     k_new = qkv[..., Hq * D:(Hq + Hkv) * D].unflatten(-1, (Hkv, D))
     v_new = qkv[..., (Hq + Hkv) * D:].unflatten(-1, (Hkv, D))
     if layout == "transposed":
-        k_new, v_new = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k_new, v_new))
+        q, k_new, v_new = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k_new, v_new))
     assert not v_new.is_contiguous() or (layout == "transposed" and Q == 1)  # one token: nothing to swap
+    assert not q.is_contiguous() or B * Q == 1 or (layout == "transposed" and Q == 1)
     before_k, before_v = k_new.clone(), v_new.clone()
-    exp_out, exp_k, exp_v = reference(q, k_new.contiguous(), v_new.contiguous(), k_cache, v_cache, cache_lens,
-                                      None, 1.0 / math.sqrt(D))
+    exp_out, exp_k, exp_v = reference(q.contiguous(), k_new.contiguous(), v_new.contiguous(), k_cache, v_cache,
+                                      cache_lens, None, 1.0 / math.sqrt(D))
     out = ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, cache_lens)
     atol, rtol = TOL[(device, dtype)]
     torch.testing.assert_close(out.double(), exp_out, atol=atol, rtol=rtol)

@@ -334,7 +334,7 @@ ATTENTION_CASES = {
                         r"cache_lens\[0\] = -1 .*S_max = 16"),
     "zero_capacity": (dict(S=0, lens=(0, 0)), None, r"cache_lens\[0\] = 0 plus Q = 3 .*S_max = 0"),
 }
-for _name in ("q", "k_cache", "v_cache", "out"):  # k_new / v_new may be views (test_attention.py)
+for _name in ("k_cache", "v_cache", "out"):  # q / k_new / v_new may be views (test_attention.py)
     ATTENTION_CASES[f"{_name}_noncontiguous"] = (
         {}, lambda a, n=_name: a.update({n: _noncontig(a[n])}), rf"{_name} must be contiguous")
 ATTENTION_CASES["cache_lens_noncontiguous"] = (

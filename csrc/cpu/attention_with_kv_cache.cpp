@@ -93,7 +93,8 @@ void attention_with_kv_cache_cpu(const at::Tensor& q, const at::Tensor& k_new, c
                 " new tokens exceeds the cache capacity S_max = ", S, " (nothing was written)");
   const int64_t* mask = tree_mask.has_value() ? tree_mask->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_with_kv_cache_cpu", [&] {
-    attention_cpu_impl<scalar_t>(q, k_new.contiguous(), v_new.contiguous(), k_cache, v_cache, lens, mask, scale, out);
+    attention_cpu_impl<scalar_t>(q.contiguous(), k_new.contiguous(), v_new.contiguous(), k_cache, v_cache, lens, mask,
+                                 scale, out);
   });
 }
 

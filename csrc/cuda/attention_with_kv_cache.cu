@@ -403,9 +403,9 @@ bool try_tensor_cores(const k::AttentionParams& p, const at::Tensor& q, cudaStre
   return false;
 }
 
-// k_new / v_new as the kernels read them: in place when token_stride allows it and every token starts on a
-// 16-byte boundary (the k and v slices of a fused qkv projection, which would otherwise cost a copy kernel per
-// layer), else a contiguous copy.
+// q / k_new / v_new as the kernels read them: in place when token_stride allows it and every token starts on a
+// 16-byte boundary (the q, k and v slices of a fused qkv projection, which would otherwise cost a copy kernel
+// per layer), else a contiguous copy.
 at::Tensor readable_new(const at::Tensor& t) {
   const int64_t tok = token_stride(t);
   const bool aligned = tok > 0 && (tok * t.element_size()) % 16 == 0 &&
@@ -413,11 +413,11 @@ at::Tensor readable_new(const at::Tensor& t) {
   return aligned ? t : t.contiguous();
 }
 
-void attention_with_kv_cache_cuda(const at::Tensor& q, const at::Tensor& k_new_in, const at::Tensor& v_new_in,
+void attention_with_kv_cache_cuda(const at::Tensor& q_in, const at::Tensor& k_new_in, const at::Tensor& v_new_in,
                                   at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_lens,
                                   const std::optional<at::Tensor>& tree_mask, double scale, at::Tensor& out) {
-  check_attention_args(q, k_new_in, v_new_in, k_cache, v_cache, cache_lens, tree_mask, scale, out);
-  const at::Tensor k_new = readable_new(k_new_in), v_new = readable_new(v_new_in);
+  check_attention_args(q_in, k_new_in, v_new_in, k_cache, v_cache, cache_lens, tree_mask, scale, out);
+  const at::Tensor q = readable_new(q_in), k_new = readable_new(k_new_in), v_new = readable_new(v_new_in);
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
   const int64_t B = q.size(0), Q = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_new.size(2);
   const int64_t S = k_cache.size(2);
@@ -445,6 +445,7 @@ void attention_with_kv_cache_cuda(const at::Tensor& q, const at::Tensor& k_new_i
 
   k::AttentionParams p{};
   p.q = q.data_ptr();
+  p.q_tok = token_stride(q);
   p.k_new = k_new.data_ptr();
   p.v_new = v_new.data_ptr();
   p.k_tok = token_stride(k_new);

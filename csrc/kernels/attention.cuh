@@ -12,8 +12,8 @@
 namespace pass_ext::kernels {
 
 // Everything the kernels need, on raw pointers. Element type T is one of float, __half, __nv_bfloat16.
-//   q [B,Q,Hq,D], k_new/v_new [B,Q,Hkv,D] with token (b, j) at element (b*Q + j) * k_tok / v_tok (heads and
-//   channels contiguous within a token: the k/v slices of a fused qkv projection need no copy),
+//   q [B,Q,Hq,D], k_new/v_new [B,Q,Hkv,D] with token (b, j) at element (b*Q + j) * q_tok / k_tok / v_tok (heads
+//   and channels contiguous within a token: the q/k/v slices of a fused qkv projection need no copy),
 //   k_cache/v_cache [B,Hkv,S,D], out [B,Q,Hq,D], cache_lens [B],
 //   tree_mask [Q, mask_words] bit-packed (nullptr = causal),
 //   part_acc [B*Hkv, splits, R, D] fp32 and part_ml [B*Hkv, splits, R] (max, sum), used when splits > 1 and
@@ -37,7 +37,7 @@ struct AttentionParams {
   // 1: the splits of a row tile run as one thread-block cluster (sm_90; cluster rank = split) and merge through
   // distributed shared memory (cluster_merge): no partials in global memory, no counters, no combine kernel.
   int cluster;
-  int64_t k_tok, v_tok;  // elements between consecutive new tokens of k_new / v_new (Hkv * D when contiguous)
+  int64_t q_tok, k_tok, v_tok;  // elements between consecutive new tokens of q / k_new / v_new (H * D if contiguous)
   int B, Q, Hq, Hkv, D, S;
   int G, R, mask_words, splits;
   float scale_log2;  // softmax scale * log2(e): scores live in the log2 domain (exp2f is one instruction)
@@ -463,7 +463,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
     float f[CH];
     if (row < p.R) {
       const int i = row / p.G, g = row % p.G;
-      load_floats<T, CH>(q + ((int64_t(b) * p.Q + i) * p.Hq + h * p.G + g) * D + c * CH, f);
+      load_floats<T, CH>(q + (int64_t(b) * p.Q + i) * p.q_tok + (h * p.G + g) * D + c * CH, f);
     } else {
 #pragma unroll
       for (int k = 0; k < CH; ++k) f[k] = 0.f;

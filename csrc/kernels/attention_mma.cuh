@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
 #pragma unroll
   for (int hi = 0; hi < 2; ++hi) {
     const int row = wrow0 + g + 8 * hi;
-    const T* qrow = row < p.R ? q + ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * D : nullptr;
+    const T* qrow = row < p.R ? q + (int64_t(b) * p.Q + row / p.G) * p.q_tok + (h * p.G + row % p.G) * D : nullptr;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
       qf[ks][hi] = qrow ? *reinterpret_cast<const uint32_t*>(qrow + ks * 16 + 2 * t4) : 0u;
