@@ -330,6 +330,8 @@ LINEAR_CASES = [
     ("rope-qkv", 5, 5 * 64, 128, {"rope": 4 * 64, "bias": True}),
     ("norm-swiglu", 2, 64, 200, {"norm": True, "swiglu": True}),
     ("norm-residual", 4, 40, 64, {"norm": True, "residual": True}),
+    ("norm-long-k-prefetch", 6, 32, 4104, {"norm": True, "bias": True, "prefetch": True}),
+    ("rope-prefetch", 2, 3 * 64, 64, {"rope": 2 * 64, "prefetch": True}),
 ]
 
 
@@ -342,7 +344,8 @@ def run_linear(dev, dtypes, g, fails) -> int:
             tag = f"linear {name} {dtype}"
             wide = rand(g, M, K + 8, dtype=dtype)  # strided rows: a slice of a wider tensor, on the device too
             x, x_dev = (wide[:, :K], wide.to(dev)[:, :K]) if o.get("strided") else (wide[:, :K].contiguous(),) * 2
-            kw = dict(bias=rand(g, N, dtype=dtype) if o.get("bias") else None, swiglu=bool(o.get("swiglu")))
+            kw = dict(bias=rand(g, N, dtype=dtype) if o.get("bias") else None, swiglu=bool(o.get("swiglu")),
+                      prefetch_weights=bool(o.get("prefetch")))  # weights read before the dependent-launch wait
             if o.get("rope"):
                 D = 64
                 inv = 1.0 / 10000.0 ** (torch.arange(0, D, 2).float() / D)
