@@ -190,16 +190,10 @@ int max_active_clusters(Kernel* kernel, int size, size_t smem, int device) {
   auto it = cache.find(key);
   if (it == cache.end()) {
     int clusters = 0;
-    cudaFuncAttributes attr{};
-    if (at::cuda::getCurrentDeviceProperties()->major >= 9 && cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
-        attr.binaryVersion >= 90 &&
+    if (runs_sm90(kernel, device) &&
         (size <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess)) {
       cudaLaunchConfig_t config{};
-      cudaLaunchAttribute attrs[1];
-      attrs[0].id = cudaLaunchAttributeClusterDimension;
-      attrs[0].val.clusterDim.x = static_cast<unsigned>(size);
-      attrs[0].val.clusterDim.y = 1;
-      attrs[0].val.clusterDim.z = 1;
+      cudaLaunchAttribute attrs[1] = {cluster_attribute(dim3(static_cast<unsigned>(size)))};
       config.gridDim = dim3(static_cast<unsigned>(size));
       config.blockDim = dim3(k::kThreads);
       config.dynamicSmemBytes = smem;

@@ -46,6 +46,16 @@ bool launches_dependent(Kernel* kernel, int device) {
   return dependent_launch_allowed() && runs_sm90(kernel, device);
 }
 
+// The launch attribute that groups blocks into clusters of `cluster` (sm_90).
+inline cudaLaunchAttribute cluster_attribute(dim3 cluster) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster.x;
+  attr.val.clusterDim.y = cluster.y;
+  attr.val.clusterDim.z = cluster.z;
+  return attr;
+}
+
 // Launches kernel(p) over `grid`: as clusters of `cluster` blocks when that has more than one block, and with
 // programmatic dependent launch when `dependent` (see launches_dependent).
 template <typename Kernel, typename Params>
@@ -53,13 +63,7 @@ void launch_kernel_ex(Kernel* kernel, dim3 grid, dim3 block, size_t smem, cudaSt
                       bool dependent, const Params& p) {
   cudaLaunchAttribute attrs[2];
   unsigned n = 0;
-  if (cluster.x * cluster.y * cluster.z > 1) {
-    attrs[n].id = cudaLaunchAttributeClusterDimension;
-    attrs[n].val.clusterDim.x = cluster.x;
-    attrs[n].val.clusterDim.y = cluster.y;
-    attrs[n].val.clusterDim.z = cluster.z;
-    ++n;
-  }
+  if (cluster.x * cluster.y * cluster.z > 1) attrs[n++] = cluster_attribute(cluster);
   if (dependent) {
     attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attrs[n].val.programmaticStreamSerializationAllowed = 1;
