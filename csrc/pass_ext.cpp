@@ -28,7 +28,7 @@ TORCH_LIBRARY(pass_ext, m) {
   //   tree_mask: bit-packed int64 [Q, ceil(Q/64)] (bit j of row i: new token i sees new token j) or None = causal,
   //   out [B,Q,Hq,D] (written). cache_lens itself is not changed: commit/rollback is the caller's length update.
   m.def("attention_with_kv_cache(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor cache_lens, Tensor? tree_mask, float scale, Tensor(c!) out) -> ()");
+        "Tensor cache_lens, Tensor? tree_mask, float scale, Tensor(c!) out, bool prefetch_cache=False) -> ()");
   // Verify k drafts per row against the target's k+1 distributions (speculative sampling, greedy when the
   // row's temperature is 0): out_tokens [B,k+1] int64 gets the accepted drafts, then the correction or bonus
   // token, then -1; accepted [B] int32 the number of accepted drafts. draft_probs [B,k,V] are the warped

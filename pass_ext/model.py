@@ -350,7 +350,7 @@ class Model(nn.Module):
         """[..., d] final-norm hidden states -> [..., V] float32 logits."""
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
         if self._linear_ops(hidden).get("lm_head"):
-            return ops.decode_linear(hidden, weight, prefetch_weights=True).float()
+            return ops.decode_linear(hidden, weight, prefetch_weights=ops.prefetch_allowed()).float()
         return F.linear(hidden, weight).float()
 
     def _linear_ops(self, x: torch.Tensor) -> dict:
@@ -426,8 +426,9 @@ class Model(nn.Module):
         fused = x.device.type == "cuda" and not torch.is_grad_enabled() and fusion_enabled()
         norm, add_norm, rope, swiglu = (_chain(n, fused) for n in ("norm", "add_norm", "rope", "swiglu"))
         # The forward never writes a weight, so each projection may stream its weights in while the kernel
-        # before it finishes (sm_90).
-        linear = functools.partial(ops.decode_linear, prefetch_weights=True)
+        # before it finishes (sm_90); likewise the attention its cached keys (PASS_EXT_PREFETCH=0: neither).
+        prefetch = ops.prefetch_allowed()
+        linear = functools.partial(ops.decode_linear, prefetch_weights=prefetch)
         qkv_linear, o_linear, down_linear = (linear if use.get(n) else F.linear for n in ("qkv", "o", "down"))
         # When every projection of a layer runs as decode_linear, the norms and residual adds go into them too
         # (RMSNorm before qkv and gate/up, the residual add after o and down): five kernels per layer
@@ -447,7 +448,9 @@ class Model(nn.Module):
                 q, k = rope(q.view(B, Q, Hq, D), k.view(B, Q, Hkv, D), cos, sin)
             v = v.view(B, Q, Hkv, D)
             if attention == "op":
-                a = ops.attention_with_kv_cache(q, k, v, cache.k[i], cache.v[i], cache.lens, tree_mask)  # [B,Q,Hq,D]
+                # The kernel before (the qkv projection or the rotary chain) writes neither cache nor lens.
+                a = ops.attention_with_kv_cache(q, k, v, cache.k[i], cache.v[i], cache.lens, tree_mask,
+                                                prefetch_cache=prefetch)  # [B, Q, Hq, D]
             else:
                 a = self._torch_attention(q, k, v, cache.k[i], cache.v[i], cache.lens, torch_mask)
             a = a.reshape(B, Q, Hq * D)

@@ -14,7 +14,8 @@ import torch
 from . import _C  # noqa: F401  (loads the native library, which registers torch.ops.pass_ext.*)
 
 __all__ = ["attention_with_kv_cache", "speculative_verify", "sample", "decode_linear", "decode_linear_applies",
-           "decode_linear_pays", "linear_max_rows", "linear_max_bytes", "linear_fuses_norm", "build_info",
+           "decode_linear_pays", "linear_max_rows", "linear_max_bytes", "linear_fuses_norm", "prefetch_allowed",
+           "build_info",
            "has_cuda_kernels",
            "attention_uses_tensor_cores"]
 
@@ -53,6 +54,7 @@ def attention_with_kv_cache(
     tree_mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     out: Optional[torch.Tensor] = None,
+    prefetch_cache: bool = False,
 ) -> torch.Tensor:
     """Append Q new tokens' K/V to the cache and attend to the cached prefix plus the visible new tokens.
 
@@ -68,6 +70,11 @@ def attention_with_kv_cache(
         tree_mask: bit-packed int64 [Q, ceil(Q/64)] (see `pass_ext.masks`); None means causal.
         scale: softmax scale (finite), default 1/sqrt(D).
         out: optional [B, Q, Hq, D] output buffer, **mutated**.
+        prefetch_cache: on sm_90 GPUs the CUDA kernels may start before the kernel before them on the stream
+            has finished (programmatic dependent launch; PASS_EXT_PDL=0 turns that off). With True they read
+            cache_lens and start fetching cached keys before waiting for that kernel, which therefore must not
+            write k_cache, v_cache or cache_lens (a model's forward never does: the op appends itself); with
+            False they read nothing before the wait.
     Returns:
         out [B, Q, Hq, D].
 
@@ -85,7 +92,7 @@ def attention_with_kv_cache(
     # any other layout itself.
     torch.ops.pass_ext.attention_with_kv_cache(
         q, k_new, v_new, k_cache, v_cache, cache_lens.contiguous(),
-        None if tree_mask is None else tree_mask.contiguous(), float(scale), out)
+        None if tree_mask is None else tree_mask.contiguous(), float(scale), out, bool(prefetch_cache))
     return out
 
 
@@ -210,6 +217,16 @@ def linear_max_bytes() -> int:
     return _env_int("PASS_EXT_LINEAR_MAX_MB", 16, 0, 1 << 20) << 20
 
 
+def prefetch_allowed() -> bool:
+    """Whether the model's forward tells its kernels that they may read weights and the KV cache before waiting
+    for the kernel before them (`decode_linear`'s prefetch_weights, `attention_with_kv_cache`'s prefetch_cache):
+    PASS_EXT_PREFETCH, '1' (default) or '0' (an A/B switch; the results are the same bits either way)."""
+    raw = os.environ.get("PASS_EXT_PREFETCH", "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"PASS_EXT_PREFETCH must be '0' or '1', got {raw!r}")
+    return raw == "1"
+
+
 def linear_fuses_norm() -> bool:
     """Whether a forward whose projections all run as `decode_linear` fuses its RMSNorms and residual adds
     into them too (five kernels per layer instead of seven): PASS_EXT_LINEAR_NORM, '1' (default) or '0'."""
@@ -300,7 +317,7 @@ def decode_linear(
 
 
 @torch.library.register_fake("pass_ext::attention_with_kv_cache")
-def _attention_fake(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, out):
+def _attention_fake(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, out, prefetch_cache=False):
     torch._check(out.shape == q.shape)
     return None
 

@@ -71,7 +71,7 @@ def make_inputs(B, Q, Hq, Hkv, D, lens, S, dtype, device):
     return q, k_new, v_new, k_cache, v_cache, cache_lens
 
 
-def run_and_check(device, dtype, B, Q, Hq, Hkv, D, lens, mask=None, S=None, scale=None):
+def run_and_check(device, dtype, B, Q, Hq, Hkv, D, lens, mask=None, S=None, scale=None, prefetch_cache=False):
     """One call on poisoned outputs; compare out and the whole cache with the reference."""
     S = S or max(lens) + Q + 5
     q, k_new, v_new, k_cache, v_cache, cache_lens = make_inputs(B, Q, Hq, Hkv, D, lens, S, dtype, device)
@@ -79,7 +79,8 @@ def run_and_check(device, dtype, B, Q, Hq, Hkv, D, lens, mask=None, S=None, scal
     packed = None if mask is None else masks.pack(mask).to(device)
     exp_out, exp_k, exp_v = reference(q, k_new, v_new, k_cache, v_cache, cache_lens, mask, scale)
     out = torch.full_like(q, float("nan"))
-    ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, cache_lens, packed, scale, out)
+    ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, cache_lens, packed, scale, out,
+                                prefetch_cache=prefetch_cache)
     atol, rtol = TOL[(device, dtype)]
     torch.testing.assert_close(out.double(), exp_out, atol=atol, rtol=rtol)
     # The cache is a copy: the new slots hold k_new/v_new bit for bit, every other slot is unchanged.
@@ -174,6 +175,23 @@ def test_strided_new_tokens(device, dtype, layout, B, Q, Hq, Hkv, D, lens):
     torch.testing.assert_close(out.double(), exp_out, atol=atol, rtol=rtol)
     assert torch.equal(k_cache.double(), exp_k) and torch.equal(v_cache.double(), exp_v)
     assert torch.equal(k_new, before_k) and torch.equal(v_new, before_v)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("B,Q,Hq,Hkv,D,lens,S", [(1, 1, 9, 3, 64, [300], 400), (2, 1, 12, 2, 128, [5, 4000], 4100),
+                                                 (2, 5, 14, 2, 64, [0, 31], 64), (1, 25, 32, 8, 128, [700], 800)])
+def test_prefetch_cache_gives_the_same_bits(B, Q, Hq, Hkv, D, lens, S):
+    """With prefetch_cache the kernels read cache_lens and the first tiles of cached keys before waiting for the
+    kernel before them (sm_90): the same output and cache, bit for bit, on the CUDA-core and tensor-core kernels,
+    with one split, splits merged in a cluster, and tiles that start inside the new tokens (L = 0, 31)."""
+    mask = masks.fused_layout(4)[0] if Q == 25 else None
+    outs = []
+    for pre in (False, True):
+        torch.manual_seed(B * Q + D)  # the same inputs for both calls
+        outs.append(run_and_check("cuda", torch.bfloat16, B, Q, Hq, Hkv, D, lens, mask=mask, S=S,
+                                  prefetch_cache=pre))
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -140,8 +140,8 @@ def test_cuda_dependent_calls_match_one_at_a_time(Hq, prefetch):
     """On sm_90 each projection and attention kernel may start before the kernel before it has finished
     (programmatic dependent launch) and must wait for it before reading its output. A chain of decoder layers,
     each call reading the one before, gives the same bits launched back to back, replayed from a CUDA graph,
-    and with a device sync after every call (where nothing can overlap). With prefetch_weights the weights are
-    read before that wait (as the model does)."""
+    and with a device sync after every call (where nothing can overlap). With prefetch_weights and
+    prefetch_cache the weights, cache lengths and cached keys are read before that wait (as the model does)."""
     dt, dev = torch.bfloat16, "cuda"
     g = torch.Generator().manual_seed(3)
     d, Hkv, D, ffn, S, B, layers = 256, 2, 64, 2048, 96, 2, 12
@@ -165,7 +165,7 @@ def test_cuda_dependent_calls_match_one_at_a_time(Hq, prefetch):
                 torch.cuda.synchronize()
             q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
             a = ops.attention_with_kv_cache(q.reshape(B, 1, Hq, D), k.view(B, 1, Hkv, D), v.view(B, 1, Hkv, D),
-                                            kc, vc, lens)
+                                            kc, vc, lens, prefetch_cache=prefetch)
             if sync:
                 torch.cuda.synchronize()
             x = linear(a.view(B, Hq * D), w["o"], residual=x)
@@ -450,6 +450,13 @@ def test_linear_settings(monkeypatch):
     monkeypatch.setenv("PASS_EXT_LINEAR_NORM", "yes")
     with pytest.raises(ValueError, match="PASS_EXT_LINEAR_NORM must be '0' or '1'"):
         ops.linear_fuses_norm()
+    monkeypatch.delenv("PASS_EXT_PREFETCH", raising=False)
+    assert ops.prefetch_allowed()
+    monkeypatch.setenv("PASS_EXT_PREFETCH", "0")
+    assert not ops.prefetch_allowed()
+    monkeypatch.setenv("PASS_EXT_PREFETCH", "on")
+    with pytest.raises(ValueError, match="PASS_EXT_PREFETCH must be '0' or '1'"):
+        ops.prefetch_allowed()
 
 
 @pytest.mark.cuda

@@ -71,7 +71,7 @@ def make_mask(kind: str, Q: int, g: torch.Generator):
     return mask
 
 
-def attention_case(dev, dtype, g, fails, name, B, Q, Hq, Hkv, D, lens, S, kind):
+def attention_case(dev, dtype, g, fails, name, B, Q, Hq, Hkv, D, lens, S, kind, prefetch=False):
     q, k_new, v_new = (rand(g, B, Q, h, D, dtype=dtype) for h in (Hq, Hkv, Hkv))
     k_cache, v_cache = rand(g, B, Hkv, S, D, dtype=dtype), rand(g, B, Hkv, S, D, dtype=dtype)
     mask = make_mask(kind, Q, g)
@@ -84,7 +84,7 @@ def attention_case(dev, dtype, g, fails, name, B, Q, Hq, Hkv, D, lens, S, kind):
     dq, dk, dv, dkc, dvc = (t.to(dev) for t in (q, k_new, v_new, k_cache, v_cache))
     out = torch.empty_like(dq)  # not poisoned: initcheck then sees any element the kernel leaves unwritten
     ops.attention_with_kv_cache(dq, dk, dv, dkc, dvc, lens_t.to(dev), None if packed is None else packed.to(dev),
-                                scale, out)
+                                scale, out, prefetch_cache=prefetch)
     atol, rtol = TOL[dtype]
     err = (out.cpu().double() - ref).abs() - (atol + rtol * ref.abs())
     fails.check(bool((err <= 0).all()), f"attention {name} {dtype}: output off by up to {err.max().item():.3g}")
@@ -93,13 +93,14 @@ def attention_case(dev, dtype, g, fails, name, B, Q, Hq, Hkv, D, lens, S, kind):
 
 
 def attention_out_of_range(dev, dtype, g, fails):
-    """Lengths the CPU kernel refuses (negative, overflowing): the CUDA kernel clamps and must stay in bounds."""
+    """Lengths the CPU kernel refuses (negative, overflowing): the CUDA kernel clamps and must stay in bounds,
+    also when it reads them before the dependent-launch wait (prefetch_cache)."""
     B, Q, Hq, Hkv, D, S = 3, 4, 4, 2, 64, 16
     q, k_new, v_new = (rand(g, B, Q, h, D, dtype=dtype).to(dev) for h in (Hq, Hkv, Hkv))
     k_cache, v_cache = (torch.zeros(B, Hkv, S, D, dtype=dtype).to(dev) for _ in range(2))  # a copy: initcheck
     lens = torch.tensor([-3, S - 2, 10 ** 6], dtype=torch.int32, device=dev)
     out = torch.empty_like(q)
-    ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, lens, None, None, out)
+    ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, lens, None, None, out, prefetch_cache=True)
     fails.check(bool(torch.isfinite(out).all()), f"attention out-of-range lengths {dtype}: non-finite output")
     written = (k_cache != 0).any(-1).any(1).cpu()  # [B, S] slots that got a key
     expect = torch.zeros(B, S, dtype=torch.bool)
@@ -111,8 +112,8 @@ def attention_out_of_range(dev, dtype, g, fails):
 def run_attention(dev, dtypes, g, fails) -> int:
     n = 0
     for dtype in dtypes:
-        for case in ATTENTION_CASES:
-            attention_case(dev, dtype, g, fails, *case)
+        for i, case in enumerate(ATTENTION_CASES):  # every other case reads the cache before the wait
+            attention_case(dev, dtype, g, fails, *case, prefetch=i % 2 == 1)
             n += 1
         if dev.type == "cuda":  # the CPU kernel refuses such lengths instead
             attention_out_of_range(dev, dtype, g, fails)
@@ -291,7 +292,7 @@ def run_graph(dev, dtypes, g, fails) -> int:
         acc = torch.empty(B, dtype=torch.int32, device=dev)
 
         def step():
-            ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, lens, None, None, out)
+            ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, lens, None, None, out, prefetch_cache=True)
             ops.sample(logits[:, 1:].reshape(B * k, V), temp_rep, top_k_rep, top_p_rep, seed, offset, drafts, probs)
             ops.speculative_verify(logits, drafts.view(B, k), probs.view(B, k, V), temp, top_k, top_p, seed, offset,
                                    out_tokens, acc)

@@ -84,7 +84,8 @@ void attention_cpu_impl(const at::Tensor& q, const at::Tensor& k_new, const at::
 
 void attention_with_kv_cache_cpu(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                                  at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_lens,
-                                 const std::optional<at::Tensor>& tree_mask, double scale, at::Tensor& out) {
+                                 const std::optional<at::Tensor>& tree_mask, double scale, at::Tensor& out,
+                                 bool /*prefetch_cache*/) {
   check_attention_args(q, k_new, v_new, k_cache, v_cache, cache_lens, tree_mask, scale, out);
   const int64_t B = q.size(0), Q = q.size(1), S = k_cache.size(2);
   const int32_t* lens = cache_lens.data_ptr<int32_t>();

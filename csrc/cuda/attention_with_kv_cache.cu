@@ -409,7 +409,8 @@ at::Tensor readable_new(const at::Tensor& t) {
 
 void attention_with_kv_cache_cuda(const at::Tensor& q_in, const at::Tensor& k_new_in, const at::Tensor& v_new_in,
                                   at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_lens,
-                                  const std::optional<at::Tensor>& tree_mask, double scale, at::Tensor& out) {
+                                  const std::optional<at::Tensor>& tree_mask, double scale, at::Tensor& out,
+                                  bool prefetch_cache) {
   check_attention_args(q_in, k_new_in, v_new_in, k_cache, v_cache, cache_lens, tree_mask, scale, out);
   const at::Tensor q = readable_new(q_in), k_new = readable_new(k_new_in), v_new = readable_new(v_new_in);
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
@@ -440,6 +441,7 @@ void attention_with_kv_cache_cuda(const at::Tensor& q_in, const at::Tensor& k_ne
   k::AttentionParams p{};
   p.q = q.data_ptr();
   p.q_tok = token_stride(q);
+  p.prefetch_cache = prefetch_cache ? 1 : 0;
   p.k_new = k_new.data_ptr();
   p.v_new = v_new.data_ptr();
   p.k_tok = token_stride(k_new);

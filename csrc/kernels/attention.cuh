@@ -38,6 +38,9 @@ struct AttentionParams {
   // distributed shared memory (cluster_merge): no partials in global memory, no counters, no combine kernel.
   int cluster;
   int64_t q_tok, k_tok, v_tok;  // elements between consecutive new tokens of q / k_new / v_new (H * D if contiguous)
+  // 1: the kernel before on the stream writes neither the cache nor cache_lens, so under a dependent launch
+  // (pdl.cuh) they may be read before the wait for it (the first tile of cached keys is fetched early).
+  int prefetch_cache;
   int B, Q, Hq, Hkv, D, S;
   int G, R, mask_words, splits;
   float scale_log2;  // softmax scale * log2(e): scores live in the log2 domain (exp2f is one instruction)
@@ -197,31 +200,32 @@ __device__ __forceinline__ void combine_row(const AttentionParams& p, int bh, in
     const bool mine = d4 < per;
     float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int s0 = 0; s0 < p.splits; s0 += kCombineBatch * groups) {
-      // Every lane fills kCombineBatch slots; those past the row's splits (or channels) are zero-filled
-      // without a read (their weight is 0; the address stays in bounds all the same).
+      // Every lane fills kCombineBatch slots with its splits' partials, weighted below. Slots whose weight is 0
+      // (past the row's splits or channels, or a split that got no keys and never wrote its partial) are
+      // zero-filled without a read; the address stays in bounds all the same.
+      float ws[kCombineBatch];
 #pragma unroll
       for (int i = 0; i < kCombineBatch; ++i) {
-        const bool real = mine && s0 + i * groups + grp < p.splits;
-        const float4* src = acc + min(s0 + i * groups + grp, p.splits - 1) * split_stride + min(d4, per - 1);
+        const int s = s0 + i * groups + grp;  // differs between groups: each lane picks its split's weight
+        const float w_lo = __shfl_sync(0xffffffffu, w[0], s & 31), w_hi = __shfl_sync(0xffffffffu, w[1], s & 31);
+        ws[i] = s < p.splits && mine ? (s < 32 ? w_lo : w_hi) : 0.f;
+        const float4* src = acc + min(s, p.splits - 1) * split_stride + min(d4, per - 1);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-        cp_async16(stage + i * 32 + lane, src, real);
+        cp_async16(stage + i * 32 + lane, src, ws[i] != 0.f);
 #else
-        stage[i * 32 + lane] = real ? __ldcg(src) : make_float4(0.f, 0.f, 0.f, 0.f);
+        stage[i * 32 + lane] = ws[i] != 0.f ? __ldcg(src) : make_float4(0.f, 0.f, 0.f, 0.f);
 #endif
       }
       cp_async_commit();
       cp_async_wait<0>();  // a lane reads back only its own copies
 #pragma unroll
       for (int i = 0; i < kCombineBatch; ++i) {
-        const int s = s0 + i * groups + grp;  // differs between groups: each lane picks its split's weight
-        const float w_lo = __shfl_sync(0xffffffffu, w[0], s & 31), w_hi = __shfl_sync(0xffffffffu, w[1], s & 31);
-        const float ws = s < p.splits && mine ? (s < 32 ? w_lo : w_hi) : 0.f;
-        if (ws != 0.f) {  // an empty split's partial was never written: it must not reach the sum
+        if (ws[i] != 0.f) {  // an empty split's partial was never written: it must not reach the sum
           const float4 v = stage[i * 32 + lane];
-          a.x += ws * v.x;
-          a.y += ws * v.y;
-          a.z += ws * v.z;
-          a.w += ws * v.w;
+          a.x += ws[i] * v.x;
+          a.y += ws[i] * v.y;
+          a.z += ws[i] * v.z;
+          a.w += ws[i] * v.w;
         }
       }
     }
@@ -361,8 +365,6 @@ struct AttentionTile {
 // output (splits == 1) or an unnormalised partial for the combine kernel.
 template <typename T, int D_MAX, int E, bool EXACT, int RT>
 __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionParams p) {
-  wait_for_inputs();  // q, k_new and v_new come from the kernel before (a dependent launch: pdl.cuh)
-  release_dependents();
   using Tile = AttentionTile<T, D_MAX, E, EXACT, RT>;
   constexpr int TRS = Tile::kRowsPerWarp, KT = kKeyTile, STRIDE = Tile::kStride, CH = Tile::kChunk;
   constexpr int kPVUnroll = TRS >= 8 ? 1 : 4;  // many rows already give the P.V loop its parallelism
@@ -385,53 +387,24 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
   T* v_cache = static_cast<T*>(p.v_cache);
   const int64_t cache_row = (int64_t(b) * p.Hkv + h) * p.S;  // slot 0 of this (row, head), in rows of D
 
+  // q, k_new and v_new come from the kernel before (a dependent launch: pdl.cuh), so everything waits for it,
+  // except with prefetch_cache, where the caller promises that that kernel writes neither the cache nor
+  // cache_lens: then cache_lens and the split's first tile, when it holds cached keys only, are read first.
+  if (!p.prefetch_cache) {
+    wait_for_inputs();
+    release_dependents();
+  }
   // The kernel never trusts cache_lens: reads see slots [0, clamp(len, 0, S)), writes skip slots
   // outside [0, S). Reads (< L) and writes (>= len) never meet, so blocks need no ordering.
   const int len = p.cache_lens[b];
   const int L = min(max(len, 0), p.S);
 
-  // (1) Append. Every block of this (row, head) takes every nblk-th new token.
-  {
-    const int lin = row_tile * gridDim.x + split, nblk = gridDim.x * gridDim.y;
-    if (lin < p.Q) {
-      const int mine = (p.Q - lin + nblk - 1) / nblk;
-      for (int idx = tid; idx < mine * cpr; idx += kThreads) {
-        const int j = lin + (idx / cpr) * nblk, c = idx % cpr;
-        const int64_t slot = int64_t(len) + j;
-        if (slot < 0 || slot >= p.S) continue;
-        const int64_t tok = int64_t(b) * p.Q + j;
-        const int64_t dst = (cache_row + slot) * D;
-        reinterpret_cast<uint4*>(k_cache + dst)[c] =
-            reinterpret_cast<const uint4*>(k_new + tok * p.k_tok + h * D)[c];
-        reinterpret_cast<uint4*>(v_cache + dst)[c] =
-            reinterpret_cast<const uint4*>(v_new + tok * p.v_tok + h * D)[c];
-      }
-    }
-  }
-
-  // (2) This split's keys: L cached, then Q new. The split size is computed per row on the device, so
-  // ragged rows balance across splits without the host reading cache_lens.
+  // This split's keys: L cached, then Q new. The split size is computed per row on the device, so ragged rows
+  // balance across splits without the host reading cache_lens.
   const int N = L + p.Q;
   int chunk = (N + p.splits - 1) / p.splits;
   chunk = max((chunk + KT - 1) / KT * KT, kMinSplitKeys);
   const int k_begin = split * chunk, k_end = min(N, k_begin + chunk);
-  const int row0 = row_tile * RT;
-  float* sPart = reinterpret_cast<float*>(smem_raw);                     // cluster merge: [RT][D]
-  float2* sML = reinterpret_cast<float2*>(smem_raw + Tile::kPartBytes);  // and [RT] (max, sum)
-  if (k_begin >= k_end) {  // only when splits > 1: mark empty so the merge skips it
-    for (int r = tid; r < RT; r += kThreads) {
-      if (p.cluster)
-        sML[r] = make_float2(-INFINITY, 0.f);
-      else if (row0 + r < p.R)
-        p.part_ml[(int64_t(bh) * p.splits + split) * p.R + row0 + r] = make_float2(-INFINITY, 0.f);
-    }
-    if (p.cluster)
-      cluster_merge<T>(p, bh, row0, RT, sPart, sML);  // every block of the cluster takes part, empty or not
-    else if (p.counters != nullptr)
-      fused_combine<T>(p, bh, row_tile, gridDim.y, row0, RT, smem_raw);
-    return;
-  }
-  const int n_tiles = (k_end - k_begin + KT - 1) / KT;
 
   auto load_tile = [&](int t, int stage) {
     const int kb = k_begin + t * KT;
@@ -455,7 +428,51 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
     }
     cp_async_commit();
   };
-  load_tile(0, 0);
+  const bool early = p.prefetch_cache && k_begin < k_end && k_begin + KT <= L;
+  if (early) load_tile(0, 0);
+  if (p.prefetch_cache) {
+    wait_for_inputs();
+    release_dependents();
+  }
+
+  // (1) Append. Every block of this (row, head) takes every nblk-th new token.
+  {
+    const int lin = row_tile * gridDim.x + split, nblk = gridDim.x * gridDim.y;
+    if (lin < p.Q) {
+      const int mine = (p.Q - lin + nblk - 1) / nblk;
+      for (int idx = tid; idx < mine * cpr; idx += kThreads) {
+        const int j = lin + (idx / cpr) * nblk, c = idx % cpr;
+        const int64_t slot = int64_t(len) + j;
+        if (slot < 0 || slot >= p.S) continue;
+        const int64_t tok = int64_t(b) * p.Q + j;
+        const int64_t dst = (cache_row + slot) * D;
+        reinterpret_cast<uint4*>(k_cache + dst)[c] =
+            reinterpret_cast<const uint4*>(k_new + tok * p.k_tok + h * D)[c];
+        reinterpret_cast<uint4*>(v_cache + dst)[c] =
+            reinterpret_cast<const uint4*>(v_new + tok * p.v_tok + h * D)[c];
+      }
+    }
+  }
+
+  // (2) The split's keys through the pipeline.
+  const int row0 = row_tile * RT;
+  float* sPart = reinterpret_cast<float*>(smem_raw);                     // cluster merge: [RT][D]
+  float2* sML = reinterpret_cast<float2*>(smem_raw + Tile::kPartBytes);  // and [RT] (max, sum)
+  if (k_begin >= k_end) {  // only when splits > 1: mark empty so the merge skips it
+    for (int r = tid; r < RT; r += kThreads) {
+      if (p.cluster)
+        sML[r] = make_float2(-INFINITY, 0.f);
+      else if (row0 + r < p.R)
+        p.part_ml[(int64_t(bh) * p.splits + split) * p.R + row0 + r] = make_float2(-INFINITY, 0.f);
+    }
+    if (p.cluster)
+      cluster_merge<T>(p, bh, row0, RT, sPart, sML);  // every block of the cluster takes part, empty or not
+    else if (p.counters != nullptr)
+      fused_combine<T>(p, bh, row_tile, gridDim.y, row0, RT, smem_raw);
+    return;
+  }
+  const int n_tiles = (k_end - k_begin + KT - 1) / KT;
+  if (!early) load_tile(0, 0);
 
   // q rows of this tile -> fp32 smem, pre-scaled into the log2 domain; padding rows are zeros.
   for (int idx = tid; idx < RT * cpr; idx += kThreads) {

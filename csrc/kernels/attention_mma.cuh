@@ -108,8 +108,6 @@ struct MmaTile {
 template <typename T, int D, int KW>
 __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const AttentionParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  wait_for_inputs();  // q, k_new and v_new come from the kernel before (a dependent launch: pdl.cuh)
-  release_dependents();
   using Tile = MmaTile<T, D, KW>;
   constexpr int KT = Tile::kKeys, NK = Tile::kWarpKeys, ST = Tile::kStages, STRIDE = Tile::kStride;
   constexpr int CH = Tile::kChunk, CPR = D / CH;  // 16-byte chunks per K/V/q row
@@ -133,54 +131,23 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   T* v_cache = static_cast<T*>(p.v_cache);
   const int64_t cache_row = (int64_t(b) * p.Hkv + h) * p.S;  // slot 0 of this (row, head), in rows of D
 
+  // q, k_new and v_new come from the kernel before (a dependent launch: pdl.cuh); with prefetch_cache,
+  // cache_lens and the leading stages that hold cached keys only are read before the wait (see attention_kernel).
+  if (!p.prefetch_cache) {
+    wait_for_inputs();
+    release_dependents();
+  }
   // cache_lens is not trusted (see attention_kernel): reads see [0, clamp(len, 0, S)), writes skip slots
   // outside [0, S), and reads (< L) never meet writes (>= len).
   const int len = p.cache_lens[b];
   const int L = min(max(len, 0), p.S);
 
-  // (1) Append: the blocks of this (row, head) take every nblk-th new token.
-  {
-    const int lin = split * gridDim.x + row_tile, nblk = gridDim.x * gridDim.y;
-    if (lin < p.Q) {
-      const int mine = (p.Q - lin + nblk - 1) / nblk;
-      for (int idx = tid; idx < mine * CPR; idx += kThreads) {
-        const int j = lin + (idx / CPR) * nblk, c = idx % CPR;
-        const int64_t slot = int64_t(len) + j;
-        if (slot < 0 || slot >= p.S) continue;
-        const int64_t tok = int64_t(b) * p.Q + j;
-        const int64_t dst = (cache_row + slot) * D;
-        reinterpret_cast<uint4*>(k_cache + dst)[c] =
-            reinterpret_cast<const uint4*>(k_new + tok * p.k_tok + h * D)[c];
-        reinterpret_cast<uint4*>(v_cache + dst)[c] =
-            reinterpret_cast<const uint4*>(v_new + tok * p.v_tok + h * D)[c];
-      }
-    }
-  }
-
-  // (2) This split's keys among the L cached + Q new ones, sized per row on the device.
+  // This split's keys among the L cached + Q new ones, sized per row on the device.
   const int N = L + p.Q;
   int chunk = (N + p.splits - 1) / p.splits;
   chunk = max((chunk + KT - 1) / KT * KT, kMinSplitKeys);
   const int k_begin = split * chunk, k_end = min(N, k_begin + chunk);
-  const int row0 = row_tile * Tile::kRows;
-  float* sPart = reinterpret_cast<float*>(smem_raw + Tile::kPartOffset);  // cluster merge: [kRows][D]
-  float2* sML = reinterpret_cast<float2*>(smem_raw + Tile::kMLOffset);    // and [kRows] (max, sum)
-  if (k_begin >= k_end) {  // only when splits > 1: mark empty so the merge skips it
-    for (int r = tid; r < Tile::kRows; r += kThreads) {
-      if (p.cluster)
-        sML[r] = make_float2(-INFINITY, 0.f);
-      else if (row0 + r < p.R)
-        p.part_ml[(int64_t(bh) * p.splits + split) * p.R + row0 + r] = make_float2(-INFINITY, 0.f);
-    }
-    if (p.cluster) {
-      cluster_merge<T>(p, bh, row0, Tile::kRows, sPart, sML);  // every block of the cluster takes part
-    } else {
-      if constexpr (KW == kWarps)  // see the end of the kernel
-        if (p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.x, row0, Tile::kRows, smem_raw);
-    }
-    return;
-  }
-  const int n_tiles = (k_end - k_begin + KT - 1) / KT;
+  const int n_tiles = k_begin < k_end ? (k_end - k_begin + KT - 1) / KT : 0;
 
   // Tile t of the split -> ring stage `stage`; keys past k_end are zero-filled without a read.
   auto load_tile = [&](int t, int stage) {
@@ -204,12 +171,64 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
       cp_async16(sV + s_off, vs + c * CH, valid);
     }
   };
-  // Prologue: ST-1 stages in flight. Every thread commits one group per step, empty or not, so the
-  // wait_group count below means the same tile for all of them.
+  // Prologue: ST-1 stages in flight. Every thread commits one group per stage, empty or not, so the
+  // wait_group count below means the same tile for all of them. With prefetch_cache the leading stages whose
+  // keys are all cached go out before the wait.
+  int early = 0;
+  if (p.prefetch_cache) {
+    while (early < ST - 1 && early < n_tiles && k_begin + (early + 1) * KT <= L) {
+      load_tile(early, early);
+      cp_async_commit();
+      ++early;
+    }
+    wait_for_inputs();
+    release_dependents();
+  }
+
+  // (1) Append: the blocks of this (row, head) take every nblk-th new token.
+  {
+    const int lin = split * gridDim.x + row_tile, nblk = gridDim.x * gridDim.y;
+    if (lin < p.Q) {
+      const int mine = (p.Q - lin + nblk - 1) / nblk;
+      for (int idx = tid; idx < mine * CPR; idx += kThreads) {
+        const int j = lin + (idx / CPR) * nblk, c = idx % CPR;
+        const int64_t slot = int64_t(len) + j;
+        if (slot < 0 || slot >= p.S) continue;
+        const int64_t tok = int64_t(b) * p.Q + j;
+        const int64_t dst = (cache_row + slot) * D;
+        reinterpret_cast<uint4*>(k_cache + dst)[c] =
+            reinterpret_cast<const uint4*>(k_new + tok * p.k_tok + h * D)[c];
+        reinterpret_cast<uint4*>(v_cache + dst)[c] =
+            reinterpret_cast<const uint4*>(v_new + tok * p.v_tok + h * D)[c];
+      }
+    }
+  }
+
+  // (2) The split's keys through the pipeline.
+  const int row0 = row_tile * Tile::kRows;
+  float* sPart = reinterpret_cast<float*>(smem_raw + Tile::kPartOffset);  // cluster merge: [kRows][D]
+  float2* sML = reinterpret_cast<float2*>(smem_raw + Tile::kMLOffset);    // and [kRows] (max, sum)
+  if (k_begin >= k_end) {  // only when splits > 1: mark empty so the merge skips it
+    for (int r = tid; r < Tile::kRows; r += kThreads) {
+      if (p.cluster)
+        sML[r] = make_float2(-INFINITY, 0.f);
+      else if (row0 + r < p.R)
+        p.part_ml[(int64_t(bh) * p.splits + split) * p.R + row0 + r] = make_float2(-INFINITY, 0.f);
+    }
+    if (p.cluster) {
+      cluster_merge<T>(p, bh, row0, Tile::kRows, sPart, sML);  // every block of the cluster takes part
+    } else {
+      if constexpr (KW == kWarps)  // see the end of the kernel
+        if (p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.x, row0, Tile::kRows, smem_raw);
+    }
+    return;
+  }
 #pragma unroll
   for (int s = 0; s < ST - 1; ++s) {
-    if (s < n_tiles) load_tile(s, s);
-    cp_async_commit();
+    if (s >= early) {
+      if (s < n_tiles) load_tile(s, s);
+      cp_async_commit();
+    }
   }
 
   // The warp's 16 query rows as A fragments, straight from global memory (read once; padding rows are
