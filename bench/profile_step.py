@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer version of the preset (a CPU smoke run)")
+    ap.add_argument("--graphs-only", action="store_true",
+                    help="time the step with graphs only (no eager timing, no kernel profile): for quick A/B runs")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -88,7 +90,7 @@ def main() -> None:
     graphs = dev.type == "cuda"
     per_step(model, ids, args, graphs, args.short)  # warm-up (captures)
     with_graphs = timed_calls(model, ids, args, graphs)
-    eager = timed_calls(model, ids, args, False)
+    eager = float("nan") if args.graphs_only else timed_calls(model, ids, args, False)
     ideal = weight_bytes / BANDWIDTH
     from pass_ext.model import fusion_enabled
     from pass_ext.ops import linear_max_bytes, linear_max_rows
@@ -99,6 +101,8 @@ def main() -> None:
           f"{1e3 * with_graphs:.3f} ms/forward with graphs, {1e3 * eager:.3f} eager; weights "
           f"{weight_bytes / 1e9:.2f} GB -> ideal {1e3 * ideal:.3f} ms ({100 * ideal / with_graphs:.0f}% of it)")
 
+    if args.graphs_only:
+        return
     from torch.profiler import ProfilerActivity, profile
     per_step(model, ids, args, False, args.short)
     kind = ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU

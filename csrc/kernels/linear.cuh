@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
   };
   // Loads the weights of chunks c, c + 8, ... (U of them) of this warp, then (load_x) x's, through the RMSNorm
   // when there is one; chunks past the range load zeros (no memory access).
-  float rx[MT];
+  float rx[MT] = {};  // 1 / rms of x row mt * 8 + g (with a norm)
   auto load_w = [&](Batch& v, int c0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -208,8 +208,9 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
   int c = range.begin + warp;
   // The first two batches of weights go out before anything else. With prefetch_weights, under a dependent launch
   // they stream in while the kernel before this one finishes (for a small model's projection that is all of the
-  // block's weights); either way their latency covers the prologue: the wait for that kernel, the epilogue's
-  // inputs fetched into shared memory (bias; residual or rotary cos/sin per row), then the RMSNorm's row norms.
+  // block's weights), and so do the bias and the rotary angles of each row (positions, then cos/sin: two
+  // dependent reads off the critical path). Either way their latency covers the prologue: the wait for that
+  // kernel, then x (through the RMSNorm's row norms) and the residual.
   if (!p.prefetch_weights) wait_for_inputs();
   if (c < range.end) load_w(A, c);
   if (c + kStep < range.end) load_w(B, c + kStep);
@@ -221,15 +222,8 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
     const int r = weight_row(int(threadIdx.x), ok);
     pre_bias[threadIdx.x] = p.bias && ok ? float(static_cast<const T*>(p.bias)[r]) : 0.f;
   }
-  wait_for_inputs();  // everything below reads activations (x, residual, positions) or writes (a no-op if waited)
-  release_dependents();
-  if (p.residual) {  // plain mode: tile row e is column tile * 16 + e
-    for (int i = int(threadIdx.x); i < p.M * 16; i += kLinearWarps * 32) {
-      const int m = i >> 4, e = i & 15, col = tile * 16 + e;
-      pre[m][e] = col < p.N ? float(static_cast<const T*>(p.residual)[int64_t(m) * p.out_stride + col]) : 0.f;
-    }
-  }
-  if constexpr (kMode == kLinearRope) {  // per row: cos and sin of channels j (tile rows 0..7) and j + D/2, in T
+  // Per row: cos and sin of channels j (tile rows 0..7) and j + D/2, in T.
+  auto load_rope_angles = [&] {
     for (int i = int(threadIdx.x); i < p.M * 32; i += kLinearWarps * 32) {
       const int m = i >> 5, e = i & 31;
       bool ok;
@@ -238,7 +232,24 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
       const float* table = (e >> 3) & 1 ? p.rope_sin : p.rope_cos;
       pre[m][e] = round_to<T>(table[pos * p.rope_dim + j]);
     }
+  };
+  if constexpr (kMode == kLinearRope)
+    if (p.prefetch_weights) load_rope_angles();
+  wait_for_inputs();  // everything below reads activations (x, residual) or writes (a no-op if waited)
+  release_dependents();
+  // Without a norm x goes out first, so that its loads and the residual's share one round trip.
+  if (!norm_w) {
+    if (c < range.end) load_x(A, c);
+    if (c + kStep < range.end) load_x(B, c + kStep);
   }
+  if (p.residual) {  // plain mode: tile row e is column tile * 16 + e
+    for (int i = int(threadIdx.x); i < p.M * 16; i += kLinearWarps * 32) {
+      const int m = i >> 4, e = i & 15, col = tile * 16 + e;
+      pre[m][e] = col < p.N ? float(static_cast<const T*>(p.residual)[int64_t(m) * p.out_stride + col]) : 0.f;
+    }
+  }
+  if constexpr (kMode == kLinearRope)
+    if (!p.prefetch_weights) load_rope_angles();
   if (norm_w) {
     // 1 / rms of every row of x, in every block: all threads split each row's K (one 16-byte load per thread
     // and 2048 elements), four rows at a time so that their loads are in flight together; then per row the
@@ -276,11 +287,11 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
       rinv[threadIdx.x] = rsqrtf(total / float(p.K) + p.eps);
     }
     __syncthreads();
-  }
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) rx[mt] = norm_w && xok[mt] ? rinv[mt * 8 + g] : 0.f;
-  if (c < range.end) load_x(A, c);
-  if (c + kStep < range.end) load_x(B, c + kStep);
+    for (int mt = 0; mt < MT; ++mt) rx[mt] = xok[mt] ? rinv[mt * 8 + g] : 0.f;
+    if (c < range.end) load_x(A, c);
+    if (c + kStep < range.end) load_x(B, c + kStep);
+  }
   // Chunks in order c = begin + warp, + 8, + 16, ...: batches A and B alternate, each refilled two batches ahead
   // once its mma are issued, so two batches are in flight while one is waited for.
   while (c < range.end) {
