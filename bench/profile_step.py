@@ -55,6 +55,34 @@ def timed_calls(model, ids, args, graphs: bool) -> float:
     return statistics.median(per)
 
 
+def compare(model, ids, args, graphs: bool) -> None:
+    """Default settings against args.ab's, alternating in one process (so that the machine's state, which varies
+    from process to process, is the same for both), each recaptured from scratch."""
+    alt = {}
+    for item in args.ab.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("PASS_EXT_"):
+            sys.exit(f"--ab takes PASS_EXT_NAME=VALUE[,...], got {item!r}")
+        alt[name] = value
+    base = {name: os.environ.get(name) for name in alt}
+    times: dict = {"default": [], args.ab: []}
+    for r in range(args.rounds):
+        for label, env in (("default", base), (args.ab, alt)):
+            for name, value in env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            pass_ext.release_workspace(model)
+            per_step(model, ids, args, graphs, args.short)  # captures with these settings
+            times[label].append(timed_calls(model, ids, args, graphs))
+            print(f"round {r}: {label:<40} {1e3 * times[label][-1]:.3f} ms/forward", flush=True)
+    med = {label: statistics.median(t) for label, t in times.items()}
+    print(f"{args.model} {args.method} B={args.batch} k={args.k if args.method != 'ar' else 0}, medians of "
+          f"{args.rounds} rounds: default {1e3 * med['default']:.3f} ms/forward, {args.ab} "
+          f"{1e3 * med[args.ab]:.3f} ({med[args.ab] / med['default']:.3f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3.2-1b")
@@ -71,6 +99,11 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a 2-layer version of the preset (a CPU smoke run)")
     ap.add_argument("--graphs-only", action="store_true",
                     help="time the step with graphs only (no eager timing, no kernel profile): for quick A/B runs")
+    ap.add_argument("--ab", default=None, metavar="NAME=VALUE[,NAME=VALUE]",
+                    help="A/B in this process: alternate the default settings with these environment settings "
+                         "(only those read per forward, e.g. PASS_EXT_PREFETCH, PASS_EXT_LINEAR_MAX_ROWS), "
+                         "recapturing each time, --rounds times; prints each round and the medians")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of --ab")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -88,6 +121,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), generator=g).tolist()
     graphs = dev.type == "cuda"
+    if args.ab:
+        compare(model, ids, args, graphs)
+        return
     per_step(model, ids, args, graphs, args.short)  # warm-up (captures)
     with_graphs = timed_calls(model, ids, args, graphs)
     eager = float("nan") if args.graphs_only else timed_calls(model, ids, args, False)
