@@ -53,19 +53,17 @@ constexpr int64_t kMaxQ = 128;
 constexpr int64_t kMaxSplits = k::kMaxSplits;
 
 // Keys of capacity a KV split covers at least: PASS_EXT_ATTENTION_SPLIT_KEYS, default (and minimum)
-// kMinSplitKeys. Fewer splits trade parallelism for the combine launch: a capacity at or below the value runs
-// one split and no combine. Read once.
+// kMinSplitKeys. Fewer splits trade parallelism for the merge: a capacity at or below the value runs one split
+// and no merge. Read at every call (host only, a few hundred ns), so that one process can compare settings
+// (bench/profile_step.py --ab); a captured graph keeps the split count it was captured with.
 int64_t split_keys() {
-  static const int64_t keys = [] {
-    const char* v = std::getenv("PASS_EXT_ATTENTION_SPLIT_KEYS");
-    if (v == nullptr || *v == '\0') return int64_t{k::kMinSplitKeys};
-    char* end = nullptr;
-    const long long n = std::strtoll(v, &end, 10);
-    TORCH_CHECK(*end == '\0' && n >= k::kMinSplitKeys, "PASS_EXT_ATTENTION_SPLIT_KEYS must be an integer >= ",
-                k::kMinSplitKeys, ", got '", v, "'");
-    return static_cast<int64_t>(n);
-  }();
-  return keys;
+  const char* v = std::getenv("PASS_EXT_ATTENTION_SPLIT_KEYS");
+  if (v == nullptr || *v == '\0') return int64_t{k::kMinSplitKeys};
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK(*end == '\0' && n >= k::kMinSplitKeys, "PASS_EXT_ATTENTION_SPLIT_KEYS must be an integer >= ",
+              k::kMinSplitKeys, ", got '", v, "'");
+  return static_cast<int64_t>(n);
 }
 
 // Number of KV splits. The host cannot see cache_lens (graph-safe, no sync), so it sizes for the capacity
