@@ -291,11 +291,10 @@ def decode_linear(
             sum rounded once); not with swiglu or the rotary embedding.
         prefetch_weights: on sm_90 GPUs the CUDA kernel may start before the kernel before it on the stream has
             finished (programmatic dependent launch; PASS_EXT_PDL=0 turns that off). With True it streams its
-            first weights in before waiting for that kernel, and reads the bias, the norm weight and the rotary
-            angles of its rows (positions, then rope_cos / rope_sin), so that kernel must not write `weight`,
-            `bias`, `norm_weight`, `positions`, `rope_cos` or `rope_sin` (a model's forward never writes its
-            weights; its positions must come from a kernel before that one); with False it reads nothing before
-            the wait.
+            first weights in before waiting for that kernel, and reads the bias and the rotary angles of its rows
+            (positions, then rope_cos / rope_sin), so that kernel must not write `weight`, `bias`, `positions`,
+            `rope_cos` or `rope_sin` (a model's forward never writes the first four; its positions must come
+            from a kernel before that one); with False it reads nothing before the wait.
     Returns:
         [..., N] or [..., N/2] in x's dtype.
 

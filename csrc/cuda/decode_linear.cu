@@ -7,9 +7,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "kernels/linear.cuh"
 #include "launch.h"
 #include "op_checks.h"
@@ -31,14 +28,6 @@ int pick_splits(int tiles, int K, int sms) {
          chunks >= 2 * kLinearWarps * splits * 2)
     splits *= 2;
   return splits;
-}
-
-// PASS_EXT_LINEAR_STAGE_NORM=0 reads the RMSNorm weight from global memory next to each x chunk instead of
-// staging it in shared memory (an A/B switch; the same bits either way). Read at every call (host only), so
-// that one process can compare both (bench/profile_step.py --ab); a captured graph keeps its choice.
-bool norm_staging_allowed() {
-  const char* v = std::getenv("PASS_EXT_LINEAR_STAGE_NORM");
-  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 template <typename T, int MT, int kMode>
@@ -127,7 +116,6 @@ void decode_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std
   p.prefetch_weights = prefetch_weights ? 1 : 0;
   TORCH_CHECK(!norm_weight || reinterpret_cast<uintptr_t>(norm_weight->data_ptr()) % 16 == 0,
               "decode_linear on CUDA needs a 16-byte aligned norm_weight");
-  p.stage_norm = norm_weight && K <= kLinearNormStage && norm_staging_allowed() ? 1 : 0;
   TORCH_CHECK(!norm_weight || M <= 1 || x.stride(0) % 8 == 0, "decode_linear's RMSNorm needs x's row stride a "
               "multiple of 8");
   const int mode = swiglu ? kLinearSwiglu : rope ? kLinearRope : kLinearPlain;

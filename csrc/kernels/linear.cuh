@@ -35,7 +35,6 @@ namespace pass_ext::kernels {
 constexpr int kLinearMaxRows = 32;  // rows of x one call takes (four mma n-tiles)
 constexpr int kLinearWarps = 8;
 constexpr int kLinearMaxSplits = 8;  // blocks per cluster at most (the portable cluster size)
-constexpr int kLinearNormStage = 4096;  // RMSNorm weights of at most this K are staged in shared memory
 
 struct LinearParams {
   const void* x;     // [M, K], rows x_stride elements apart, 16-byte aligned
@@ -55,12 +54,9 @@ struct LinearParams {
   float eps;
   // Residual added to the product (plain mode; [M, N] contiguous, or nullptr): out = T(residual + T(product)).
   const void* residual;
-  // 1: under a dependent launch (pdl.cuh) the first weights, the bias, the RMSNorm weight and the rotary angles
-  // are read before the wait for the kernel before, which therefore must not write them; 0: everything waits.
+  // 1: under a dependent launch (pdl.cuh) the first weights and the bias are read before the wait for the kernel
+  // before, which therefore must not write them; 0: everything waits.
   int prefetch_weights;
-  // 1 (K <= kLinearNormStage): norm_w is copied into shared memory once per block (cp.async, issued with the
-  // first weights), instead of being read from global memory next to each x chunk after the row norms.
-  int stage_norm;
 };
 
 template <typename T>
@@ -160,8 +156,6 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
   }
   const ChunkRange range = chunk_range(p.K, int(blockIdx.x), int(gridDim.x));
   const T* norm_w = static_cast<const T*>(p.norm_w);
-  const bool staged = norm_w != nullptr && p.stage_norm;
-  __shared__ __align__(16) T norm_stage[kLinearNormStage];
 
   float acc[MT][4];
 #pragma unroll
@@ -191,9 +185,7 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
       for (int mt = 0; mt < MT; ++mt)
         v.x[u][mt] = in && xok[mt] ? __ldg(reinterpret_cast<const uint4*>(xr[mt] + c * 32)) : zero;
       if (norm_w && in) {
-        const int k = c * 32 + t * 8;
-        const uint4 nw = staged ? *reinterpret_cast<const uint4*>(norm_stage + k)
-                                : __ldg(reinterpret_cast<const uint4*>(norm_w + k));
+        const uint4 nw = __ldg(reinterpret_cast<const uint4*>(norm_w + c * 32 + t * 8));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
           if (xok[mt]) v.x[u][mt] = rms_normalize<T>(v.x[u][mt], rx[mt], nw);
@@ -230,13 +222,6 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
     const int r = weight_row(int(threadIdx.x), ok);
     pre_bias[threadIdx.x] = p.bias && ok ? float(static_cast<const T*>(p.bias)[r]) : 0.f;
   }
-  // The RMSNorm weight into shared memory, behind the weights (waited for before the row norms' barrier).
-  auto stage_norm_weight = [&] {
-    for (int k = int(threadIdx.x) * 8; k < p.K; k += kLinearWarps * 32 * 8)
-      cp_async16(norm_stage + k, norm_w + k, true);
-    cp_async_commit();
-  };
-  if (staged && p.prefetch_weights) stage_norm_weight();
   // Per row: cos and sin of channels j (tile rows 0..7) and j + D/2, in T.
   auto load_rope_angles = [&] {
     for (int i = int(threadIdx.x); i < p.M * 32; i += kLinearWarps * 32) {
@@ -265,7 +250,6 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
   }
   if constexpr (kMode == kLinearRope)
     if (!p.prefetch_weights) load_rope_angles();
-  if (staged && !p.prefetch_weights) stage_norm_weight();
   if (norm_w) {
     // 1 / rms of every row of x, in every block: all threads split each row's K (one 16-byte load per thread
     // and 2048 elements), four rows at a time so that their loads are in flight together; then per row the
@@ -295,7 +279,6 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
         if (lane == 0 && m0 + i < p.M) part[warp][m0 + i] = ss[i];
       }
     }
-    if (staged) cp_async_wait<0>();  // this thread's copies of the norm weight; the barrier shows everyone's
     __syncthreads();
     if (int(threadIdx.x) < p.M) {
       float total = 0.f;
