@@ -194,6 +194,24 @@ def test_prefetch_cache_gives_the_same_bits(B, Q, Hq, Hkv, D, lens, S):
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("keys", ["32", "96"])
+@pytest.mark.parametrize("Q,Hq,Hkv,D,lens,S", [
+    (1, 9, 3, 64, [300, 7, 0], 384),    # SmolLM2's decode heads, CUDA-core kernel: 12 splits of 32 keys
+    (5, 32, 8, 128, [1000, 45, 2], 1100),  # tensor-core kernel: its splits stay at 64 keys or more
+])
+def test_split_keys_setting(monkeypatch, keys, Q, Hq, Hkv, D, lens, S):
+    """PASS_EXT_ATTENTION_SPLIT_KEYS (read per call) may ask for splits of 32 keys, any multiple of the key tile;
+    results stay within the reference's tolerance, whichever kernel and merge run."""
+    monkeypatch.setenv("PASS_EXT_ATTENTION_SPLIT_KEYS", keys)
+    run_and_check("cuda", torch.bfloat16, len(lens), Q, Hq, Hkv, D, lens, S=S)
+    for bad in ("16", "48", "x"):
+        monkeypatch.setenv("PASS_EXT_ATTENTION_SPLIT_KEYS", bad)
+        with pytest.raises(RuntimeError, match="PASS_EXT_ATTENTION_SPLIT_KEYS must be a positive multiple of 32"):
+            run_and_check("cuda", torch.bfloat16, 1, 1, 4, 2, 64, [3], S=64)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_custom_scale_and_exact_fit(device):
     """A non-default scale, and a row that fills the cache to the last slot exactly."""

@@ -52,28 +52,30 @@ namespace k = kernels;
 constexpr int64_t kMaxQ = 128;
 constexpr int64_t kMaxSplits = k::kMaxSplits;
 
-// Keys of capacity a KV split covers at least: PASS_EXT_ATTENTION_SPLIT_KEYS, default (and minimum)
-// kMinSplitKeys. Fewer splits trade parallelism for the merge: a capacity at or below the value runs one split
-// and no merge. Read at every call (host only, a few hundred ns), so that one process can compare settings
+// Keys of capacity a KV split covers at least: PASS_EXT_ATTENTION_SPLIT_KEYS, a multiple of k::kKeyTile (32),
+// default kMinSplitKeys (64), which is also the tensor-core kernel's minimum (split_keys_mma). Fewer splits trade
+// parallelism for the merge: a capacity at or below the value runs one split and no merge. Read at every call (host only, a few hundred ns), so that one process can compare settings
 // (bench/profile_step.py --ab); a captured graph keeps the split count it was captured with.
 int64_t split_keys() {
   const char* v = std::getenv("PASS_EXT_ATTENTION_SPLIT_KEYS");
   if (v == nullptr || *v == '\0') return int64_t{k::kMinSplitKeys};
   char* end = nullptr;
   const long long n = std::strtoll(v, &end, 10);
-  TORCH_CHECK(*end == '\0' && n >= k::kMinSplitKeys, "PASS_EXT_ATTENTION_SPLIT_KEYS must be an integer >= ",
-              k::kMinSplitKeys, ", got '", v, "'");
+  TORCH_CHECK(*end == '\0' && n >= k::kKeyTile && n % k::kKeyTile == 0 && n <= (1 << 30),
+              "PASS_EXT_ATTENTION_SPLIT_KEYS must be a positive multiple of ", k::kKeyTile, ", got '", v, "'");
   return static_cast<int64_t>(n);
 }
 
+int64_t split_keys_mma() { return std::max<int64_t>(split_keys(), k::kMinSplitKeys); }
+
 // Number of KV splits. The host cannot see cache_lens (graph-safe, no sync), so it sizes for the capacity
 // S_max and the kernel divides each row's actual length by this count on the device; splits that get no
-// keys exit at once. Aim for two blocks per SM; a split covers at least split_keys() keys of capacity.
-int64_t pick_splits(int64_t base_blocks, int64_t capacity_keys, int sms) {
+// keys exit at once. Aim for two blocks per SM; a split covers at least `keys` keys of capacity.
+int64_t pick_splits(int64_t base_blocks, int64_t capacity_keys, int sms, int64_t keys) {
   const int64_t target = 2 * static_cast<int64_t>(sms);
   if (base_blocks >= target) return 1;
   int64_t splits = (target + base_blocks - 1) / base_blocks;
-  splits = std::min(splits, (capacity_keys + split_keys() - 1) / split_keys());
+  splits = std::min(splits, (capacity_keys + keys - 1) / keys);
   return std::max<int64_t>(1, std::min(splits, kMaxSplits));
 }
 
@@ -250,7 +252,8 @@ void launch(k::AttentionParams p, const at::Tensor& q, cudaStream_t stream, int 
   auto* kernel = &k::attention_kernel<T, D_MAX, E, EXACT, RT>;
   const size_t smem = Tile::kSmemBytes;
   set_smem(kernel, smem, p.D);
-  p.splits = static_cast<int>(pick_splits(bh * row_tiles, int64_t(p.S) + p.Q, sms));
+  p.split_keys = static_cast<int>(split_keys());
+  p.splits = static_cast<int>(pick_splits(bh * row_tiles, int64_t(p.S) + p.Q, sms, p.split_keys));
   pick_cluster(p, kernel, smem, bh * row_tiles, RT, sms, q.get_device());
   const auto partials = alloc_partials(p, q);
   if (!p.cluster) pick_combine(p, row_tiles, RT, stream, q);
@@ -349,7 +352,8 @@ MmaKernelInfo mma_kernel_info(Kernel* kernel, size_t smem, int device) {
 int64_t pick_splits_one_wave(int64_t base_blocks, int64_t capacity_keys, int64_t slots) {
   if (base_blocks >= slots) return 1;
   int64_t splits = slots / base_blocks;
-  splits = std::min(splits, (capacity_keys + split_keys() - 1) / split_keys());
+  const int64_t keys = split_keys_mma();
+  splits = std::min(splits, (capacity_keys + keys - 1) / keys);
   return std::max<int64_t>(1, std::min(splits, kMaxSplits));
 }
 

@@ -41,6 +41,10 @@ struct AttentionParams {
   // 1: the kernel before on the stream writes neither the cache nor cache_lens, so under a dependent launch
   // (pdl.cuh) they may be read before the wait for it (the first tile of cached keys is fetched early).
   int prefetch_cache;
+  // Keys a KV split of the CUDA-core kernel covers at least (the launcher's split size: a multiple of kKeyTile,
+  // at least kMinSplitKeys unless PASS_EXT_ATTENTION_SPLIT_KEYS asks for fewer); the tensor-core kernel uses
+  // kMinSplitKeys.
+  int split_keys;
   int B, Q, Hq, Hkv, D, S;
   int G, R, mask_words, splits;
   float scale_log2;  // softmax scale * log2(e): scores live in the log2 domain (exp2f is one instruction)
@@ -49,9 +53,41 @@ struct AttentionParams {
 constexpr int kThreads = 128;  // 4 warps; every kernel below assumes it
 constexpr int kWarps = kThreads / 32;
 constexpr int kKeyTile = 32;   // keys per pipeline stage: one key per lane in the score phase
-constexpr int kMinSplitKeys = 64;  // a split covers at least this many keys (a multiple of kKeyTile)
+constexpr int kMinSplitKeys = 64;  // a split covers at least this many keys by default (a multiple of kKeyTile)
 constexpr int kMaxSplits = 64;     // KV splits per (row, KV head, row tile) at most (the combine's lanes hold two)
 constexpr int kMaxClusterSplits = 16;  // splits merged in a cluster at most (sm_90's non-portable cluster size)
+
+// Where packed query row `row` of KV head h in batch row b lives (token row / G, query head h * G + row % G):
+// its element offset in q (tokens q_tok elements apart) and in out ([B, Q, Hq, D], contiguous).
+__device__ __forceinline__ int64_t q_row_offset(const AttentionParams& p, int b, int h, int row, int D) {
+  return (int64_t(b) * p.Q + row / p.G) * p.q_tok + int64_t(h * p.G + row % p.G) * D;
+}
+__device__ __forceinline__ int64_t out_row_offset(const AttentionParams& p, int b, int h, int row, int D) {
+  return ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * D;
+}
+
+// The K and V rows of key `key` of (row b, KV head h), whose first L keys are cached (slot `key` of the cache
+// rows from cache_row) and the rest new tokens. Keys at or past k_end are padding: false, and k_new / v_new,
+// in-bounds addresses that a zero-filling copy never reads.
+template <typename T>
+__device__ __forceinline__ bool key_rows(const AttentionParams& p, int b, int h, int64_t cache_row, int L, int key,
+                                         int k_end, int D, const T*& ks, const T*& vs) {
+  const T* k_new = static_cast<const T*>(p.k_new);
+  const T* v_new = static_cast<const T*>(p.v_new);
+  ks = k_new;
+  vs = v_new;
+  if (key >= k_end) return false;
+  if (key < L) {
+    const int64_t off = (cache_row + key) * D;
+    ks = static_cast<const T*>(p.k_cache) + off;
+    vs = static_cast<const T*>(p.v_cache) + off;
+  } else {
+    const int64_t tok = int64_t(b) * p.Q + (key - L);
+    ks = k_new + tok * p.k_tok + int64_t(h) * D;
+    vs = v_new + tok * p.v_tok + int64_t(h) * D;
+  }
+  return true;
+}
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -187,7 +223,7 @@ __device__ __forceinline__ void combine_row(const AttentionParams& p, int bh, in
   total = warp_sum(total);
   const float inv = total > 0.f ? 1.f / total : 0.f;
 
-  T* o = static_cast<T*>(p.out) + ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * D;
+  T* o = static_cast<T*>(p.out) + out_row_offset(p, b, h, row, D);
   const float4* acc = reinterpret_cast<const float4*>(p.part_acc + (int64_t(bh) * p.splits * p.R + row) * D);
   const int64_t split_stride = int64_t(p.R) * D / 4;  // float4s from one split's row to the next
   // A row's partial is `per` float4s. When that is at most half a warp (D <= 64) and divides 32, the warp
@@ -328,7 +364,7 @@ __device__ __forceinline__ void cluster_merge(const AttentionParams& p, int bh, 
       const int row = row0 + r;
       const float inv = tot > 0.f ? 1.f / tot : 0.f;  // a row that saw no key outputs zeros
       const float res[4] = {a.x * inv, a.y * inv, a.z * inv, a.w * inv};
-      T* o = static_cast<T*>(p.out) + ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * p.D;
+      T* o = static_cast<T*>(p.out) + out_row_offset(p, b, h, row, p.D);
       store_floats<T, 4>(o + c4 * 4, res);
     }
   }
@@ -403,25 +439,15 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
   // balance across splits without the host reading cache_lens.
   const int N = L + p.Q;
   int chunk = (N + p.splits - 1) / p.splits;
-  chunk = max((chunk + KT - 1) / KT * KT, kMinSplitKeys);
+  chunk = max((chunk + KT - 1) / KT * KT, p.split_keys);
   const int k_begin = split * chunk, k_end = min(N, k_begin + chunk);
 
   auto load_tile = [&](int t, int stage) {
     const int kb = k_begin + t * KT;
     for (int idx = tid; idx < KT * cpr; idx += kThreads) {
-      const int kk = idx / cpr, c = idx % cpr, key = kb + kk;
-      const bool valid = key < k_end;
-      const T* ks = k_new;  // any in-bounds address for zero-filled padding
-      const T* vs = v_new;
-      if (valid && key < L) {
-        const int64_t off = (cache_row + key) * D;
-        ks = k_cache + off;
-        vs = v_cache + off;
-      } else if (valid) {
-        const int64_t tok = int64_t(b) * p.Q + (key - L);
-        ks = k_new + tok * p.k_tok + h * D;
-        vs = v_new + tok * p.v_tok + h * D;
-      }
+      const int kk = idx / cpr, c = idx % cpr;
+      const T *ks, *vs;
+      const bool valid = key_rows<T>(p, b, h, cache_row, L, kb + kk, k_end, D, ks, vs);
       const int s_off = (stage * KT + kk) * STRIDE + c * CH;
       cp_async16(sK + s_off, ks + c * CH, valid);
       cp_async16(sV + s_off, vs + c * CH, valid);
@@ -479,8 +505,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
     const int r = idx / cpr, c = idx % cpr, row = row0 + r;
     float f[CH];
     if (row < p.R) {
-      const int i = row / p.G, g = row % p.G;
-      load_floats<T, CH>(q + (int64_t(b) * p.Q + i) * p.q_tok + (h * p.G + g) * D + c * CH, f);
+      load_floats<T, CH>(q + q_row_offset(p, b, h, row, D) + c * CH, f);
     } else {
 #pragma unroll
       for (int k = 0; k < CH; ++k) f[k] = 0.f;
@@ -614,7 +639,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
       if (lane == 0) sML[warp * TRS + r] = make_float2(m_run[r], l);
     } else if (p.splits == 1) {
       const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that saw no key outputs zeros
-      T* o = out + ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * D;
+      T* o = out + out_row_offset(p, b, h, row, D);
 #pragma unroll
       for (int gi = 0; gi < Tile::kGroups; ++gi) {
         const int col = (lane + 32 * gi) * E;

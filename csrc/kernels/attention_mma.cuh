@@ -153,19 +153,9 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   auto load_tile = [&](int t, int stage) {
     const int kb = k_begin + t * KT;
     for (int idx = tid; idx < KT * CPR; idx += kThreads) {
-      const int kk = idx / CPR, c = idx % CPR, key = kb + kk;
-      const bool valid = key < k_end;
-      const T* ks = k_new;  // any in-bounds address for zero-filled padding
-      const T* vs = v_new;
-      if (valid && key < L) {
-        const int64_t off = (cache_row + key) * D;
-        ks = k_cache + off;
-        vs = v_cache + off;
-      } else if (valid) {
-        const int64_t tok = int64_t(b) * p.Q + (key - L);
-        ks = k_new + tok * p.k_tok + h * D;
-        vs = v_new + tok * p.v_tok + h * D;
-      }
+      const int kk = idx / CPR, c = idx % CPR;
+      const T *ks, *vs;
+      const bool valid = key_rows<T>(p, b, h, cache_row, L, kb + kk, k_end, D, ks, vs);
       const int s_off = (stage * KT + kk) * STRIDE + c * CH;
       cp_async16(sK + s_off, ks + c * CH, valid);
       cp_async16(sV + s_off, vs + c * CH, valid);
@@ -238,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
 #pragma unroll
   for (int hi = 0; hi < 2; ++hi) {
     const int row = wrow0 + g + 8 * hi;
-    const T* qrow = row < p.R ? q + (int64_t(b) * p.Q + row / p.G) * p.q_tok + (h * p.G + row % p.G) * D : nullptr;
+    const T* qrow = row < p.R ? q + q_row_offset(p, b, h, row, D) : nullptr;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
       qf[ks][hi] = qrow ? *reinterpret_cast<const uint32_t*>(qrow + ks * 16 + 2 * t4) : 0u;
@@ -432,7 +422,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
         if (t4 == 0) sML[r] = make_float2(m_run[hi], l_run[hi]);
       } else if (p.splits == 1) {
         const float inv = l_run[hi] > 0.f ? 1.f / l_run[hi] : 0.f;  // a row that saw no key outputs zeros
-        T* orow = out + ((int64_t(b) * p.Q + row / p.G) * p.Hq + h * p.G + row % p.G) * D;
+        T* orow = out + out_row_offset(p, b, h, row, D);
 #pragma unroll
         for (int d = 0; d < DT; ++d)
           *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * t4) = pack2<T>(o[d][2 * hi] * inv, o[d][2 * hi + 1] * inv);
