@@ -447,20 +447,14 @@ def test_linear_settings(monkeypatch):
     monkeypatch.setenv("PASS_EXT_LINEAR_MAX_MB", "-2")
     with pytest.raises(ValueError, match="PASS_EXT_LINEAR_MAX_MB must be an integer"):
         ops.linear_max_bytes()
-    monkeypatch.delenv("PASS_EXT_LINEAR_NORM", raising=False)
-    assert ops.linear_fuses_norm()
-    monkeypatch.setenv("PASS_EXT_LINEAR_NORM", "0")
-    assert not ops.linear_fuses_norm()
-    monkeypatch.setenv("PASS_EXT_LINEAR_NORM", "yes")
-    with pytest.raises(ValueError, match="PASS_EXT_LINEAR_NORM must be '0' or '1'"):
-        ops.linear_fuses_norm()
-    monkeypatch.delenv("PASS_EXT_PREFETCH", raising=False)
-    assert ops.prefetch_allowed()
-    monkeypatch.setenv("PASS_EXT_PREFETCH", "0")
-    assert not ops.prefetch_allowed()
-    monkeypatch.setenv("PASS_EXT_PREFETCH", "on")
-    with pytest.raises(ValueError, match="PASS_EXT_PREFETCH must be '0' or '1'"):
-        ops.prefetch_allowed()
+    for name, switch in (("PASS_EXT_LINEAR_NORM", ops.linear_fuses_norm), ("PASS_EXT_PREFETCH", ops.prefetch_allowed)):
+        monkeypatch.delenv(name, raising=False)
+        assert switch()
+        monkeypatch.setenv(name, "0")
+        assert not switch()
+        monkeypatch.setenv(name, "on")
+        with pytest.raises(ValueError, match=f"{name} must be '0' or '1'"):
+            switch()
 
 
 @pytest.mark.cuda
