@@ -54,8 +54,9 @@ constexpr int64_t kMaxSplits = k::kMaxSplits;
 
 // Keys of capacity a KV split covers at least: PASS_EXT_ATTENTION_SPLIT_KEYS, a multiple of k::kKeyTile (32),
 // default kMinSplitKeys (64), which is also the tensor-core kernel's minimum (split_keys_mma). Fewer splits trade
-// parallelism for the merge: a capacity at or below the value runs one split and no merge. Read at every call (host only, a few hundred ns), so that one process can compare settings
-// (bench/profile_step.py --ab); a captured graph keeps the split count it was captured with.
+// parallelism for the merge: a capacity at or below the value runs one split and no merge. Read at every call
+// (host only, a few hundred ns), so that one process can compare settings (bench/profile_step.py --ab); a
+// captured graph keeps the split count it was captured with.
 int64_t split_keys() {
   const char* v = std::getenv("PASS_EXT_ATTENTION_SPLIT_KEYS");
   if (v == nullptr || *v == '\0') return int64_t{k::kMinSplitKeys};
