@@ -439,11 +439,10 @@ class Model(nn.Module):
             if rope_in_qkv:
                 # With the prefetch the kernel reads positions before its wait, so the kernel right before it
                 # must not write them: in layer 0 that may be the one that made them (or flat_positions).
-                qkv = ops.decode_linear(
-                    h if h is not None else x, layer.wqkv, layer.bqkv, rope_cos=self._rope_cos,
-                    rope_sin=self._rope_sin, positions=flat_positions, rope_rows=(Hq + Hkv) * D,
-                    norm_weight=None if h is not None else layer.input_norm, eps=eps,
-                    prefetch_weights=prefetch and i > 0)
+                qkv = linear(h if h is not None else x, layer.wqkv, layer.bqkv, rope_cos=self._rope_cos,
+                             rope_sin=self._rope_sin, positions=flat_positions, rope_rows=(Hq + Hkv) * D,
+                             norm_weight=None if h is not None else layer.input_norm, eps=eps,
+                             prefetch_weights=prefetch and i > 0)
                 q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
                 q, k = q.view(B, Q, Hq, D), k.view(B, Q, Hkv, D)
             else:

@@ -15,9 +15,7 @@ from . import _C  # noqa: F401  (loads the native library, which registers torch
 
 __all__ = ["attention_with_kv_cache", "speculative_verify", "sample", "decode_linear", "decode_linear_applies",
            "decode_linear_pays", "linear_max_rows", "linear_max_bytes", "linear_fuses_norm", "prefetch_allowed",
-           "build_info",
-           "has_cuda_kernels",
-           "attention_uses_tensor_cores"]
+           "build_info", "has_cuda_kernels", "attention_uses_tensor_cores"]
 
 
 CUDA_MAX_Q = 128  # new tokens per row one CUDA attention_with_kv_cache call takes (kMaxQ in the launcher)
@@ -221,18 +219,20 @@ def prefetch_allowed() -> bool:
     """Whether the model's forward tells its kernels that they may read weights and the KV cache before waiting
     for the kernel before them (`decode_linear`'s prefetch_weights, `attention_with_kv_cache`'s prefetch_cache):
     PASS_EXT_PREFETCH, '1' (default) or '0' (an A/B switch; the results are the same bits either way)."""
-    raw = os.environ.get("PASS_EXT_PREFETCH", "1")
-    if raw not in ("0", "1"):
-        raise ValueError(f"PASS_EXT_PREFETCH must be '0' or '1', got {raw!r}")
-    return raw == "1"
+    return _env_on_off("PASS_EXT_PREFETCH")
 
 
 def linear_fuses_norm() -> bool:
     """Whether a forward whose projections all run as `decode_linear` fuses its RMSNorms and residual adds
     into them too (five kernels per layer instead of seven): PASS_EXT_LINEAR_NORM, '1' (default) or '0'."""
-    raw = os.environ.get("PASS_EXT_LINEAR_NORM", "1")
+    return _env_on_off("PASS_EXT_LINEAR_NORM")
+
+
+def _env_on_off(name: str) -> bool:
+    """An on/off setting: '1' (the default, also when unset) or '0'; anything else is an error naming it."""
+    raw = os.environ.get(name, "1")
     if raw not in ("0", "1"):
-        raise ValueError(f"PASS_EXT_LINEAR_NORM must be '0' or '1', got {raw!r}")
+        raise ValueError(f"{name} must be '0' or '1', got {raw!r}")
     return raw == "1"
 
 
