@@ -39,7 +39,7 @@ void launch_mt(const LinearParams& p, int tiles, cudaStream_t stream) {
       sm90 ? pick_splits(tiles, p.K, at::cuda::getCurrentDeviceProperties()->multiProcessorCount) : 1;
   // Dependent launch: the kernel streams its first weights in before it waits for x (the kernel before it).
   launch_kernel_ex(kernel, dim3(unsigned(splits), unsigned(tiles)), dim3(kLinearWarps * 32), 0, stream,
-                   dim3(unsigned(splits)), sm90 && dependent_launch_allowed(), p);
+                   dim3(unsigned(splits)), launches_dependent(kernel, device), p);
 }
 
 template <typename T, int kMode>
