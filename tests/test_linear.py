@@ -405,6 +405,45 @@ def test_norm_and_residual_match_reference(device, dtype, norm, residual, mode, 
         assert differ < limit, f"{differ:.1%} of the outputs differ from the CPU kernel"
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("mode", ["plain", "residual", "swiglu"])
+@pytest.mark.parametrize("K,full,part", [(64, 3.0, 0.5), (4096, 1.5, 1.1)],
+                         ids=["no-K-split", "clusters-of-2-splits"])
+def test_cuda_tiles_looped_by_resident_blocks(mode, K, full, part):
+    """More tiles than the GPU holds blocks at once: each resident block takes several tiles, fetching the next
+    tile's weights before the current one's stores. The outputs match the reference, and equal bit for bit the
+    same rows computed from the weight's first tiles alone (K = 64: a grid of one tile per block; K = 4096: the
+    same 2-way K split, which the launcher picks only past one wave, so both grids loop)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    M, dt = 5, torch.bfloat16
+    tiles_full, tiles_part = int(full * sms), int(part * sms)
+    n_full, n_part = 16 * tiles_full, 16 * tiles_part
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(M, K, generator=g).to(dt).cuda()
+    norm = (1 + 0.2 * torch.randn(K, generator=g)).to(dt).cuda() if mode != "residual" else None
+    if mode == "swiglu":  # tiles of 8 gate rows and their 8 up rows: keep the first rows of both halves
+        gate, up = (torch.randn(n_full // 2, K, generator=g).to(dt).cuda() / K ** 0.5 for _ in range(2))
+        w_full = torch.cat([gate, up])
+        w_part = torch.cat([gate[: n_part // 2], up[: n_part // 2]])
+        cols = n_part // 2
+    else:
+        w_full = (torch.randn(n_full, K, generator=g) / K ** 0.5).to(dt).cuda()
+        w_part = w_full[:n_part]
+        cols = n_part
+    res = torch.randn(M, n_full, generator=g).to(dt).cuda() if mode == "residual" else None
+    kw = dict(norm_weight=norm, eps=1e-5, swiglu=mode == "swiglu", prefetch_weights=True)
+    out_full = ops.decode_linear(x, w_full, residual=res, **kw)
+    out_part = ops.decode_linear(x, w_part, residual=None if res is None else res[:, :n_part].contiguous(), **kw)
+    assert torch.equal(out_full[:, :cols], out_part)
+    xn = rms_norm(x.cpu(), norm.cpu(), 1e-5) if norm is not None else x.cpu()
+    ref = reference(xn, w_full.cpu(), None, mode == "swiglu")
+    if res is not None:
+        ref = (res.cpu().double() + ref.double()).to(dt)
+    atol, rtol = TOL[dt]
+    torch.testing.assert_close(out_full.cpu().double(), ref.double(), atol=3 * atol, rtol=3 * rtol)
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_norm_and_residual_bad_arguments(device):
     bf = dict(dtype=torch.bfloat16, device=device)

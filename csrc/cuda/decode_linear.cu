@@ -7,6 +7,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include "kernels/linear.cuh"
 #include "launch.h"
 #include "op_checks.h"
@@ -30,15 +35,38 @@ int pick_splits(int tiles, int K, int sms) {
   return splits;
 }
 
+// Blocks of `kernel` one SM holds at once (two by its launch bounds, unless its shared memory says fewer), once
+// per kernel and device.
+template <typename Kernel>
+int resident_blocks_per_sm(Kernel* kernel, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    int blocks = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kLinearWarps * 32, 0) != cudaSuccess) {
+      (void)cudaGetLastError();
+      blocks = 1;
+    }
+    it = cache.emplace(key, std::max(blocks, 1)).first;
+  }
+  return it->second;
+}
+
 template <typename T, int MT, int kMode>
-void launch_mt(const LinearParams& p, int tiles, cudaStream_t stream) {
+void launch_mt(LinearParams p, int tiles, cudaStream_t stream) {
   auto* kernel = decode_linear_kernel<T, MT, kMode>;
   const int device = c10::cuda::current_device();
   const bool sm90 = runs_sm90(kernel, device);
-  const int splits =
-      sm90 ? pick_splits(tiles, p.K, at::cuda::getCurrentDeviceProperties()->multiProcessorCount) : 1;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int splits = sm90 ? pick_splits(tiles, p.K, sms) : 1;
+  // At most one wave of blocks: past it, resident blocks take several tiles each (see the kernel).
+  const int blocks = std::min(tiles, std::max(1, resident_blocks_per_sm(kernel, device) * sms / splits));
+  p.tiles = tiles;
   // Dependent launch: the kernel streams its first weights in before it waits for x (the kernel before it).
-  launch_kernel_ex(kernel, dim3(unsigned(splits), unsigned(tiles)), dim3(kLinearWarps * 32), 0, stream,
+  launch_kernel_ex(kernel, dim3(unsigned(splits), unsigned(blocks)), dim3(kLinearWarps * 32), 0, stream,
                    dim3(unsigned(splits)), launches_dependent(kernel, device), p);
 }
 

@@ -14,6 +14,9 @@
 //     to the first mma of the chunk and 8t+4..8t+7 to the second: every load is a full 16-byte vector, four
 //     lanes cover 64 contiguous bytes of a row, and nothing goes through shared memory on the way in.
 //   - Weight loads skip L1 (read once); x loads keep it (every warp of every block reads the same x).
+//   - The grid holds at most one wave of blocks; with more tiles than that, each block takes several in turn
+//     and issues the next tile's first weights before the current tile's sums and stores, so the wait, the row
+//     norms and the first x loads are paid once per block, not once per tile.
 // Optional fusions at the ends: the RMSNorm of x before the product (every block computes the row norms; rows
 // are a small model's d), the residual add, SwiGLU or the rotary embedding after it.
 // The result of a row of x does not depend on M or on the other rows: each output element sums its k in an
@@ -54,6 +57,8 @@ struct LinearParams {
   float eps;
   // Residual added to the product (plain mode; [M, N] contiguous, or nullptr): out = T(residual + T(product)).
   const void* residual;
+  // Tiles of 16 weight rows in all (see the kernel); the grid may have fewer blocks, each taking several.
+  int tiles;
   // 1: under a dependent launch (pdl.cuh) the first weights and the bias are read before the wait for the kernel
   // before, which therefore must not write them; 0: everything waits.
   int prefetch_weights;
@@ -109,9 +114,13 @@ __device__ __forceinline__ ChunkRange chunk_range(int K, int split, int splits) 
   return {int(int64_t(chunks) * split / splits), int(int64_t(chunks) * (split + 1) / splits)};
 }
 
-// Grid (splits, tiles): blockIdx.y is a tile of 16 weight rows, one per ceil(N / 16) (SwiGLU: 8 gate rows and
-// their 8 up rows, one per ceil(N / 2 / 8); rope: channels j..j+7 and j+D/2..j+D/2+7 of one head, the pairs the
-// rotation mixes); blockIdx.x the split of K (cluster rank). MT = ceil(M / 8) n-tiles.
+// Grid (splits, blocks): a tile is 16 weight rows, p.tiles of them: one per ceil(N / 16) (SwiGLU: 8 gate rows
+// and their 8 up rows, one per ceil(N / 2 / 8); rope: channels j..j+7 and j+D/2..j+D/2+7 of one head, the pairs
+// the rotation mixes). blockIdx.x is the split of K (cluster rank); block y takes tiles y, y + gridDim.y, ...
+// The launcher keeps the grid within the blocks the GPU holds at once (two per SM), so a large weight streams
+// through resident blocks that wait, take x's row norms and read x once, and issue the next tile's first
+// weights before the current tile's sums and stores, instead of waves of blocks that each repeat all of that.
+// MT = ceil(M / 8) n-tiles.
 template <typename T, int MT, int kMode>
 __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(const LinearParams p) {
   // Chunks per load batch and warp; two batches in flight (the next loads are issued before the current
@@ -121,31 +130,40 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
   __shared__ float red[kLinearWarps][MT][4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int tile = int(blockIdx.y);
   constexpr bool kSwiglu = kMode == kLinearSwiglu;
-  // The weight row of tile row e (0..15), and whether it exists.
-  auto weight_row = [&](int e, bool& ok) {
+  // The weight row of row e (0..15) of tile tl, and whether it exists.
+  auto weight_row = [&](int tl, int e, bool& ok) {
     int r;
     if constexpr (kSwiglu) {
       const int half = p.N / 2;
-      r = tile * 8 + (e & 7);
+      r = tl * 8 + (e & 7);
       ok = r < half;
       r += e >= 8 ? half : 0;
     } else if constexpr (kMode == kLinearRope) {
       const int per_head = p.rope_dim / 16;  // tiles per head (N is a multiple of rope_dim)
-      r = (tile / per_head) * p.rope_dim + (tile % per_head) * 8 + (e & 7) + (e >= 8 ? p.rope_dim / 2 : 0);
+      r = (tl / per_head) * p.rope_dim + (tl % per_head) * 8 + (e & 7) + (e >= 8 ? p.rope_dim / 2 : 0);
       ok = r < p.N;
     } else {
-      r = tile * 16 + e;
+      r = tl * 16 + e;
       ok = r < p.N;
     }
     return r;
   };
-  bool ok0, ok1;
-  const int r0 = weight_row(g, ok0), r1 = weight_row(g + 8, ok1);
   const T* w = static_cast<const T*>(p.w);
-  const T* w0 = w + int64_t(ok0 ? r0 : 0) * p.K + t * 8;
-  const T* w1 = w + int64_t(ok1 ? r1 : 0) * p.K + t * 8;
+  // This lane's weight rows g and g + 8 of the tile being loaded (w0, w1; wok: they exist) and of the tile being
+  // summed and stored (r0, r1, ok0, ok1): different tiles between a tile's last mma and its stores.
+  const T* w0;
+  const T* w1;
+  bool wok0, wok1;
+  auto aim_loads = [&](int tl) {
+    const int q0 = weight_row(tl, g, wok0), q1 = weight_row(tl, g + 8, wok1);
+    w0 = w + int64_t(wok0 ? q0 : 0) * p.K + t * 8;
+    w1 = w + int64_t(wok1 ? q1 : 0) * p.K + t * 8;
+  };
+  int tile = int(blockIdx.y);
+  bool ok0, ok1;
+  int r0 = weight_row(tile, g, ok0), r1 = weight_row(tile, g + 8, ok1);
+  aim_loads(tile);
   const T* xr[MT];
   bool xok[MT];
 #pragma unroll
@@ -158,8 +176,6 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
   const T* norm_w = static_cast<const T*>(p.norm_w);
 
   float acc[MT][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
   struct Batch {
     uint4 a[U], b[U], x[U][MT];
@@ -172,8 +188,8 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * kLinearWarps;
       const bool in = c < range.end && c * 32 + t * 8 < p.K;  // K % 8 == 0: a lane's 8 elements are in or out
-      v.a[u] = in && ok0 ? load_once(w0 + c * 32) : zero;
-      v.b[u] = in && ok1 ? load_once(w1 + c * 32) : zero;
+      v.a[u] = in && wok0 ? load_once(w0 + c * 32) : zero;
+      v.b[u] = in && wok1 ? load_once(w1 + c * 32) : zero;
     }
   };
   auto load_x = [&](Batch& v, int c0) {
@@ -205,51 +221,56 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
     }
   };
   Batch A, B;
-  int c = range.begin + warp;
+  const int c_first = range.begin + warp;
   // The first two batches of weights go out before anything else. With prefetch_weights, under a dependent launch
   // they stream in while the kernel before this one finishes (for a small model's projection that is all of the
   // block's weights), and so do the bias and the rotary angles of each row (positions, then cos/sin: two
   // dependent reads off the critical path). Either way their latency covers the prologue: the wait for that
   // kernel, then x (through the RMSNorm's row norms) and the residual.
   if (!p.prefetch_weights) wait_for_inputs();
-  if (c < range.end) load_w(A, c);
-  if (c + kStep < range.end) load_w(B, c + kStep);
+  if (c_first < range.end) load_w(A, c_first);
+  if (c_first + kStep < range.end) load_w(B, c_first + kStep);
   __shared__ float pre_bias[16];
   __shared__ float pre[kLinearMaxRows][32];
   __shared__ float rinv[kLinearMaxRows];
-  if (threadIdx.x < 16) {
-    bool ok;
-    const int r = weight_row(int(threadIdx.x), ok);
-    pre_bias[threadIdx.x] = p.bias && ok ? float(static_cast<const T*>(p.bias)[r]) : 0.f;
-  }
-  // Per row: cos and sin of channels j (tile rows 0..7) and j + D/2, in T.
-  auto load_rope_angles = [&] {
+  // Per tile, into shared memory for the stores: the bias of its rows; per row of x its residual (plain mode:
+  // tile row e is column tl * 16 + e) or the cos and sin of channels j (tile rows 0..7) and j + D/2, in T.
+  auto load_bias = [&](int tl) {
+    if (threadIdx.x < 16) {
+      bool ok;
+      const int r = weight_row(tl, int(threadIdx.x), ok);
+      pre_bias[threadIdx.x] = p.bias && ok ? float(static_cast<const T*>(p.bias)[r]) : 0.f;
+    }
+  };
+  auto load_rope_angles = [&](int tl) {
     for (int i = int(threadIdx.x); i < p.M * 32; i += kLinearWarps * 32) {
       const int m = i >> 5, e = i & 31;
       bool ok;
-      const int j = weight_row((e & 7) + (e >= 16 ? 8 : 0), ok) % p.rope_dim;
+      const int j = weight_row(tl, (e & 7) + (e >= 16 ? 8 : 0), ok) % p.rope_dim;
       const int64_t pos = min(max(p.positions[m], int64_t(0)), int64_t(p.rope_positions - 1));
       const float* table = (e >> 3) & 1 ? p.rope_sin : p.rope_cos;
       pre[m][e] = round_to<T>(table[pos * p.rope_dim + j]);
     }
   };
+  auto load_residual = [&](int tl) {
+    for (int i = int(threadIdx.x); i < p.M * 16; i += kLinearWarps * 32) {
+      const int m = i >> 4, e = i & 15, col = tl * 16 + e;
+      pre[m][e] = col < p.N ? float(static_cast<const T*>(p.residual)[int64_t(m) * p.out_stride + col]) : 0.f;
+    }
+  };
+  load_bias(tile);
   if constexpr (kMode == kLinearRope)
-    if (p.prefetch_weights) load_rope_angles();
+    if (p.prefetch_weights) load_rope_angles(tile);
   wait_for_inputs();  // everything below reads activations (x, residual) or writes (a no-op if waited)
   release_dependents();
   // Without a norm x goes out first, so that its loads and the residual's share one round trip.
   if (!norm_w) {
-    if (c < range.end) load_x(A, c);
-    if (c + kStep < range.end) load_x(B, c + kStep);
+    if (c_first < range.end) load_x(A, c_first);
+    if (c_first + kStep < range.end) load_x(B, c_first + kStep);
   }
-  if (p.residual) {  // plain mode: tile row e is column tile * 16 + e
-    for (int i = int(threadIdx.x); i < p.M * 16; i += kLinearWarps * 32) {
-      const int m = i >> 4, e = i & 15, col = tile * 16 + e;
-      pre[m][e] = col < p.N ? float(static_cast<const T*>(p.residual)[int64_t(m) * p.out_stride + col]) : 0.f;
-    }
-  }
+  if (p.residual) load_residual(tile);
   if constexpr (kMode == kLinearRope)
-    if (!p.prefetch_weights) load_rope_angles();
+    if (!p.prefetch_weights) load_rope_angles(tile);
   if (norm_w) {
     // 1 / rms of every row of x, in every block: all threads split each row's K (one 16-byte load per thread
     // and 2048 elements), four rows at a time so that their loads are in flight together; then per row the
@@ -289,104 +310,133 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
     __syncthreads();
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) rx[mt] = xok[mt] ? rinv[mt * 8 + g] : 0.f;
-    if (c < range.end) load_x(A, c);
-    if (c + kStep < range.end) load_x(B, c + kStep);
-  }
-  // Chunks in order c = begin + warp, + 8, + 16, ...: batches A and B alternate, each refilled two batches ahead
-  // once its mma are issued, so two batches are in flight while one is waited for.
-  while (c < range.end) {
-    compute(A);
-    if (c + 2 * kStep < range.end) {
-      load_w(A, c + 2 * kStep);
-      load_x(A, c + 2 * kStep);
-    }
-    c += kStep;
-    if (c >= range.end) break;
-    compute(B);
-    if (c + 2 * kStep < range.end) {
-      load_w(B, c + 2 * kStep);
-      load_x(B, c + 2 * kStep);
-    }
-    c += kStep;
+    if (c_first < range.end) load_x(A, c_first);
+    if (c_first + kStep < range.end) load_x(B, c_first + kStep);
   }
 
+  while (true) {  // the tiles of this block
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+    // Chunks in order c = begin + warp, + 8, + 16, ...: batches A and B alternate, each refilled two batches
+    // ahead once its mma are issued, so two batches are in flight while one is waited for.
+    int c = c_first;
+    while (c < range.end) {
+      compute(A);
+      if (c + 2 * kStep < range.end) {
+        load_w(A, c + 2 * kStep);
+        load_x(A, c + 2 * kStep);
+      }
+      c += kStep;
+      if (c >= range.end) break;
+      compute(B);
+      if (c + 2 * kStep < range.end) {
+        load_w(B, c + 2 * kStep);
+        load_x(B, c + 2 * kStep);
+      }
+      c += kStep;
+    }
+    // The next tile's first weights go out before this tile's sums and stores (the same for every block of a
+    // cluster: its blocks share blockIdx.y).
+    const int next = tile + int(gridDim.y);
+    const bool more = next < p.tiles;
+    if (more) {
+      aim_loads(next);
+      if (c_first < range.end) load_w(A, c_first);
+      if (c_first + kStep < range.end) load_w(B, c_first + kStep);
+    }
+
 #pragma unroll
-    for (int j = 0; j < 4; ++j) red[warp][mt][j][lane] = acc[mt][j];
-  __syncthreads();
-  // Warp mt adds up n-tile mt over the warps, in warp order. s[j]: tile row g (j < 2) or g + 8, x row
-  // mt * 8 + 2t + (j & 1).
-  const bool active = warp < MT;
-  const int mt = active ? warp : 0;
-  float s[4];
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    s[j] = 0.f;
+      for (int j = 0; j < 4; ++j) red[warp][mt][j][lane] = acc[mt][j];
+    __syncthreads();
+    // Warp mt adds up n-tile mt over the warps, in warp order. s[j]: tile row g (j < 2) or g + 8, x row
+    // mt * 8 + 2t + (j & 1).
+    const bool active = warp < MT;
+    const int mt = active ? warp : 0;
+    float s[4];
 #pragma unroll
-    for (int v = 0; v < kLinearWarps; ++v) s[j] += red[v][mt][j][lane];
-  }
-  if (gridDim.x > 1) {
+    for (int j = 0; j < 4; ++j) {
+      s[j] = 0.f;
+#pragma unroll
+      for (int v = 0; v < kLinearWarps; ++v) s[j] += red[v][mt][j][lane];
+    }
+    bool lead = true;
+    if (gridDim.x > 1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // The splits of the tile: rank 0 adds every rank's sums, in rank order, through distributed shared memory.
-    namespace cg = cooperative_groups;
-    const cg::cluster_group cluster = cg::this_cluster();
-    __syncthreads();  // every warp has read red: slot [0] is reused for the block's sums
-    if (active)
+      // The splits of the tile: rank 0 adds every rank's sums, in rank order, through distributed shared memory.
+      namespace cg = cooperative_groups;
+      const cg::cluster_group cluster = cg::this_cluster();
+      __syncthreads();  // every warp has read red: slot [0] is reused for the block's sums
+      if (active)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) red[0][mt][j][lane] = s[j];
-    cluster.sync();
-    const bool lead = cluster.block_rank() == 0;
-    if (lead && active) {
+        for (int j = 0; j < 4; ++j) red[0][mt][j][lane] = s[j];
+      cluster.sync();
+      lead = cluster.block_rank() == 0;
+      if (lead && active) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        s[j] = 0.f;
-        for (int r = 0; r < int(gridDim.x); ++r) s[j] += *cluster.map_shared_rank(&red[0][mt][j][lane], r);
+        for (int j = 0; j < 4; ++j) {
+          s[j] = 0.f;
+          for (int r = 0; r < int(gridDim.x); ++r) s[j] += *cluster.map_shared_rank(&red[0][mt][j][lane], r);
+        }
       }
-    }
-    // Keeps every block's shared memory alive until rank 0 has read it; only reads to order, so relaxed.
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-    cluster.barrier_wait();
-    if (!lead) return;
+      // Keeps every block's shared memory alive until rank 0 has read it (and slot [0] unwritten by the next
+      // tile); only reads to order, so relaxed.
+      asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+      cluster.barrier_wait();
 #else
-    __trap();  // never launched: the launcher splits only for sm_90 code
+      __trap();  // never launched: the launcher splits only for sm_90 code
 #endif
-  }
-  if (!active) return;
-  T* out = static_cast<T*>(p.out);
-  const float b0 = pre_bias[g], b1 = pre_bias[g + 8];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int m = mt * 8 + 2 * t + i;
-    if (m >= p.M) continue;
-    T* row = out + int64_t(m) * p.out_stride;
-    if constexpr (kSwiglu) {
-      if (!ok0) continue;
-      // The eager chain's roundings: gate and up in T, then silu(gate) * up in float, rounded once.
-      const float gate = round_to<T>(s[i] + b0), up = round_to<T>(s[2 + i] + b1);
-      row[r0] = T(gate / (1.f + __expf(-gate)) * up);
-    } else if constexpr (kMode == kLinearRope) {
-      if (!ok0) continue;
-      // The projection rounded to T, as the fused rope chain reads it; cos/sin rounded to T, as the model
-      // hands them to that chain; the rotation in float, rounded once.
-      const float lo = round_to<T>(s[i] + b0), hi = round_to<T>(s[2 + i] + b1);
-      if (r0 >= p.rope_rows) {
-        row[r0] = T(lo);
-        row[r1] = T(hi);
-        continue;
-      }
-      const float* cs = pre[m];  // cos j, sin j, cos j + D/2, sin j + D/2 of tile row g
-      row[r0] = T(lo * cs[g] - hi * cs[8 + g]);
-      row[r1] = T(hi * cs[16 + g] + lo * cs[24 + g]);
-    } else {
-      if (p.residual) {  // the eager residual add: the product rounded to T, the sum rounded once
-        if (ok0) row[r0] = T(pre[m][g] + round_to<T>(s[i] + b0));
-        if (ok1) row[r1] = T(pre[m][g + 8] + round_to<T>(s[2 + i] + b1));
-        continue;
-      }
-      if (ok0) row[r0] = T(s[i] + b0);
-      if (ok1) row[r1] = T(s[2 + i] + b1);
     }
+    if (active && lead) {
+      T* out = static_cast<T*>(p.out);
+      const float b0 = pre_bias[g], b1 = pre_bias[g + 8];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int m = mt * 8 + 2 * t + i;
+        if (m >= p.M) continue;
+        T* row = out + int64_t(m) * p.out_stride;
+        if constexpr (kSwiglu) {
+          if (!ok0) continue;
+          // The eager chain's roundings: gate and up in T, then silu(gate) * up in float, rounded once.
+          const float gate = round_to<T>(s[i] + b0), up = round_to<T>(s[2 + i] + b1);
+          row[r0] = T(gate / (1.f + __expf(-gate)) * up);
+        } else if constexpr (kMode == kLinearRope) {
+          if (!ok0) continue;
+          // The projection rounded to T, as the fused rope chain reads it; cos/sin rounded to T, as the model
+          // hands them to that chain; the rotation in float, rounded once.
+          const float lo = round_to<T>(s[i] + b0), hi = round_to<T>(s[2 + i] + b1);
+          if (r0 >= p.rope_rows) {
+            row[r0] = T(lo);
+            row[r1] = T(hi);
+            continue;
+          }
+          const float* cs = pre[m];  // cos j, sin j, cos j + D/2, sin j + D/2 of tile row g
+          row[r0] = T(lo * cs[g] - hi * cs[8 + g]);
+          row[r1] = T(hi * cs[16 + g] + lo * cs[24 + g]);
+        } else {
+          if (p.residual) {  // the eager residual add: the product rounded to T, the sum rounded once
+            if (ok0) row[r0] = T(pre[m][g] + round_to<T>(s[i] + b0));
+            if (ok1) row[r1] = T(pre[m][g + 8] + round_to<T>(s[2 + i] + b1));
+            continue;
+          }
+          if (ok0) row[r0] = T(s[i] + b0);
+          if (ok1) row[r1] = T(s[2 + i] + b1);
+        }
+      }
+    }
+    if (!more) break;
+    // The next tile: once every warp is past this tile's stores (which read pre_bias, pre) and sums (red), its
+    // bias, residual or angles; x again (from L1, through the same row norms).
+    __syncthreads();
+    tile = next;
+    r0 = weight_row(tile, g, ok0);
+    r1 = weight_row(tile, g + 8, ok1);
+    load_bias(tile);
+    if (p.residual) load_residual(tile);
+    if constexpr (kMode == kLinearRope) load_rope_angles(tile);
+    if (c_first < range.end) load_x(A, c_first);
+    if (c_first + kStep < range.end) load_x(B, c_first + kStep);
   }
 }
 
