@@ -184,12 +184,7 @@ ClusterMode cluster_mode() {
 // device).
 template <typename Kernel>
 int max_active_clusters(Kernel* kernel, int size, size_t smem, int device) {
-  static std::mutex mutex;
-  static std::map<std::tuple<const void*, int, int>, int> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), size, device);
-  auto it = cache.find(key);
-  if (it == cache.end()) {
+  return once_per_kernel(kernel, device, [&] {
     int clusters = 0;
     if (runs_sm90(kernel, device) &&
         (size <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess)) {
@@ -203,9 +198,8 @@ int max_active_clusters(Kernel* kernel, int size, size_t smem, int device) {
       if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) clusters = 0;
     }
     (void)cudaGetLastError();  // a refused query leaves no error behind: such calls merge through global memory
-    it = cache.emplace(key, clusters).first;
-  }
-  return it->second;
+    return clusters;
+  }, size);
 }
 
 // Makes the launch a cluster merge where it pays (sets p.cluster and p.splits): the splits of a row tile as one
@@ -326,12 +320,7 @@ struct MmaKernelInfo {
 
 template <typename Kernel>
 MmaKernelInfo mma_kernel_info(Kernel* kernel, size_t smem, int device) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, MmaKernelInfo> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
-  auto it = cache.find(key);
-  if (it == cache.end()) {
+  return once_per_kernel(kernel, device, [&] {
     MmaKernelInfo info{false, 0};
     cudaFuncAttributes attr{};
     if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
@@ -342,9 +331,8 @@ MmaKernelInfo mma_kernel_info(Kernel* kernel, size_t smem, int device) {
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, kernel, k::kThreads, smem));
       info.usable = info.blocks_per_sm >= 1;
     }
-    it = cache.emplace(key, info).first;
-  }
-  return it->second;
+    return info;
+  });
 }
 
 // KV splits of the tensor-core kernel: as many as fill the resident block slots (SMs x blocks per SM) in

@@ -8,9 +8,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <map>
-#include <mutex>
-#include <utility>
 
 #include "kernels/linear.cuh"
 #include "launch.h"
@@ -39,20 +36,14 @@ int pick_splits(int tiles, int K, int sms) {
 // per kernel and device.
 template <typename Kernel>
 int resident_blocks_per_sm(Kernel* kernel, int device) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, int> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
-  auto it = cache.find(key);
-  if (it == cache.end()) {
+  return once_per_kernel(kernel, device, [&] {
     int blocks = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kLinearWarps * 32, 0) != cudaSuccess) {
       (void)cudaGetLastError();
       blocks = 1;
     }
-    it = cache.emplace(key, std::max(blocks, 1)).first;
-  }
-  return it->second;
+    return std::max(blocks, 1);
+  });
 }
 
 template <typename T, int MT, int kMode>

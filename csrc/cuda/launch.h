@@ -8,26 +8,36 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 
 namespace pass_ext {
 
+// compute() for `kernel` on `device` (and `variant`, a launcher's own key: a cluster size) the first time, the
+// cached value after that: for facts about a kernel on a GPU that launchers need at every launch (its code
+// version, its occupancy). Each call site has its own cache (the lambda's type is part of the instantiation).
+template <typename Kernel, typename Compute>
+auto once_per_kernel(Kernel* kernel, int device, Compute compute, int variant = 0) -> decltype(compute()) {
+  using Value = decltype(compute());
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int>, Value> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, variant);
+  auto it = cache.find(key);
+  if (it == cache.end()) it = cache.emplace(key, compute()).first;
+  return it->second;
+}
+
 // Whether `kernel` runs sm_90 code on the current device (clusters, griddepcontrol), once per kernel and device.
 template <typename Kernel>
 bool runs_sm90(Kernel* kernel, int device) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, bool> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
-  auto it = cache.find(key);
-  if (it == cache.end()) {
+  return once_per_kernel(kernel, device, [&] {
     cudaFuncAttributes attr{};
     const bool ok = at::cuda::getCurrentDeviceProperties()->major >= 9 &&
                     cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion >= 90;
     (void)cudaGetLastError();
-    it = cache.emplace(key, ok).first;
-  }
-  return it->second;
+    return ok;
+  });
 }
 
 // PASS_EXT_PDL=0 in the environment launches every kernel after the one before it has finished (no programmatic
