@@ -164,6 +164,21 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   *reinterpret_cast<uint4*>(smem) = valid ? *reinterpret_cast<const uint4*>(gmem) : make_uint4(0, 0, 0, 0);
 #endif
 }
+// Copies keys kb .. kb + KT - 1 of (row b, KV head h) into rows 0 .. KT - 1 of sK and sV (rows `stride` elements
+// apart, `cpr` chunks of CH elements each; the block's threads take chunks in turn) with cp.async, uncommitted;
+// keys at or past k_end are zero-filled without a read.
+template <typename T, int KT, int CH>
+__device__ __forceinline__ void copy_key_tile(const AttentionParams& p, int b, int h, int64_t cache_row, int L,
+                                              int kb, int k_end, int D, int cpr, int stride, T* sK, T* sV) {
+  for (int idx = int(threadIdx.x); idx < KT * cpr; idx += kThreads) {
+    const int kk = idx / cpr, c = idx % cpr;
+    const T *ks, *vs;
+    const bool valid = key_rows<T>(p, b, h, cache_row, L, kb + kk, k_end, D, ks, vs);
+    const int off = kk * stride + c * CH;
+    cp_async16(sK + off, ks + c * CH, valid);
+    cp_async16(sV + off, vs + c * CH, valid);
+  }
+}
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
@@ -443,15 +458,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
   const int k_begin = split * chunk, k_end = min(N, k_begin + chunk);
 
   auto load_tile = [&](int t, int stage) {
-    const int kb = k_begin + t * KT;
-    for (int idx = tid; idx < KT * cpr; idx += kThreads) {
-      const int kk = idx / cpr, c = idx % cpr;
-      const T *ks, *vs;
-      const bool valid = key_rows<T>(p, b, h, cache_row, L, kb + kk, k_end, D, ks, vs);
-      const int s_off = (stage * KT + kk) * STRIDE + c * CH;
-      cp_async16(sK + s_off, ks + c * CH, valid);
-      cp_async16(sV + s_off, vs + c * CH, valid);
-    }
+    copy_key_tile<T, KT, CH>(p, b, h, cache_row, L, k_begin + t * KT, k_end, D, cpr, STRIDE,
+                             sK + stage * KT * STRIDE, sV + stage * KT * STRIDE);
     cp_async_commit();
   };
   const bool early = p.prefetch_cache && k_begin < k_end && k_begin + KT <= L;

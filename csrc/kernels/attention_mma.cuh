@@ -151,15 +151,8 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
 
   // Tile t of the split -> ring stage `stage`; keys past k_end are zero-filled without a read.
   auto load_tile = [&](int t, int stage) {
-    const int kb = k_begin + t * KT;
-    for (int idx = tid; idx < KT * CPR; idx += kThreads) {
-      const int kk = idx / CPR, c = idx % CPR;
-      const T *ks, *vs;
-      const bool valid = key_rows<T>(p, b, h, cache_row, L, kb + kk, k_end, D, ks, vs);
-      const int s_off = (stage * KT + kk) * STRIDE + c * CH;
-      cp_async16(sK + s_off, ks + c * CH, valid);
-      cp_async16(sV + s_off, vs + c * CH, valid);
-    }
+    copy_key_tile<T, KT, CH>(p, b, h, cache_row, L, k_begin + t * KT, k_end, D, CPR, STRIDE,
+                             sK + stage * KT * STRIDE, sV + stage * KT * STRIDE);
   };
   // Prologue: ST-1 stages in flight. Every thread commits one group per stage, empty or not, so the
   // wait_group count below means the same tile for all of them. With prefetch_cache the leading stages whose
