@@ -444,6 +444,28 @@ def test_cuda_tiles_looped_by_resident_blocks(mode, K, full, part):
     torch.testing.assert_close(out_full.cpu().double(), ref.double(), atol=3 * atol, rtol=3 * rtol)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("setting", ["PASS_EXT_LINEAR_WIDE_BATCH=1", "PASS_EXT_LINEAR_ONE_WAVE=0"])
+@pytest.mark.parametrize("M", [1, 7])
+@pytest.mark.parametrize("swiglu", [False, True], ids=["residual", "norm-swiglu"])
+def test_cuda_linear_switches_give_the_same_bits(monkeypatch, setting, M, swiglu):
+    """The A/B switches (read per call) change how loads are batched and how tiles meet blocks, not the order
+    in which any output adds its products: the same bits as the defaults, over a grid of three waves."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    N, K, dt = 16 * 3 * sms, 1544, torch.bfloat16  # K: 49 chunks, a partial last batch at U = 3 and 4
+    x, w, b = make(M, N, K, dt, "cuda", True, seed=M)
+    g = torch.Generator().manual_seed(M)
+    kw = (dict(swiglu=True, norm_weight=(1 + 0.2 * torch.randn(K, generator=g)).to(dt).cuda(), eps=1e-5)
+          if swiglu else dict(residual=torch.randn(M, N, generator=g).to(dt).cuda()))
+    default = ops.decode_linear(x, w, b, prefetch_weights=True, **kw)
+    name, value = setting.split("=")
+    monkeypatch.setenv(name, value)
+    switched = ops.decode_linear(x, w, b, prefetch_weights=True, **kw)
+    assert default.abs().sum() > 0
+    assert torch.equal(default, switched)
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_norm_and_residual_bad_arguments(device):
     bf = dict(dtype=torch.bfloat16, device=device)

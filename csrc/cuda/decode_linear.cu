@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/linear.cuh"
 #include "launch.h"
@@ -46,15 +48,26 @@ int resident_blocks_per_sm(Kernel* kernel, int device) {
   });
 }
 
-template <typename T, int MT, int kMode>
+// A/B switches, read at every call (host only), so that one process can compare (bench/profile_step.py --ab;
+// a captured graph keeps what it was captured with); the same bits either way:
+// PASS_EXT_LINEAR_WIDE_BATCH=1: four chunks per load batch at one n-tile (MT = 1) instead of three (see the
+// kernel); PASS_EXT_LINEAR_ONE_WAVE=0: one block per tile, however many waves that makes.
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
+template <typename T, int MT, int kMode, int U>
 void launch_mt(LinearParams p, int tiles, cudaStream_t stream) {
-  auto* kernel = decode_linear_kernel<T, MT, kMode>;
+  auto* kernel = decode_linear_kernel<T, MT, kMode, U>;
   const int device = c10::cuda::current_device();
   const bool sm90 = runs_sm90(kernel, device);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int splits = sm90 ? pick_splits(tiles, p.K, sms) : 1;
   // At most one wave of blocks: past it, resident blocks take several tiles each (see the kernel).
-  const int blocks = std::min(tiles, std::max(1, resident_blocks_per_sm(kernel, device) * sms / splits));
+  const int blocks = env_is("PASS_EXT_LINEAR_ONE_WAVE", "0")
+                         ? tiles
+                         : std::min(tiles, std::max(1, resident_blocks_per_sm(kernel, device) * sms / splits));
   p.tiles = tiles;
   // Dependent launch: the kernel streams its first weights in before it waits for x (the kernel before it).
   launch_kernel_ex(kernel, dim3(unsigned(splits), unsigned(blocks)), dim3(kLinearWarps * 32), 0, stream,
@@ -64,10 +77,15 @@ void launch_mt(LinearParams p, int tiles, cudaStream_t stream) {
 template <typename T, int kMode>
 void launch(const LinearParams& p, int tiles, cudaStream_t stream) {
   switch ((p.M + 7) / 8) {
-    case 1: launch_mt<T, 1, kMode>(p, tiles, stream); break;
-    case 2: launch_mt<T, 2, kMode>(p, tiles, stream); break;
-    case 3: launch_mt<T, 3, kMode>(p, tiles, stream); break;
-    default: launch_mt<T, 4, kMode>(p, tiles, stream); break;
+    case 1:
+      if (env_is("PASS_EXT_LINEAR_WIDE_BATCH", "1"))
+        launch_mt<T, 1, kMode, 4>(p, tiles, stream);
+      else
+        launch_mt<T, 1, kMode, 3>(p, tiles, stream);
+      break;
+    case 2: launch_mt<T, 2, kMode, 2>(p, tiles, stream); break;
+    case 3: launch_mt<T, 3, kMode, 1>(p, tiles, stream); break;
+    default: launch_mt<T, 4, kMode, 1>(p, tiles, stream); break;
   }
 }
 

@@ -120,12 +120,12 @@ __device__ __forceinline__ ChunkRange chunk_range(int K, int split, int splits) 
 // The launcher keeps the grid within the blocks the GPU holds at once (two per SM), so a large weight streams
 // through resident blocks that wait, take x's row norms and read x once, and issue the next tile's first
 // weights before the current tile's sums and stores, instead of waves of blocks that each repeat all of that.
-// MT = ceil(M / 8) n-tiles.
-template <typename T, int MT, int kMode>
+// MT = ceil(M / 8) n-tiles. U: chunks per load batch and warp; two batches in flight (the next loads are issued
+// before the current batch's mma), within 128 registers (two blocks per SM): at MT = 1, U = 4 spilled 40-110
+// bytes per thread (ptxas), U = 3 nothing (the launcher's default; PASS_EXT_LINEAR_WIDE_BATCH=1 takes 4). U does
+// not change the order in which a warp adds its chunks, so not the bits.
+template <typename T, int MT, int kMode, int U = (MT == 1 ? 3 : MT == 2 ? 2 : 1)>
 __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(const LinearParams p) {
-  // Chunks per load batch and warp; two batches in flight (the next loads are issued before the current
-  // batch's mma), within 128 registers (two blocks per SM).
-  constexpr int U = MT == 1 ? 4 : MT == 2 ? 2 : 1;
   constexpr int kStep = kLinearWarps * U;
   __shared__ float red[kLinearWarps][MT][4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
