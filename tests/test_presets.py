@@ -8,7 +8,8 @@ from pass_ext.presets import PRESETS, preset_config, random_model
 
 # Parameter counts of the published checkpoints.
 PUBLISHED = {"llama-3.2-1b": 1_235_814_400, "llama-3.1-8b": 8_030_261_248, "llama-2-13b": 13_015_864_320,
-             "qwen2.5-0.5b": 494_032_768, "qwen2.5-14b": 14_770_033_664, "smollm2-135m-random": 134_515_008}
+             "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304,
+             "qwen2.5-14b": 14_770_033_664, "smollm2-135m-random": 134_515_008}
 SMALL = dict(num_layers=2, hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2, head_dim=16,
              vocab_size=300, max_position_embeddings=512)
 
