@@ -446,7 +446,8 @@ def test_cuda_tiles_looped_by_resident_blocks(mode, K, full, part):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
-@pytest.mark.parametrize("setting", ["PASS_EXT_LINEAR_WIDE_BATCH=1", "PASS_EXT_LINEAR_ONE_WAVE=0"])
+@pytest.mark.parametrize("setting", ["PASS_EXT_LINEAR_WIDE_BATCH=1", "PASS_EXT_LINEAR_ONE_WAVE=0",
+                                     "PASS_EXT_LINEAR_STAGE_X=0"])
 @pytest.mark.parametrize("M", [1, 7])
 @pytest.mark.parametrize("swiglu", [False, True], ids=["residual", "norm-swiglu"])
 def test_cuda_linear_switches_give_the_same_bits(monkeypatch, setting, M, swiglu):
@@ -464,6 +465,44 @@ def test_cuda_linear_switches_give_the_same_bits(monkeypatch, setting, M, swiglu
     switched = ops.decode_linear(x, w, b, prefetch_weights=True, **kw)
     assert default.abs().sum() > 0
     assert torch.equal(default, switched)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("mode", ["plain", "swiglu", "rope"])
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 576), (8, 2048, 576), (13, 1024, 1544), (25, 512, 576),
+                                   (1, 128, 8192), (3, 128, 4104), (8, 1024, 4096)],
+                         ids=["one-row", "one-n-tile", "two-n-tiles", "four-n-tiles", "K-split-8",
+                              "K-split-ragged", "over-the-stage-budget"])
+def test_cuda_staged_norm_gives_the_same_bits(monkeypatch, mode, M, N, K):
+    """With the RMSNorm, a block normalises x once into shared memory (where M rows of K fit) and its tiles read
+    it from there: the same bits as normalising in every tile's loads (PASS_EXT_LINEAR_STAGE_X=0), for every
+    n-tile count, K split over clusters (K = 8192 with few tiles; a ragged last chunk at K = 4104), x rows with
+    a stride, and a size past the budget (both paths unstaged there), and near the float64 reference."""
+    dt, g = torch.bfloat16, torch.Generator().manual_seed(M * K + N)
+    big = torch.randn(M, K + 24, generator=g).to(dt)
+    x = big.cuda()[:, 8:8 + K]  # rows K + 24 elements apart, 16-byte aligned
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dt).cuda()
+    b = (0.5 * torch.randn(N, generator=g)).to(dt).cuda()
+    norm = (1 + 0.2 * torch.randn(K, generator=g)).to(dt).cuda()
+    kw = dict(norm_weight=norm, eps=1e-5, prefetch_weights=True)
+    if mode == "swiglu":
+        kw["swiglu"] = True
+    elif mode == "rope":
+        D = 64
+        cos, sin = rope_tables(512, D)
+        positions = torch.randint(0, 512, (M,), generator=g)
+        kw.update(rope_cos=cos.cuda(), rope_sin=sin.cuda(), positions=positions.cuda(), rope_rows=N - D)
+    staged = ops.decode_linear(x, w, b, **kw)
+    monkeypatch.setenv("PASS_EXT_LINEAR_STAGE_X", "0")
+    unstaged = ops.decode_linear(x, w, b, **kw)
+    assert staged.abs().sum() > 0
+    assert torch.equal(staged, unstaged)
+    if mode != "rope":
+        xn = rms_norm(x.cpu(), norm.cpu(), 1e-5)
+        ref = reference(xn, w.cpu(), b.cpu(), mode == "swiglu")
+        atol, rtol = TOL[dt]
+        torch.testing.assert_close(staged.cpu().double(), ref.double(), atol=3 * atol, rtol=3 * rtol)
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

@@ -333,6 +333,8 @@ LINEAR_CASES = [
     ("norm-residual", 4, 40, 64, {"norm": True, "residual": True}),
     ("norm-long-k-prefetch", 6, 32, 4104, {"norm": True, "bias": True, "prefetch": True}),
     ("rope-prefetch", 2, 3 * 64, 64, {"rope": 2 * 64, "prefetch": True}),
+    # x normalised once per block into 54 KB of shared memory: two n-tiles, strided rows, K split over a cluster
+    ("norm-staged-m13-strided", 13, 32, 2056, {"norm": True, "strided": True}),
 ]
 
 

@@ -34,13 +34,26 @@ int pick_splits(int tiles, int K, int sms) {
   return splits;
 }
 
-// Blocks of `kernel` one SM holds at once (two by its launch bounds, unless its shared memory says fewer), once
-// per kernel and device.
+// Whether `kernel` may take kLinearStageMaxBytes of dynamic shared memory for a staged x (more than the 48 KB a
+// launch gets without asking), once per kernel and device; if the GPU refuses, x is never staged.
 template <typename Kernel>
-int resident_blocks_per_sm(Kernel* kernel, int device) {
+bool stages_x(Kernel* kernel, int device) {
+  return once_per_kernel(kernel, device, [&] {
+    const bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         kLinearStageMaxBytes) == cudaSuccess;
+    (void)cudaGetLastError();
+    return ok;
+  });
+}
+
+// Blocks of `kernel` one SM holds at once (two by its launch bounds, unless its shared memory says fewer), once
+// per kernel and device; a kernel that stages x is counted with the largest staged x (smem), so that its one-wave
+// grid is resident whatever M and K.
+template <typename Kernel>
+int resident_blocks_per_sm(Kernel* kernel, int device, size_t smem) {
   return once_per_kernel(kernel, device, [&] {
     int blocks = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kLinearWarps * 32, 0) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kLinearWarps * 32, smem) != cudaSuccess) {
       (void)cudaGetLastError();
       blocks = 1;
     }
@@ -51,27 +64,40 @@ int resident_blocks_per_sm(Kernel* kernel, int device) {
 // A/B switches, read at every call (host only), so that one process can compare (bench/profile_step.py --ab;
 // a captured graph keeps what it was captured with); the same bits either way:
 // PASS_EXT_LINEAR_WIDE_BATCH=1: four chunks per load batch at one n-tile (MT = 1) instead of three (see the
-// kernel); PASS_EXT_LINEAR_ONE_WAVE=0: one block per tile, however many waves that makes.
+// kernel); PASS_EXT_LINEAR_ONE_WAVE=0: one block per tile, however many waves that makes;
+// PASS_EXT_LINEAR_STAGE_X=0: with the RMSNorm, every tile normalises x as it loads it (no staged x).
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, value) == 0;
 }
 
-template <typename T, int MT, int kMode, int U>
-void launch_mt(LinearParams p, int tiles, cudaStream_t stream) {
-  auto* kernel = decode_linear_kernel<T, MT, kMode, U>;
+template <typename T, int MT, int kMode, int U, bool kStageX>
+void launch_kernel(LinearParams p, int tiles, cudaStream_t stream) {
+  auto* kernel = decode_linear_kernel<T, MT, kMode, U, kStageX>;
   const int device = c10::cuda::current_device();
   const bool sm90 = runs_sm90(kernel, device);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int splits = sm90 ? pick_splits(tiles, p.K, sms) : 1;
   // At most one wave of blocks: past it, resident blocks take several tiles each (see the kernel).
-  const int blocks = env_is("PASS_EXT_LINEAR_ONE_WAVE", "0")
-                         ? tiles
-                         : std::min(tiles, std::max(1, resident_blocks_per_sm(kernel, device) * sms / splits));
+  const int resident = resident_blocks_per_sm(kernel, device, kStageX ? kLinearStageMaxBytes : 0);
+  const int blocks =
+      env_is("PASS_EXT_LINEAR_ONE_WAVE", "0") ? tiles : std::min(tiles, std::max(1, resident * sms / splits));
   p.tiles = tiles;
+  const size_t smem = kStageX ? size_t(linear_stage_bytes(p.M, p.K)) : 0;
   // Dependent launch: the kernel streams its first weights in before it waits for x (the kernel before it).
-  launch_kernel_ex(kernel, dim3(unsigned(splits), unsigned(blocks)), dim3(kLinearWarps * 32), 0, stream,
+  launch_kernel_ex(kernel, dim3(unsigned(splits), unsigned(blocks)), dim3(kLinearWarps * 32), smem, stream,
                    dim3(unsigned(splits)), launches_dependent(kernel, device), p);
+}
+
+// With the RMSNorm, x normalised once per block in shared memory where it fits (the kernel's kStageX).
+template <typename T, int MT, int kMode, int U>
+void launch_mt(const LinearParams& p, int tiles, cudaStream_t stream) {
+  if (p.norm_w != nullptr && linear_stage_bytes(p.M, p.K) <= kLinearStageMaxBytes &&
+      !env_is("PASS_EXT_LINEAR_STAGE_X", "0") &&
+      stages_x(decode_linear_kernel<T, MT, kMode, U, true>, c10::cuda::current_device()))
+    launch_kernel<T, MT, kMode, U, true>(p, tiles, stream);
+  else
+    launch_kernel<T, MT, kMode, U, false>(p, tiles, stream);
 }
 
 template <typename T, int kMode>

@@ -18,7 +18,9 @@
 //     and issues the next tile's first weights before the current tile's sums and stores, so the wait, the row
 //     norms and the first x loads are paid once per block, not once per tile.
 // Optional fusions at the ends: the RMSNorm of x before the product (every block computes the row norms; rows
-// are a small model's d), the residual add, SwiGLU or the rotary embedding after it.
+// are a small model's d), the residual add, SwiGLU or the rotary embedding after it. With the norm, a block
+// normalises its x once into shared memory when that fits (kStageX) and its tiles read x from there;
+// otherwise every tile's loads normalise x again.
 // The result of a row of x does not depend on M or on the other rows: each output element sums its k in an
 // order fixed by N and K alone (mma k-steps, chunks per warp in order, warps in order, cluster ranks in order).
 // So a one-token forward and a multi-token forward project the same token identically.
@@ -38,6 +40,15 @@ namespace pass_ext::kernels {
 constexpr int kLinearMaxRows = 32;  // rows of x one call takes (four mma n-tiles)
 constexpr int kLinearWarps = 8;
 constexpr int kLinearMaxSplits = 8;  // blocks per cluster at most (the portable cluster size)
+// Dynamic shared memory a block may take for its normalised x (kStageX): rows of K elements plus 64 bytes, so
+// that the rows of one 16-byte load phase (x rows g and g + 1) fall in different banks.
+constexpr int kLinearStageMaxBytes = 64 * 1024;
+constexpr int kLinearStagePad = 4;  // 16-byte chunks after each staged row
+
+// Bytes of the staged x of M rows of K elements (the launcher stages when it is at most kLinearStageMaxBytes).
+__host__ __device__ constexpr int64_t linear_stage_bytes(int64_t M, int64_t K) {
+  return M * (K / 8 + kLinearStagePad) * 16;
+}
 
 struct LinearParams {
   const void* x;     // [M, K], rows x_stride elements apart, 16-byte aligned
@@ -124,7 +135,11 @@ __device__ __forceinline__ ChunkRange chunk_range(int K, int split, int splits) 
 // before the current batch's mma), within 128 registers (two blocks per SM): at MT = 1, U = 4 spilled 40-110
 // bytes per thread (ptxas), U = 3 nothing (the launcher's default; PASS_EXT_LINEAR_WIDE_BATCH=1 takes 4). U does
 // not change the order in which a warp adds its chunks, so not the bits.
-template <typename T, int MT, int kMode, int U = (MT == 1 ? 3 : MT == 2 ? 2 : 1)>
+// kStageX (norm_w set, linear_stage_bytes(M, K) of dynamic shared memory): the block normalises its chunks of x
+// once into shared memory and its tiles load x from there; otherwise each tile normalises x as it loads it. A
+// template parameter, not a flag: both paths in one instance cost the M <= 16 instances spills (ptxas). The same
+// roundings either way, so the same bits.
+template <typename T, int MT, int kMode, int U = (MT == 1 ? 3 : MT == 2 ? 2 : 1), bool kStageX = false>
 __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(const LinearParams p) {
   constexpr int kStep = kLinearWarps * U;
   __shared__ float red[kLinearWarps][MT][4][32];
@@ -174,6 +189,8 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
   }
   const ChunkRange range = chunk_range(p.K, int(blockIdx.x), int(gridDim.x));
   const T* norm_w = static_cast<const T*>(p.norm_w);
+  extern __shared__ uint4 staged_x[];  // kStageX: [M][K / 8 + kLinearStagePad] 16-byte chunks of normalised x
+  const int stage_stride = p.K / 8 + kLinearStagePad;
 
   float acc[MT][4];
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
@@ -197,14 +214,20 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * kLinearWarps;
       const bool in = c < range.end && c * 32 + t * 8 < p.K;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        v.x[u][mt] = in && xok[mt] ? __ldg(reinterpret_cast<const uint4*>(xr[mt] + c * 32)) : zero;
-      if (norm_w && in) {
-        const uint4 nw = __ldg(reinterpret_cast<const uint4*>(norm_w + c * 32 + t * 8));
+      if constexpr (kStageX) {  // normalised already: chunk c's 16 bytes t of row m
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
-          if (xok[mt]) v.x[u][mt] = rms_normalize<T>(v.x[u][mt], rx[mt], nw);
+          v.x[u][mt] = in && xok[mt] ? staged_x[(mt * 8 + g) * stage_stride + c * 4 + t] : zero;
+      } else {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+          v.x[u][mt] = in && xok[mt] ? __ldg(reinterpret_cast<const uint4*>(xr[mt] + c * 32)) : zero;
+        if (norm_w && in) {
+          const uint4 nw = __ldg(reinterpret_cast<const uint4*>(norm_w + c * 32 + t * 8));
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+            if (xok[mt]) v.x[u][mt] = rms_normalize<T>(v.x[u][mt], rx[mt], nw);
+        }
       }
     }
   };
@@ -308,8 +331,22 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
       rinv[threadIdx.x] = rsqrtf(total / float(p.K) + p.eps);
     }
     __syncthreads();
+    if constexpr (!kStageX) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) rx[mt] = xok[mt] ? rinv[mt * 8 + g] : 0.f;
+      for (int mt = 0; mt < MT; ++mt) rx[mt] = xok[mt] ? rinv[mt * 8 + g] : 0.f;
+    } else {
+      // This block's chunks of every row of x, normalised once (the same roundings as the per-tile path, so the
+      // same bits); x is in L1 from the row norms.
+      const int q0 = range.begin * 4, per_row = min(range.end * 4, p.K / 8) - q0;
+      for (int i = int(threadIdx.x); i < p.M * per_row; i += kLinearWarps * 32) {
+        const int m = i / per_row, q = q0 + i % per_row;
+        const T* xq = static_cast<const T*>(p.x) + int64_t(m) * p.x_stride + q * 8;
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(xq));
+        const uint4 nw = __ldg(reinterpret_cast<const uint4*>(norm_w + q * 8));
+        staged_x[m * stage_stride + q] = rms_normalize<T>(v, rinv[m], nw);
+      }
+      __syncthreads();
+    }
     if (c_first < range.end) load_x(A, c_first);
     if (c_first + kStep < range.end) load_x(B, c_first + kStep);
   }
