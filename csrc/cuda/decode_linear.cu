@@ -63,8 +63,7 @@ int resident_blocks_per_sm(Kernel* kernel, int device, size_t smem) {
 
 // A/B switches, read at every call (host only), so that one process can compare (bench/profile_step.py --ab;
 // a captured graph keeps what it was captured with); the same bits either way:
-// PASS_EXT_LINEAR_WIDE_BATCH=1: four chunks per load batch at one n-tile (MT = 1) instead of three (see the
-// kernel); PASS_EXT_LINEAR_ONE_WAVE=0: one block per tile, however many waves that makes;
+// PASS_EXT_LINEAR_ONE_WAVE=0: one block per tile, however many waves that makes;
 // PASS_EXT_LINEAR_STAGE_X=0: with the RMSNorm, every tile normalises x as it loads it (no staged x).
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
@@ -103,12 +102,7 @@ void launch_mt(const LinearParams& p, int tiles, cudaStream_t stream) {
 template <typename T, int kMode>
 void launch(const LinearParams& p, int tiles, cudaStream_t stream) {
   switch ((p.M + 7) / 8) {
-    case 1:
-      if (env_is("PASS_EXT_LINEAR_WIDE_BATCH", "1"))
-        launch_mt<T, 1, kMode, 4>(p, tiles, stream);
-      else
-        launch_mt<T, 1, kMode, 3>(p, tiles, stream);
-      break;
+    case 1: launch_mt<T, 1, kMode, 3>(p, tiles, stream); break;
     case 2: launch_mt<T, 2, kMode, 2>(p, tiles, stream); break;
     case 3: launch_mt<T, 3, kMode, 1>(p, tiles, stream); break;
     default: launch_mt<T, 4, kMode, 1>(p, tiles, stream); break;

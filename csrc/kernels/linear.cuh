@@ -133,8 +133,8 @@ __device__ __forceinline__ ChunkRange chunk_range(int K, int split, int splits) 
 // weights before the current tile's sums and stores, instead of waves of blocks that each repeat all of that.
 // MT = ceil(M / 8) n-tiles. U: chunks per load batch and warp; two batches in flight (the next loads are issued
 // before the current batch's mma), within 128 registers (two blocks per SM): at MT = 1, U = 4 spilled 40-110
-// bytes per thread (ptxas), U = 3 nothing (the launcher's default; PASS_EXT_LINEAR_WIDE_BATCH=1 takes 4). U does
-// not change the order in which a warp adds its chunks, so not the bits.
+// bytes per thread (ptxas) and ran the SmolLM2-shaped step 1.14x slower (bench/NOTES.md), U = 3 spills nothing.
+// U does not change the order in which a warp adds its chunks, so not the bits.
 // kStageX (norm_w set, linear_stage_bytes(M, K) of dynamic shared memory): the block normalises its chunks of x
 // once into shared memory and its tiles load x from there; otherwise each tile normalises x as it loads it. A
 // template parameter, not a flag: both paths in one instance cost the M <= 16 instances spills (ptxas). The same
