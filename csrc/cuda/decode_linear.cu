@@ -35,12 +35,16 @@ int pick_splits(int tiles, int K, int sms) {
 }
 
 // Whether `kernel` may take kLinearStageMaxBytes of dynamic shared memory for a staged x (more than the 48 KB a
-// launch gets without asking), once per kernel and device; if the GPU refuses, x is never staged.
+// launch gets without asking), once per kernel and device: only where a block can have that on top of the
+// kernel's static shared memory (227 KB on sm_90) and the GPU takes the attribute; otherwise x is never staged.
 template <typename Kernel>
 bool stages_x(Kernel* kernel, int device) {
   return once_per_kernel(kernel, device, [&] {
-    const bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         kLinearStageMaxBytes) == cudaSuccess;
+    cudaFuncAttributes attr{};
+    const bool ok =
+        cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
+        attr.sharedSizeBytes + kLinearStageMaxBytes <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kLinearStageMaxBytes) == cudaSuccess;
     (void)cudaGetLastError();
     return ok;
   });
