@@ -13,7 +13,9 @@ Two measurements per (model, rows M):
     layers. This includes the gaps between kernels inside a graph.
 
     python bench/bench_linear.py [--models smollm2-135m,qwen2.5-1.5b,llama3-8b] [--rows 1,4,8,16,25,32]
-                                 [--iters N] [--tag T]
+                                 [--iters N] [--tag T] [--norm]
+--norm: the per-call qkv and gate_up fuse the RMSNorm of x, as the model's forward does when every projection of a
+layer runs as decode_linear (baselines: the model's compiled norm chain, then the same as without).
 Writes bench/results/linear[_tag].json; prints the table last. bf16, random weights.
 """
 from __future__ import annotations
@@ -98,6 +100,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,8,16,25,32", help="rows of x (B x Q), at most 32")
     ap.add_argument("--iters", type=int, default=50, help="timed runs per measurement")
     ap.add_argument("--tag", default=None, help="suffix of the output file")
+    ap.add_argument("--norm", action="store_true",
+                    help="per call, fuse the RMSNorm into qkv and gate_up (baselines: the compiled norm chain first)")
     args = ap.parse_args()
     models = [m for m in args.models.split(",") if m]
     for m in models:
@@ -140,14 +144,20 @@ def main() -> None:
             for p, (n, k, sw) in sh.items():
                 x = torch.randn(M, k, generator=g, device=dev, dtype=dtype)
                 w = weights[p]
+                # --norm: the RMSNorm of x inside the op (qkv, gate_up), before torch's linear in the baseline.
+                normed = args.norm and p in ("qkv", "gate_up")
+                nwk = (1 + 0.2 * torch.randn(k, generator=g, device=dev)).to(dtype) if normed else None
+                fused = dict(norm_weight=nwk, eps=1e-5) if normed else {}
+                pre = (lambda t, nwk=nwk: norm_chain(t, nwk, 1e-5)) if normed else (lambda t: t)
                 if p == "qkv":
                     ours = lambda: ops.decode_linear(x, w, rope_cos=cos_t, rope_sin=sin_t, positions=pos,  # noqa: E731
-                                                     rope_rows=(hq + hkv) * dh)
-                    base = lambda: rope_base(x, w)  # noqa: E731
+                                                     rope_rows=(hq + hkv) * dh, **fused)
+                    base = lambda: rope_base(pre(x), w)  # noqa: E731
                     check = lambda: (ours()[:, : hq * dh].float() - base()[0].reshape(M, -1).float())  # noqa: E731
                 else:
-                    ours = lambda: ops.decode_linear(x, w, swiglu=sw)  # noqa: E731
-                    base = (lambda: swiglu_chain(F.linear(x, w))) if sw else (lambda: F.linear(x, w))  # noqa: E731
+                    ours = lambda: ops.decode_linear(x, w, swiglu=sw, **fused)  # noqa: E731
+                    base = ((lambda: swiglu_chain(F.linear(pre(x), w))) if sw  # noqa: E731
+                            else (lambda: F.linear(pre(x), w)))
                     check = lambda: ours().float() - base().float()  # noqa: E731
                 diff = check().abs().max().item()
                 nbytes = w.numel() * 2 + x.numel() * 2 + M * (n // 2 if sw else n) * 2
@@ -196,7 +206,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     os.makedirs(RESULTS, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "iters": args.iters,
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "iters": args.iters, "norm": args.norm,
             "dtype": "bf16", "roofline_tbps": ROOFLINE_TBPS, "seconds": round(time.monotonic() - t0, 1)}
     path = os.path.join(RESULTS, f"linear{'_' + args.tag if args.tag else ''}.json")
     with open(path, "w") as f:
