@@ -286,8 +286,9 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
     if (p.prefetch_weights) load_rope_angles(tile);
   wait_for_inputs();  // everything below reads activations (x, residual) or writes (a no-op if waited)
   release_dependents();
-  // Without a norm x goes out first, so that its loads and the residual's share one round trip.
-  if (!norm_w) {
+  // Without a norm x goes out first, so that its loads and the residual's share one round trip. (A kStageX
+  // instance always has the norm: the launcher stages only then.)
+  if (!kStageX && !norm_w) {
     if (c_first < range.end) load_x(A, c_first);
     if (c_first + kStep < range.end) load_x(B, c_first + kStep);
   }
