@@ -65,7 +65,7 @@ def cluster_mode() -> str:
 
 
 def plan(Q: int, Hq: int, Hkv: int, D: int, B: int, S: int, dtype: torch.dtype) -> dict:
-    """The launcher's choices: kernel, rows per block, splits, merge (mirrors csrc/cuda/attention_with_kv_cache.cu,
+    """The launcher's choices: kernel, rows per block, splits, merge (mirrors csrc/cuda/attention_launch.cuh,
     but for the launcher's check that every cluster is resident at once, which needs the CUDA occupancy API)."""
     from pass_ext import ops
     R = Q * (Hq // Hkv)

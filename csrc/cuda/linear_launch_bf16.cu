@@ -1,0 +1,6 @@
+// decode_linear's kernels and launch for __nv_bfloat16 (see linear_launch.cuh).
+#include "linear_launch.cuh"
+
+namespace pass_ext::linear_launch {
+template void launch_mode<__nv_bfloat16>(const LinearParams&, int, int, cudaStream_t);
+}  // namespace pass_ext::linear_launch
