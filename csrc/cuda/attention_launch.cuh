@@ -113,10 +113,7 @@ void set_smem(Kernel* kernel, size_t smem, int64_t D) {
 constexpr int64_t kFusedCombineMaxRows = 2 * k::kWarps;
 
 inline bool fused_combine_allowed() {
-  static const bool allowed = [] {
-    const char* v = std::getenv("PASS_EXT_ATTENTION_FUSED_COMBINE");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool allowed = !env_is("PASS_EXT_ATTENTION_FUSED_COMBINE", "0");
   return allowed;
 }
 
@@ -289,10 +286,7 @@ void dispatch_head_dim(const k::AttentionParams& p, const at::Tensor& q, cudaStr
 // PASS_EXT_ATTENTION_TC=0 keeps every call on the CUDA-core kernel (a bypass should the tensor-core path
 // misbehave on some GPU). Read once: a CUDA graph captured earlier keeps the kernel it captured anyway.
 inline bool tensor_cores_allowed() {
-  static const bool allowed = [] {
-    const char* v = std::getenv("PASS_EXT_ATTENTION_TC");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool allowed = !env_is("PASS_EXT_ATTENTION_TC", "0");
   return allowed;
 }
 

@@ -40,14 +40,18 @@ bool runs_sm90(Kernel* kernel, int device) {
   });
 }
 
+// Whether the environment sets `name` to exactly `value`: the on/off switches of the launchers ("0" turns a
+// default off, "1" a default-off variant on).
+inline bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
 // PASS_EXT_PDL=0 in the environment launches every kernel after the one before it has finished (no programmatic
 // dependent launch), for A/B runs and as a bypass. Read at every launch (a getenv, host only), so that one process
 // can compare both (bench/profile_step.py --ab; the 8B step with every weight on decode_linear took 7.1 ms with
 // them and 5.9 without, in two processes); a captured CUDA graph keeps the launches it was captured with.
-inline bool dependent_launch_allowed() {
-  const char* v = std::getenv("PASS_EXT_PDL");
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
+inline bool dependent_launch_allowed() { return !env_is("PASS_EXT_PDL", "0"); }
 
 // Whether launches of `kernel` (which must wait for its inputs: kernels/pdl.cuh) may overlap the kernel before.
 template <typename Kernel>

@@ -64,15 +64,10 @@ int resident_blocks_per_sm(Kernel* kernel, int device, size_t smem) {
   });
 }
 
-// A/B switches, read at every call (host only), so that one process can compare (bench/profile_step.py --ab;
-// a captured graph keeps what it was captured with); the same bits either way:
+// A/B switches (env_is, launch.h), read at every call (host only), so that one process can compare
+// (bench/profile_step.py --ab; a captured graph keeps what it was captured with); the same bits either way:
 // PASS_EXT_LINEAR_ONE_WAVE=0: one block per tile, however many waves that makes;
 // PASS_EXT_LINEAR_STAGE_X=0: with the RMSNorm, every tile normalises x as it loads it (no staged x).
-inline bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, value) == 0;
-}
-
 template <typename T, int MT, int kMode, int U, bool kStageX>
 void launch_kernel(LinearParams p, int tiles, cudaStream_t stream) {
   auto* kernel = decode_linear_kernel<T, MT, kMode, U, kStageX>;

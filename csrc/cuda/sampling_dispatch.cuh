@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "kernels/sampling.cuh"
+#include "launch.h"
 
 namespace pass_ext::cuda_dispatch {
 
@@ -30,10 +31,7 @@ namespace pass_ext::sampling::cuda::split {
 
 // The largest top-k a row may have to take the split path. PASS_EXT_SAMPLE_SPLIT=0 (read on every call)
 // sends every sampled row through the one-block passes over the row instead; greedy rows keep the split argmax.
-inline int max_top_k() {
-  const char* env = std::getenv("PASS_EXT_SAMPLE_SPLIT");
-  return env && std::strcmp(env, "0") == 0 ? 0 : kMaxSplitTopK;
-}
+inline int max_top_k() { return env_is("PASS_EXT_SAMPLE_SPLIT", "0") ? 0 : kMaxSplitTopK; }
 
 // Scratch of one call in one allocation (from the caching allocator, so a captured graph keeps it): chunk
 // summaries and candidates of each row, each row's warp and whether its candidates held it (split_ok).
