@@ -89,6 +89,19 @@ __device__ __forceinline__ bool key_rows(const AttentionParams& p, int b, int h,
   return true;
 }
 
+// Keys [begin, end) of KV split `split` of `splits` among a row's n keys: equal shares rounded up to a multiple
+// of `tile`, at least `min_keys` each (the launcher sizes splits for the capacity; the kernel for the row's
+// actual length, so splits past its keys get an empty range).
+struct KeyRange {
+  int begin, end;
+};
+__device__ __forceinline__ KeyRange split_key_range(int n, int splits, int split, int tile, int min_keys) {
+  const int share = (n + splits - 1) / splits;
+  const int chunk = max((share + tile - 1) / tile * tile, min_keys);
+  const int begin = split * chunk;
+  return {begin, min(n, begin + chunk)};
+}
+
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -452,10 +465,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
 
   // This split's keys: L cached, then Q new. The split size is computed per row on the device, so ragged rows
   // balance across splits without the host reading cache_lens.
-  const int N = L + p.Q;
-  int chunk = (N + p.splits - 1) / p.splits;
-  chunk = max((chunk + KT - 1) / KT * KT, p.split_keys);
-  const int k_begin = split * chunk, k_end = min(N, k_begin + chunk);
+  const KeyRange keys = split_key_range(L + p.Q, p.splits, split, KT, p.split_keys);
+  const int k_begin = keys.begin, k_end = keys.end;
 
   auto load_tile = [&](int t, int stage) {
     copy_key_tile<T, KT, CH>(p, b, h, cache_row, L, k_begin + t * KT, k_end, D, cpr, STRIDE,

@@ -143,10 +143,8 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   const int L = min(max(len, 0), p.S);
 
   // This split's keys among the L cached + Q new ones, sized per row on the device.
-  const int N = L + p.Q;
-  int chunk = (N + p.splits - 1) / p.splits;
-  chunk = max((chunk + KT - 1) / KT * KT, kMinSplitKeys);
-  const int k_begin = split * chunk, k_end = min(N, k_begin + chunk);
+  const KeyRange keys = split_key_range(L + p.Q, p.splits, split, KT, kMinSplitKeys);
+  const int k_begin = keys.begin, k_end = keys.end;
   const int n_tiles = k_begin < k_end ? (k_end - k_begin + KT - 1) / KT : 0;
 
   // Tile t of the split -> ring stage `stage`; keys past k_end are zero-filled without a read.
