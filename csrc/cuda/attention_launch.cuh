@@ -61,13 +61,10 @@ constexpr int64_t kMaxSplits = k::kMaxSplits;
 // (host only, a few hundred ns), so that one process can compare settings (bench/profile_step.py --ab); a
 // captured graph keeps the split count it was captured with.
 inline int64_t split_keys() {
-  const char* v = std::getenv("PASS_EXT_ATTENTION_SPLIT_KEYS");
-  if (v == nullptr || *v == '\0') return int64_t{k::kMinSplitKeys};
-  char* end = nullptr;
-  const long long n = std::strtoll(v, &end, 10);
-  TORCH_CHECK(*end == '\0' && n >= k::kKeyTile && n % k::kKeyTile == 0 && n <= (1 << 30),
-              "PASS_EXT_ATTENTION_SPLIT_KEYS must be a positive multiple of ", k::kKeyTile, ", got '", v, "'");
-  return static_cast<int64_t>(n);
+  const int64_t n = env_int("PASS_EXT_ATTENTION_SPLIT_KEYS", k::kMinSplitKeys, 1, int64_t{1} << 30);
+  TORCH_CHECK(n % k::kKeyTile == 0, "PASS_EXT_ATTENTION_SPLIT_KEYS must be a positive multiple of ", k::kKeyTile,
+              ", got ", n);
+  return n;
 }
 
 inline int64_t split_keys_mma() { return std::max<int64_t>(split_keys(), k::kMinSplitKeys); }
@@ -294,14 +291,7 @@ inline bool tensor_cores_allowed() {
 // 4: a padded m16 tile with 4 rows (GQA 4 at Q = 1) beat the CUDA-core kernel on the H200 (B = 8, L = 4096:
 // 49 against 63 µs; bench/NOTES.md); the variable lets a benchmark decide without a rebuild. Read once.
 inline int64_t tensor_core_min_rows() {
-  static const int64_t rows = [] {
-    const char* v = std::getenv("PASS_EXT_ATTENTION_TC_MIN_ROWS");
-    if (v == nullptr || *v == '\0') return int64_t{4};
-    char* end = nullptr;
-    const long long n = std::strtoll(v, &end, 10);
-    TORCH_CHECK(*end == '\0' && n >= 1, "PASS_EXT_ATTENTION_TC_MIN_ROWS must be a positive integer, got '", v, "'");
-    return static_cast<int64_t>(n);
-  }();
+  static const int64_t rows = env_int("PASS_EXT_ATTENTION_TC_MIN_ROWS", 4, 1, INT64_MAX);
   return rows;
 }
 

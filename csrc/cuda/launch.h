@@ -47,6 +47,18 @@ inline bool env_is(const char* name, const char* value) {
   return v != nullptr && std::strcmp(v, value) == 0;
 }
 
+// The integer the environment sets `name` to, `fallback` where it is unset or empty; anything but an integer in
+// [lo, hi] is an error that names the variable and its allowed values.
+inline int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK(*end == '\0' && n >= lo && n <= hi, name, " must be an integer from ", lo, " to ", hi, ", got '", v,
+              "'");
+  return static_cast<int64_t>(n);
+}
+
 // PASS_EXT_PDL=0 in the environment launches every kernel after the one before it has finished (no programmatic
 // dependent launch), for A/B runs and as a bypass. Read at every launch (a getenv, host only), so that one process
 // can compare both (bench/profile_step.py --ab; the 8B step with every weight on decode_linear took 7.1 ms with
