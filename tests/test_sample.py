@@ -98,6 +98,72 @@ def test_greedy_is_first_argmax(device):
     assert torch.equal(probs.cpu(), torch.nn.functional.one_hot(expected, 50).float())
 
 
+def greedy_edge_rows(vocab: int) -> torch.Tensor:
+    """Rows over several 4096-token chunks whose argmax hides in the corners of the chunk filter's greedy path:
+    ties within and across threads and loads, NaN (counts as -inf), rows of only -inf and NaN, signed zeros,
+    subnormals (the build flushes them in float arithmetic), infinities, the last token of a ragged chunk."""
+    g = torch.Generator().manual_seed(11)
+    rows = torch.randn(14, vocab, generator=g, dtype=torch.float64) - 4
+    rows[0] = torch.randint(-3, 3, (vocab,), generator=g).double()  # ties everywhere: the first 2 wins
+    rows[1, :] = -math.inf
+    rows[1, 4096:4099] = math.nan  # only -inf and NaN: token 0
+    rows[2, :] = math.nan
+    rows[3, 7000] = rows[3, 9000] = math.inf
+    rows[4, 5000], rows[4, 4200] = 0.0, -0.0  # -0.0 ties +0.0: the first zero
+    rows[5, 4100], rows[5, 4099] = -0.0, 0.0
+    rows[6, 4096 + 255 * 8 + 7] = rows[6, 4096 + 256 * 8] = 5.0  # the last of one thread's load, then the next's
+    rows[7, vocab - 1] = 9.0  # the very last token, in the ragged last chunk
+    rows[8, :] = math.nan
+    rows[8, 4100] = -100.0
+    rows[9, :] = -1.0
+    rows[9, 4096 + 3], rows[9, 4096 + 2000] = 2e-39, 3e-39  # subnormal in float32: the larger one
+    rows[10, :] = -1.0
+    rows[10, 5000], rows[10, 4500] = 3e-39, 0.0  # a subnormal above zero
+    rows[11, :] = -math.inf
+    rows[11, 4300] = -1e30
+    rows[12, 6000] = rows[12, 6001] = 3.0
+    rows[13, 2 * 4096 + 5] = 1e4
+    rows[13, 4096 + 17] = 1e4  # the same maximum in two chunks: the first
+    return rows
+
+
+def first_argmax(logits: torch.Tensor) -> torch.Tensor:
+    clean = torch.nan_to_num(logits.double().cpu(), nan=-math.inf)
+    return torch.tensor([int(torch.nonzero(r == r.max())[0]) for r in clean])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab,offset", [(3 * 4096 + 64, 0), (3 * 4096 + 64, 1), (3 * 4096 + 65, 0)])
+def test_greedy_chunks_take_the_first_argmax(dtype, vocab, offset):
+    """Greedy sample and verify on rows of whole, 16-byte aligned chunks (16-byte loads), starting one element
+    off (every chunk unaligned) and of an odd length (rows alternate alignment): the first argmax of the row,
+    NaN as -inf, as torch.argmax after nan_to_num."""
+    rows_cpu = greedy_edge_rows(vocab).to(dtype)
+    storage = torch.empty(rows_cpu.numel() + offset, dtype=dtype, device="cuda")
+    logits = storage[offset:].view(rows_cpu.shape)  # contiguous; offset 1 moves every row off 16 bytes
+    logits.copy_(rows_cpu)
+    rows = logits.shape[0]
+    expected = first_argmax(logits)
+    zeros = torch.zeros(rows, device="cuda")
+    out, probs = run_sample(logits, zeros, torch.zeros(rows, dtype=torch.int32, device="cuda"),
+                            torch.ones(rows, device="cuda"))
+    assert out.cpu().tolist() == expected.tolist()
+    assert torch.equal(probs.cpu(), torch.nn.functional.one_hot(expected, vocab).float())
+    # Verify: rows in pairs as (draft position, bonus position); each draft is its position's argmax.
+    target = logits.reshape(rows // 2, 2, vocab)
+    drafts = expected.view(rows // 2, 2)[:, :1].cuda()
+    out_tokens = torch.empty(rows // 2, 2, dtype=torch.long, device="cuda")
+    accepted = torch.empty(rows // 2, dtype=torch.int32, device="cuda")
+    s, o = rng(1, 0, "cuda")
+    half = rows // 2
+    ops.speculative_verify(target, drafts, None, zeros[:half], torch.zeros(half, dtype=torch.int32, device="cuda"),
+                           torch.ones(half, device="cuda"), s, o, out_tokens, accepted)
+    assert accepted.cpu().tolist() == [1] * half
+    assert out_tokens.cpu().tolist() == expected.view(half, 2).tolist()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_signed_zeros_tie(device):
     """-0.0 and +0.0 are equal: greedy takes the first, top-k = 1 keeps both (ties kept), like torch."""
