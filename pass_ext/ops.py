@@ -210,9 +210,11 @@ def linear_max_rows() -> int:
 
 def linear_max_bytes() -> int:
     """Weight size up to which the model projects with `decode_linear`: PASS_EXT_LINEAR_MAX_MB (MiB), default
-    16. Smaller projections are bound by latency, where the op wins (SmolLM2's 1-4 MB: 1.4x cuBLAS per layer on
-    an H200); larger ones by bandwidth, where cuBLAS streams a few per cent faster."""
-    return _env_int("PASS_EXT_LINEAR_MAX_MB", 16, 0, 1 << 20) << 20
+    64. Smaller projections are bound by latency, where the op wins (SmolLM2's layers: 2.2x cuBLAS plus the
+    compiled norm chains on an H200); larger ones by bandwidth, where cuBLAS streams Llama-8B's 117-235 MB
+    gate/up and down weights faster. At 64 MiB the step took 0.85x the time of the old 16 MiB on Qwen2.5-0.5B,
+    0.96x on Qwen2.5-1.5B and the same on SmolLM2 and Llama-8B (bench/NOTES.md)."""
+    return _env_int("PASS_EXT_LINEAR_MAX_MB", 64, 0, 1 << 20) << 20
 
 
 def prefetch_allowed() -> bool:

@@ -531,9 +531,9 @@ def test_norm_and_residual_bad_arguments(device):
 def test_linear_settings(monkeypatch):
     for name in ("PASS_EXT_LINEAR", "PASS_EXT_LINEAR_MAX_ROWS", "PASS_EXT_LINEAR_MAX_MB"):
         monkeypatch.delenv(name, raising=False)
-    assert ops.linear_max_rows() == 16 and ops.linear_max_bytes() == 16 << 20
-    assert ops.decode_linear_pays(torch.empty(4096, 2048, dtype=torch.bfloat16))
-    assert not ops.decode_linear_pays(torch.empty(4097, 2048, dtype=torch.bfloat16))
+    assert ops.linear_max_rows() == 16 and ops.linear_max_bytes() == 64 << 20
+    assert ops.decode_linear_pays(torch.empty(16384, 2048, dtype=torch.bfloat16))
+    assert not ops.decode_linear_pays(torch.empty(16385, 2048, dtype=torch.bfloat16))
     monkeypatch.setenv("PASS_EXT_LINEAR_MAX_ROWS", "32")
     monkeypatch.setenv("PASS_EXT_LINEAR_MAX_MB", "1024")
     assert ops.linear_max_rows() == 32 and ops.linear_max_bytes() == 1 << 30
