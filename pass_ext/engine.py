@@ -357,9 +357,12 @@ class FusedPassEngine(PassEngine):
 class DraftModelEngine(Engine):
     """Classic speculative sampling: a smaller model with the same vocabulary drafts k tokens one by one,
     the target verifies them in one forward. The draft cache trails the target cache by one token so
-    every round's first draft forward has the same shape ([last committed token, c])."""
+    every round's first draft forward has the same shape ([last committed token, c]).
 
-    first_step_eager = True  # round one feeds the draft model one token, later rounds two
+    Round one has that shape too when the draft cache was prefilled one token short (`start_behind`, every
+    prompt at least two tokens long); otherwise it feeds c alone and runs eagerly, outside the captured step."""
+
+    first_step_eager = True  # round one feeds the draft model one token, later rounds two (see start_behind)
 
     @staticmethod
     def step_tokens(k: int) -> int:
@@ -380,6 +383,17 @@ class DraftModelEngine(Engine):
     def reset(self) -> None:
         super().reset()
         self.first_round = True
+        self.first_step_eager = True
+
+    def start_behind(self, last: torch.Tensor) -> None:
+        """The draft cache holds each prompt but its last two tokens, `last` [B] the second-to-last: round one
+        feeds [last, c] like every later round, so it is the captured step too."""
+        if self.last is None:
+            self.last = last.clone()
+        else:  # in place: a step captured by an earlier call reads this buffer
+            self.last.copy_(last)
+        self.first_round = False
+        self.first_step_eager = False
 
     def draft_positions(self, offsets):
         return self.draft_cache.lens.long()[:, None] + offsets[None, :]

@@ -352,7 +352,10 @@ def generate(
         eng, out_rows, stats = ws.engine, ws.engine.rows, ws.engine.stats
         c = prefill(model, eng.cache, rows, prefill_chunk)
         if method == "draft":
-            prefill(draft_model, eng.draft_cache, rows, prefill_chunk)
+            if min(len(r) for r in rows) >= 2:  # the draft cache one token further behind: round one is captured
+                eng.start_behind(prefill(draft_model, eng.draft_cache, [r[:-1] for r in rows], prefill_chunk))
+            else:
+                prefill(draft_model, eng.draft_cache, rows, prefill_chunk)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         prefill_s = time.perf_counter() - t0
