@@ -8,9 +8,65 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if "CUDA_HOME" not in os.environ and os.path.isfile("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+
 import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _links_shared_cpp_runtime() -> bool:
+    """Whether the compiler and linker that build_ext will use put libstdc++ in a shared library as a dependency
+    (NEEDED) rather than copying it in: a copy is a second C++ runtime next to torch's, and the extension then
+    crashes on its first error message that formats a number (seen with a GCC under /opt on a GPU image).
+    Answers True when it cannot tell (no compiler to try, a failed link)."""
+    from setuptools._distutils import sysconfig as dist_sysconfig
+    from setuptools._distutils.ccompiler import new_compiler
+
+    compiler = new_compiler()
+    dist_sysconfig.customize_compiler(compiler)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("#include <sstream>\n#include <string>\n"
+                    "std::string probe(long v) { std::ostringstream s; s << v; return s.str(); }\n")
+        try:
+            objects = compiler.compile([src], output_dir=tmp, extra_postargs=["-fPIC"])
+            lib = os.path.join(tmp, "probe.so")
+            compiler.link_shared_object(objects, lib, target_lang="c++")
+        except Exception:  # noqa: BLE001 (no usable compiler here: the real build will say why)
+            return True
+        if shutil.which("readelf"):
+            dyn = subprocess.run(["readelf", "-d", lib], capture_output=True, text=True).stdout
+            return any("(NEEDED)" in line and ("libstdc++" in line or "libc++" in line) for line in dyn.splitlines())
+        with open(lib, "rb") as f:
+            data = f.read()
+        return b"libstdc++.so" in data or b"libc++.so" in data
+
+
+def _use_system_compiler_if_needed() -> None:
+    """Build with /usr/bin/g++ and gcc when the toolchain build_ext would use (the default one, or CC / CXX from
+    the environment: some images set them to such a GCC) links libstdc++ statically and the system compiler does
+    not. PASS_EXT_CHECK_CXX=0 skips the probe."""
+    if os.environ.get("PASS_EXT_CHECK_CXX", "1") == "0" or _links_shared_cpp_runtime():
+        return
+    before = {name: os.environ.get(name) for name in ("CC", "CXX")}
+    if os.path.isfile("/usr/bin/g++") and os.path.isfile("/usr/bin/gcc"):
+        os.environ["CC"], os.environ["CXX"] = "/usr/bin/gcc", "/usr/bin/g++"
+        if _links_shared_cpp_runtime():
+            print(f"pass_ext: the compiler (CC={before['CC']}, CXX={before['CXX']}) links libstdc++ statically, a "
+                  "second C++ runtime next to torch's; building with /usr/bin/gcc and /usr/bin/g++ instead "
+                  "(PASS_EXT_CHECK_CXX=0 keeps yours)")
+            return
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    print("pass_ext: WARNING: the compiler links libstdc++ statically; the extension may crash on its first error "
+          "message. Set CC and CXX to a compiler that links it as a shared library.")
 
 
 def _rel(pattern):
@@ -56,6 +112,7 @@ def _extension():
                          extra_compile_args={"cxx": cxx + ["-DPASS_EXT_WITH_CUDA=1"], "nvcc": nvcc})
 
 
+_use_system_compiler_if_needed()
 setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -39,3 +39,28 @@ def test_error_messages_format_numbers():
     with pytest.raises(RuntimeError, match=r"cache_lens must be \[B=2\], got \[1\]"):
         torch.ops.pass_ext.attention_with_kv_cache(q, k, k.clone(), cache, cache.clone(),
                                                    torch.zeros(1, dtype=torch.int32), None, 0.1, torch.empty_like(q))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or shutil.which("gcc") is None, reason="needs gcc and g++")
+def test_setup_probe_tells_a_static_cpp_runtime(monkeypatch, capsys):
+    """setup.py links a probe library with the toolchain build_ext will use and switches to /usr/bin/g++ when the
+    default one copies libstdc++ in; the probe must tell the two apart (LDFLAGS=-static-libstdc++ forces a copy)."""
+    import os
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)  # run setup.py's definitions, build nothing
+    monkeypatch.setenv("PASS_EXT_CHECK_CXX", "0")
+    for name in ("FORCE_CUDA", "TORCH_CUDA_ARCH_LIST"):  # _extension() may set the arch list
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    ns = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py"))
+    for name in ("LDFLAGS", "CC", "CXX"):
+        monkeypatch.delenv(name, raising=False)
+    assert ns["_links_shared_cpp_runtime"]()
+    monkeypatch.setenv("LDFLAGS", "-static-libstdc++")
+    assert not ns["_links_shared_cpp_runtime"]()
+    monkeypatch.setenv("PASS_EXT_CHECK_CXX", "1")
+    ns["_use_system_compiler_if_needed"]()  # LDFLAGS forces the copy whatever the compiler: a warning, no switch
+    assert "CXX" not in os.environ
+    assert "links libstdc++ statically" in capsys.readouterr().out
