@@ -29,6 +29,19 @@ class _TextStream:
             self.printed = text
 
 
+def _lookahead_arg(value: str):
+    """--lookahead: a number of drafts k (an int >= 1) or 'auto' (PaSS picks k per call, 0 included)."""
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 1 or str(k) != value.strip():
+        raise argparse.ArgumentTypeError(f"takes an integer k >= 1 or 'auto', got {value!r}")
+    return k
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -164,7 +177,10 @@ def main(argv=None) -> int:
     g.add_argument("--prompt", required=True)
     g.add_argument("--method", default="pass", choices=["ar", "pass", "pass-paper", "draft"])
     g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--lookahead", type=int, default=None, help="drafts per step k (default: what the embeddings hold)")
+    g.add_argument("--lookahead", type=_lookahead_arg, default=None,
+                   help="drafts per step k, or 'auto': PaSS picks k per call from measured acceptance and step cost, "
+                        "plain decoding included (its first call per shape times each k once); default: the k the "
+                        "embeddings hold")
     g.add_argument("--lookahead-file", default=None, help="look-ahead embeddings (.safetensors) to load")
     g.add_argument("--draft-model", default=None, help="draft model for --method draft")
     g.add_argument("--temperature", type=float, default=0.0)

@@ -508,6 +508,8 @@ def tiny_dir(tmp_path_factory):
     (["--top-p", "abc"], ["--top-p", "invalid float value"]),
     (["--max-new-tokens", "2.5"], ["--max-new-tokens", "invalid int value"]),
     (["--dtype", "int8"], ["--dtype", "invalid choice", "bfloat16"]),
+    (["--lookahead", "0"], ["--lookahead", "integer k >= 1 or 'auto'", "'0'"]),
+    (["--lookahead", "fast"], ["--lookahead", "integer k >= 1 or 'auto'", "'fast'"]),
 ])
 def test_cli_argparse_errors(capsys, argv, words):
     with pytest.raises(SystemExit) as info:

@@ -28,3 +28,13 @@ def test_generate_method_ar_and_paper(fetched, capsys):
         out, err = capsys.readouterr()
         assert rc == 0, err
         assert f"{method} k=" in err
+
+
+def test_generate_lookahead_auto(fetched, capsys):
+    """--lookahead auto: PaSS picks k (0 included) from the step costs it times and the shipped acceptance."""
+    rc = cli.main(["generate", "--model", "smollm2-135m", "--device", "cpu", "--prompt", "def add(a, b):",
+                   "--max-new-tokens", "8", "--lookahead", "auto", "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert len(out.strip()) > 0
+    assert "pass k=" in err and "stop: max_new_tokens" in err, err  # k = 0 (plain decoding) on a CPU
