@@ -208,6 +208,31 @@ def test_pass_without_lookahead_says_how_to_get_them():
         pass_ext.generate(model, [[2, 3]], method="pass")
 
 
+@pytest.mark.parametrize("prompts, behind", [([[2, 3], [4, 5, 6]], True), ([[2, 3], [4]], False)])
+def test_draft_round_one_is_the_captured_step_when_prompts_allow(tiny, monkeypatch, prompts, behind):
+    """With every prompt at least two tokens long the draft cache is prefilled one token short, so round one
+    has the shape of every later round and needs no eager step (a CUDA graph replays from the first round);
+    a one-token prompt keeps the eager first round. The draft cache then trails the target cache by one."""
+    hf, model, draft = tiny
+    import pass_ext.engine as E
+    ref = pass_ext.generate(model, prompts, method="ar", max_new_tokens=9, eos_token_id=False)
+    seen = {}
+    run = E.run
+
+    def spy(engine, c, *args, **kwargs):
+        seen.update(eager=engine.first_step_eager, lens=engine.cache.lens.tolist(),
+                    draft_lens=engine.draft_cache.lens.tolist())
+        return run(engine, c, *args, **kwargs)
+
+    monkeypatch.setattr(E, "run", spy)
+    out = pass_ext.generate(model, prompts, method="draft", draft_model=draft, lookahead=3, max_new_tokens=9,
+                            eos_token_id=False)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert seen["eager"] is (not behind)
+    assert seen["lens"] == [len(p) - 1 for p in prompts]
+    assert seen["draft_lens"] == [len(p) - (2 if behind else 1) for p in prompts]
+
+
 def test_draft_model_with_other_vocabulary_is_refused(tiny):
     hf, model, _ = tiny
     other = pass_ext.load_model(tiny_peaky_llama(vocab=24, seed=4), dtype=torch.float32, device="cpu")
