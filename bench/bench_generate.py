@@ -796,7 +796,9 @@ def parse_args(argv=None):
                          f"{','.join(ACCEPTANCE_FROM)}; kept in the JSON)")
     ap.add_argument("--fetch", action="store_true", help="download real models missing from the cache")
     ap.add_argument("--tiny", action="store_true", help="shrink the random presets to CPU size (tests)")
-    ap.add_argument("--prompts-file", default=None, help="JSON with 'prompts': {code: [...], english: [...]}")
+    ap.add_argument("--prompts-file", default=None,
+                    help="JSON with 'prompts': {code: [...], english: [...]}, e.g. an earlier results file of this "
+                         "script (its runs then share their prompts; needed where the corpora cannot be fetched)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on CUDA, float32 on CPU")

@@ -214,3 +214,18 @@ def test_divergences_are_measured_in_ulps_at_the_first_difference(bg, tiny_hf_mo
     expect = abs(a - b) / (2.0 ** (math.frexp(max(abs(a), abs(b)))[1] - 1) * torch.finfo(torch.float32).eps)
     assert row["max_tie_ulps"] == pytest.approx(expect, rel=1e-3, abs=0.01)
     assert row["near_ties"] == int(expect <= bg.NEAR_TIE_ULPS)
+
+
+def test_prompts_file_takes_a_results_file(bg, tmp_path):
+    """--prompts-file reads {'prompts': {...}} (an earlier results file) or the bare {'code', 'english'} dict, and
+    refuses one with too few prompts for the batches asked, naming the counts."""
+    results = tmp_path / "generate_old.json"
+    results.write_text(json.dumps({"schema": 1, "prompts": PROMPTS, "rows": []}))
+    bare = tmp_path / "prompts.json"
+    bare.write_text(json.dumps(PROMPTS))
+    for path in (results, bare):
+        args = bg.parse_args(["--prompts-file", str(path), "--batches", "1,8"])
+        assert bg.load_prompts(args, {}) == PROMPTS
+    args = bg.parse_args(["--prompts-file", str(results), "--batches", "1,128"])
+    with pytest.raises(SystemExit, match="need 64 code and 64 English prompts, have 32 and 32"):
+        bg.load_prompts(args, {})
