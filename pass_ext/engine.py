@@ -388,12 +388,17 @@ class DraftModelEngine(Engine):
     def start_behind(self, last: torch.Tensor) -> None:
         """The draft cache holds each prompt but its last two tokens, `last` [B] the second-to-last: round one
         feeds [last, c] like every later round, so it is the captured step too."""
-        if self.last is None:
-            self.last = last.clone()
-        else:  # in place: a step captured by an earlier call reads this buffer
-            self.last.copy_(last)
+        self.set_last(last)
         self.first_round = False
         self.first_step_eager = False
+
+    def set_last(self, last: torch.Tensor) -> None:
+        """Keep `last` [B] in the buffer the draft model reads next round: in place once it exists, since a
+        captured step (of this call or an earlier one) reads that buffer on its next replay."""
+        if self.last is None:
+            self.last = last.clone()
+        else:
+            self.last.copy_(last)
 
     def draft_positions(self, offsets):
         return self.draft_cache.lens.long()[:, None] + offsets[None, :]
@@ -427,10 +432,7 @@ class DraftModelEngine(Engine):
         self.rows.emit(out, count)
         # The last committed token is c (a = 0) or draft a; the draft cache rolls back to hold all but it.
         last = torch.cat([s.c[:, None], drafts], 1).gather(1, accepted.long()[:, None]).squeeze(1)
-        if self.last is None:
-            self.last = last
-        else:  # in place: a captured step reads this buffer on the next replay
-            self.last.copy_(last)
+        self.set_last(last)
         dc.lens.copy_(torch.where(done, dc.lens, self.cache.lens - 1))
         self.first_round = False
         nxt = out.gather(1, accepted.long()[:, None]).squeeze(1)
