@@ -33,13 +33,9 @@ def _lookahead_arg(value: str):
     """--lookahead: a number of drafts k (an int >= 1) or 'auto' (PaSS picks k per call, 0 included)."""
     if value == "auto":
         return value
-    try:
-        k = int(value)
-    except ValueError:
-        k = 0
-    if k < 1 or str(k) != value.strip():
-        raise argparse.ArgumentTypeError(f"takes an integer k >= 1 or 'auto', got {value!r}")
-    return k
+    if value.strip().isdigit() and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"takes an integer k >= 1 or 'auto', got {value!r}")
 
 
 def cmd_generate(args) -> int:
