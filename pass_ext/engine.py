@@ -14,6 +14,14 @@ import torch
 
 from . import masks, ops
 
+
+def fused_head_max_rows() -> int:
+    """Rows of a fused PaSS forward (B x (k+1)^2) up to which its verify and draft logits come from one lm_head
+    call: PASS_EXT_FUSED_HEAD_MAX_ROWS, default 256; 0 always makes two calls (the verify rows, then the
+    chosen group). Read per step; the results are the same tokens either way up to near-ties."""
+    return ops._env_int("PASS_EXT_FUSED_HEAD_MAX_ROWS", 256, 0, 1 << 20)
+
+
 # Stop reasons, stored per row on the device.
 RUNNING, EOS, MAX_NEW, LENGTH = 0, 1, 2, 3
 REASONS = {EOS: "eos", MAX_NEW: "max_new_tokens", LENGTH: "length"}
@@ -277,19 +285,23 @@ class PassEngine(Engine):
 
     def validation_pass(self, s: StepState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[c, d_1..d_k] -> verify; commits c and the accepted drafts, emits them and the correction/bonus.
-        Returns (hidden [B, Q, d], accepted [B], the new pending token [B])."""
+        Returns (hidden [B, Q, d], the logits of head_logits, accepted [B], the new pending token [B])."""
         done = self.rows.done.clone()
         ids = torch.cat([s.c[:, None], s.drafts], 1)
         hidden = self.forward_block(ids, s)
-        target = self.model.lm_head_logits(hidden[:, : self.k + 1])              # [B, k+1, V]
+        logits = self.head_logits(hidden)                                       # [B, k+1 or Q, V]
         self.stats.forward(done)
-        out, accepted = self.verify(target, s.drafts, s.draft_probs)
+        out, accepted = self.verify(logits[:, : self.k + 1], s.drafts, s.draft_probs)
         self.stats.accepted(accepted, done)
         count = accepted.long() + 1
         self.commit(count, done)
         self.rows.emit(out, count)
         nxt = out.gather(1, accepted.long()[:, None]).squeeze(1)
-        return hidden, accepted, nxt
+        return hidden, logits, accepted, nxt
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits a validation pass projects: its k+1 verify rows."""
+        return self.model.lm_head_logits(hidden[:, : self.k + 1])
 
     def forward_block(self, ids: torch.Tensor, s: StepState) -> torch.Tensor:
         return self.model(ids, positions=self.positions(self.offsets), cache=self.cache, return_hidden=True)
@@ -310,7 +322,7 @@ class PassEngine(Engine):
         return StepState(c=c, drafts=drafts, draft_probs=probs)
 
     def step(self, s: StepState) -> StepState:
-        _, _, nxt = self.validation_pass(s)
+        _, _, _, nxt = self.validation_pass(s)
         self.check_capacity()
         state = self.drafting_pass(nxt)
         self.check_capacity()
@@ -343,13 +355,26 @@ class FusedPassEngine(PassEngine):
         return self.model(None, positions=self.positions(self.fused_offsets), cache=self.cache,
                           tree_mask=self.fused_mask, inputs_embeds=embeds, return_hidden=True)
 
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Every row's logits in one lm_head call while B x (k+1)^2 rows stay within `fused_head_max_rows()`:
+        the group that drafts is known only after verifying, and a second call would read the whole lm_head
+        weight again (on Qwen2.5-1.5B, 467 MB: ~0.11 ms, about what a step at k = 1 costs over `ar`'s).
+        Past that, the verify rows here and the chosen group's rows in `step`."""
+        if hidden.shape[0] * hidden.shape[1] <= fused_head_max_rows():
+            return self.model.lm_head_logits(hidden)
+        return super().head_logits(hidden)
+
     def step(self, s: StepState) -> StepState:
-        hidden, accepted, nxt = self.validation_pass(s)
+        hidden, logits, accepted, nxt = self.validation_pass(s)
         k = self.k
         # Group a (a = accepted) starts at k+1 + a*k; its outputs are "i tokens after nxt" distributions.
         idx = (k + 1) + accepted.long()[:, None] * k + torch.arange(k, device=self.device)[None, :]
-        group = hidden.gather(1, idx[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        drafts, probs = self.draft_from(self.model.lm_head_logits(group))
+        if logits.shape[1] == hidden.shape[1]:
+            la_logits = logits.gather(1, idx[:, :, None].expand(-1, -1, logits.shape[-1]))
+        else:
+            group = hidden.gather(1, idx[:, :, None].expand(-1, -1, hidden.shape[-1]))
+            la_logits = self.model.lm_head_logits(group)
+        drafts, probs = self.draft_from(la_logits)
         self.check_capacity()
         return StepState(c=nxt, drafts=drafts, draft_probs=probs)
 

@@ -163,6 +163,42 @@ def test_sampling_matches_exact_distribution(tiny, method, setting):
     assert p > 1e-4, f"{method} {setting}: chi-square p-value {p:.2e}"
 
 
+@pytest.mark.parametrize("setting", SETTINGS[1:3], ids=lambda s: f"T{s['temperature']}-k{s['top_k']}-p{s['top_p']}")
+def test_fused_one_head_call_matches_exact_distribution(tiny, monkeypatch, setting):
+    """The fused step's single lm_head call (verify and draft logits of every group at once) keeps the law of
+    plain sampling; at this batch the default limit would make two calls, so the limit is raised."""
+    monkeypatch.setenv("PASS_EXT_FUSED_HEAD_MAX_ROWS", str(1 << 20))
+    test_sampling_matches_exact_distribution(tiny, "pass", setting)
+
+
+@pytest.mark.parametrize("limit, B, k, calls", [(None, 1, 4, 1), (None, 4, 3, 1), ("0", 1, 4, 2), ("63", 4, 3, 2),
+                                                ("64", 4, 3, 1)])
+def test_fused_step_projects_onto_the_vocabulary_once_within_the_limit(tiny, monkeypatch, limit, B, k, calls):
+    """One lm_head call per fused step while B x (k+1)^2 <= PASS_EXT_FUSED_HEAD_MAX_ROWS (default 256), else
+    the verify rows and the chosen group separately; greedy output equals plain decoding either way."""
+    hf, model, _ = tiny
+    if limit is not None:
+        monkeypatch.setenv("PASS_EXT_FUSED_HEAD_MAX_ROWS", limit)
+    prompts = [[2 + b, 5, 7 + b] for b in range(B)]
+    ref = run(model, prompts, "ar", max_new_tokens=12, eos_token_id=False)
+    rows = []
+    head = type(model).lm_head_logits
+
+    def spy(self, hidden):
+        rows.append(hidden.shape[1] if hidden.dim() == 3 else 0)
+        return head(self, hidden)
+
+    monkeypatch.setattr(type(model), "lm_head_logits", spy)
+    # eagerly: a captured step would call the spy once per capture, not once per step
+    out = run(model, prompts, "pass", lookahead=k, max_new_tokens=12, eos_token_id=False, cuda_graphs=False)
+    assert torch.equal(out.sequences, ref.sequences)
+    first, other = ((k + 1) ** 2, k + 1) if calls == 1 else (k + 1, (k + 1) ** 2)
+    steps = rows.count(first)                              # each step's first call: all its rows, or the verify rows
+    assert steps >= out.stats.forward_passes > 0 and rows.count(other) == 0
+    assert rows.count(k) == (steps if calls == 2 else 0)   # the chosen group's rows, in a second call
+    assert len(rows) - steps * calls <= 1, rows            # and at most the prefill's own call
+
+
 def test_seed_reproducible_and_seed_sensitive(tiny):
     hf, model, _ = tiny
     kw = dict(max_new_tokens=20, eos_token_id=False, temperature=1.0)
