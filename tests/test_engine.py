@@ -199,6 +199,14 @@ def test_fused_step_projects_onto_the_vocabulary_once_within_the_limit(tiny, mon
     assert len(rows) - steps * calls <= 1, rows            # and at most the prefill's own call
 
 
+@pytest.mark.parametrize("bad", ["-1", "many"])
+def test_fused_head_limit_must_be_a_row_count(tiny, monkeypatch, bad):
+    hf, model, _ = tiny
+    monkeypatch.setenv("PASS_EXT_FUSED_HEAD_MAX_ROWS", bad)
+    with pytest.raises(ValueError, match=r"PASS_EXT_FUSED_HEAD_MAX_ROWS must be an integer in \[0, 1048576\]"):
+        run(model, [[2, 3]], "pass", lookahead=2, max_new_tokens=4, eos_token_id=False)
+
+
 def test_seed_reproducible_and_seed_sensitive(tiny):
     hf, model, _ = tiny
     kw = dict(max_new_tokens=20, eos_token_id=False, temperature=1.0)
