@@ -283,7 +283,7 @@ class PassEngine(Engine):
         self.rows.emit(x[:, None], one)
         return StepState(c=x, drafts=drafts, draft_probs=probs)
 
-    def validation_pass(self, s: StepState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def validation_pass(self, s: StepState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """[c, d_1..d_k] -> verify; commits c and the accepted drafts, emits them and the correction/bonus.
         Returns (hidden [B, Q, d], the logits of head_logits, accepted [B], the new pending token [B])."""
         done = self.rows.done.clone()
