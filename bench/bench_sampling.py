@@ -3,8 +3,10 @@
 Shapes: B in {1, 8, 32, 128}, V in {49152, 151936}, k in {4, 8} drafts (verify), bf16 logits, sampling with
 temperature 0.8, top-k 50 and top-p 0.95. Verify runs its worst case: q equals the warped target, so every
 draft is accepted and all k+1 positions are warped. "verify-greedy" is greedy verification (temperature 0,
-the drafts are the target's argmax), the op a greedy PaSS step runs. pass_ext is timed twice: as it runs
-(rows split over many blocks, top-k candidates) and as "one-block" (PASS_EXT_SAMPLE_SPLIT=0: one block per
+the drafts are the target's argmax), the op a greedy PaSS step runs. "sample-plain" and "verify-plain" (the
+first k only; q again the warped target, so the bonus is drawn) turn top-k and top-p off: temperature 0.8
+alone, the API's defaults. pass_ext is timed twice: as it runs (rows split over many blocks,
+top-k candidates; plain rows over the whole grid) and as "one-block" (PASS_EXT_SAMPLE_SPLIT=0: one block per
 row makes every pass over the vocabulary). Times are medians of CUDA-event timings with L2 flushed
 before each run; bandwidth counts the logits bytes read once, against the H200's 4.24 TB/s copy roofline.
 Targets (issue #5): <= 15 µs for B <= 32, V = 151936, k <= 8; >= 70% of the roofline at B = 128.
@@ -35,9 +37,12 @@ TEMPERATURE, TOP_K, TOP_P = 0.8, 50, 0.95
 def warp_torch(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """[..., V] logits -> warped probabilities (temperature, top-k with ties, top-p), float32."""
     z = logits.float() / temperature.view(-1, *([1] * (logits.dim() - 1)))
-    kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
-    z = z.masked_fill(z < kth, float("-inf"))
+    if top_k > 0:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
     p = torch.softmax(z, dim=-1)
+    if top_p >= 1:
+        return p
     sorted_p, order = torch.sort(p, dim=-1, descending=True)
     cum = torch.cumsum(sorted_p, dim=-1)
     drop_sorted = (cum - sorted_p) >= top_p  # mass before this token already reaches top_p
@@ -51,15 +56,15 @@ def race_torch(weights: torch.Tensor) -> torch.Tensor:
     return torch.argmax(weights / torch.empty_like(weights).exponential_(), dim=-1)
 
 
-def sample_torch(logits, temperature):
-    return race_torch(warp_torch(logits, temperature, TOP_K, TOP_P))
+def sample_torch(logits, temperature, top_k=TOP_K, top_p=TOP_P):
+    return race_torch(warp_torch(logits, temperature, top_k, top_p))
 
 
-def verify_torch(target_logits, drafts, draft_probs, temperature):
+def verify_torch(target_logits, drafts, draft_probs, temperature, top_k=TOP_K, top_p=TOP_P):
     """Vectorised speculative verification: [B, k+1, V], [B, k], [B, k, V] -> out_tokens [B, k+1], accepted [B]."""
     batch, k1, vocab = target_logits.shape
     k = k1 - 1
-    p = warp_torch(target_logits, temperature, TOP_K, TOP_P)
+    p = warp_torch(target_logits, temperature, top_k, top_p)
     p_d = torch.gather(p[:, :k], 2, drafts[..., None])[..., 0]
     q_d = torch.gather(draft_probs, 2, drafts[..., None])[..., 0]
     ok = torch.rand_like(p_d) * q_d < p_d
@@ -178,6 +183,12 @@ def main() -> None:
                         lambda: ops.sample(logits, temperature, top_k, top_p, seed, offset, out=out), nbytes)
             record("sample", batch, vocab, 0, "eager", lambda: sample_torch(logits, temperature), nbytes)
             record("sample", batch, vocab, 0, "compiled", lambda: sample_compiled(logits, temperature), nbytes)
+            off_k, off_p = torch.zeros_like(top_k), torch.ones_like(top_p)
+            record_ours("sample-plain", batch, vocab, 0,
+                        lambda: ops.sample(logits, temperature, off_k, off_p, seed, offset, out=out), nbytes)
+            record("sample-plain", batch, vocab, 0, "eager", lambda: sample_torch(logits, temperature, 0, 1.0), nbytes)
+            record("sample-plain", batch, vocab, 0, "compiled",
+                   lambda: sample_compiled(logits, temperature, 0, 1.0), nbytes)
             for k in drafts_k:
                 target = (torch.randn(batch, k + 1, vocab, device=device) * 3).bfloat16()
                 q = torch.empty(batch * k, vocab, device=device)
@@ -204,6 +215,22 @@ def main() -> None:
                 record_ours("verify-greedy", batch, vocab, k, lambda: ops.speculative_verify(
                     target, top, None, greedy, top_k, top_p, seed, offset, out_tokens, accepted), nbytes)
                 record("verify-greedy", batch, vocab, k, "compiled", lambda: verify_greedy_compiled(target, top), nbytes)
+                if k == drafts_k[0]:  # plain rows (top-k and top-p off, the API's defaults), one k
+                    off_k, off_p = torch.zeros_like(top_k), torch.ones_like(top_p)
+                    q_plain = torch.empty(batch * k, vocab, device=device)
+                    drafts = ops.sample(target[:, :k].reshape(batch * k, vocab), temperature.repeat_interleave(k),
+                                        off_k.repeat_interleave(k), off_p.repeat_interleave(k), seed, offset,
+                                        probs_out=q_plain).reshape(batch, k)
+                    q_plain = q_plain.reshape(batch, k, vocab)
+                    del q
+                    record_ours("verify-plain", batch, vocab, k, lambda: ops.speculative_verify(
+                        target, drafts, q_plain, temperature, off_k, off_p, seed, offset, out_tokens, accepted),
+                        nbytes)
+                    record("verify-plain", batch, vocab, k, "eager",
+                           lambda: verify_torch(target, drafts, q_plain, temperature, 0, 1.0), nbytes)
+                    record("verify-plain", batch, vocab, k, "compiled",
+                           lambda: verify_compiled(target, drafts, q_plain, temperature, 0, 1.0), nbytes)
+                    q = q_plain
                 del target, q
             print(f"done V={vocab} B={batch} ({time.monotonic() - t0:.0f} s)", flush=True)
 
@@ -260,8 +287,8 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
-    for ax, op in zip(axes, ["sample", "verify", "verify-greedy"]):
+    fig, axes = plt.subplots(1, 5, figsize=(30, 4.5))
+    for ax, op in zip(axes, ["sample", "verify", "verify-greedy", "sample-plain", "verify-plain"]):
         for impl, style in [("pass_ext", "-o"), ("pass_ext one-block", "-.x"), ("eager", "--s"), ("compiled", ":^")]:
             for vocab in sorted({r["vocab"] for r in rows}):
                 for k in sorted({r["k"] for r in rows if r["op"] == op}):

@@ -4,8 +4,8 @@
         --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \
         python bench/profile_sampling.py sample:1 sample:128 verify:1:4 verify-greedy:128:4
 
-A shape is OP:B[:k] with OP in sample, verify, verify-greedy (V = 151936, bf16 logits, the warp of
-bench_sampling.py: T 0.8, top-k 50, top-p 0.95). Each shape runs --calls times after three warm-up calls,
+A shape is OP:B[:k] with OP in sample, verify, verify-greedy (V = 151936, bf16 logits, by default the warp of
+bench_sampling.py: T 0.8, top-k 50, top-p 0.95; --temperature, --top-k and --top-p change it). Each shape runs --calls times after three warm-up calls,
 timed as bench_sampling.py times them (its time_us: L2 flushed before each); the counters come from ncu, and
 the printed median is what the shape costs outside it.
 """
@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("shapes", nargs="+", help="OP:B[:k]")
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--temperature", type=float, default=TEMPERATURE, help=f"sampled shapes (default {TEMPERATURE})")
+    ap.add_argument("--top-k", type=int, default=TOP_K, help=f"0 = off (default {TOP_K})")
+    ap.add_argument("--top-p", type=float, default=TOP_P, help=f"1 = off (default {TOP_P})")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_sampling.py needs a GPU")
@@ -51,9 +54,9 @@ def main() -> None:
     offset = torch.tensor([0], device=dev)
     for spec in args.shapes:
         op, B, k = parse(spec)
-        temperature = torch.full((B,), TEMPERATURE, device=dev)
-        top_k = torch.full((B,), TOP_K, dtype=torch.int32, device=dev)
-        top_p = torch.full((B,), TOP_P, device=dev)
+        temperature = torch.full((B,), args.temperature, device=dev)
+        top_k = torch.full((B,), args.top_k, dtype=torch.int32, device=dev)
+        top_p = torch.full((B,), args.top_p, device=dev)
         if op == "sample":
             logits = (torch.randn(B, V, device=dev) * 3).bfloat16()
             out = torch.empty(B, dtype=torch.long, device=dev)

@@ -285,6 +285,35 @@ def test_split_rows_match_one_block_rows(monkeypatch, dtype, vocab):
     assert_probs_match(logits.cpu(), temperature.cpu(), top_k.cpu(), top_p.cpu(), split[1], split[0])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [1, 4097, 151936])
+def test_plain_rows_on_the_grid_match_one_block_rows(monkeypatch, dtype, vocab):
+    """Rows with top-k and top-p off (the API's defaults) add up their mass and race over the whole grid (integer
+    atomics across blocks); PASS_EXT_SAMPLE_GRID=0 makes the one-block passes over the row instead: the same
+    probabilities bit for bit and the same tokens, at several offsets. Mixed with greedy, top-k and top-p rows, a
+    row of -inf (one-hot at 0), NaN holes, a peaked row, and top_k/top_p values that mean off (>= V, < 0, > 1);
+    V = 4097 leaves a last chunk of one token."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(12, vocab, generator=g) * 3
+    logits[3] = -math.inf
+    logits[5, ::2] = math.nan
+    logits[7] = torch.randn(vocab, generator=g) * 12
+    configs = [(1.0, 0, 1.0), (0.8, 0, 1.0), (0.0, 0, 1.0), (1.0, 0, 1.0), (0.5, 10, 1.0), (1.0, 0, 1.0),
+               (1.2, 0, 0.9), (0.8, 0, 1.0), (2.0, vocab + 5, 1.0), (1e-3, 0, 1.0), (0.8, -3, 2.0), (3.0, 0, 1.0)]
+    logits = logits.to(dtype).cuda()
+    temperature, top_k, top_p = config_params(configs, "cuda")
+    for offset in range(3):
+        grid = run_sample(logits, temperature, top_k, top_p, seed=3, offset=offset)
+        monkeypatch.setenv("PASS_EXT_SAMPLE_GRID", "0")
+        whole = run_sample(logits, temperature, top_k, top_p, seed=3, offset=offset)
+        monkeypatch.delenv("PASS_EXT_SAMPLE_GRID")
+        assert torch.equal(grid[0], whole[0]), f"offset {offset}: {grid[0].tolist()} != {whole[0].tolist()}"
+        assert torch.equal(grid[1], whole[1])
+    assert_probs_match(logits.cpu(), temperature.cpu(), top_k.cpu(), top_p.cpu(), grid[1], grid[0])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     logits = torch.randn(5, 37, device=device)

@@ -257,6 +257,54 @@ def test_split_rows_match_one_block_rows(monkeypatch, dtype, with_probs):
     assert_structure(*split, drafts, vocab)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_probs", [False, True])
+@pytest.mark.parametrize("vocab", [33, 151936])
+def test_plain_rows_on_the_grid_match_one_block_rows(monkeypatch, dtype, with_probs, vocab):
+    """Rows with top-k and top-p off are warped from grid-wide sums and raced at the stop position over the whole
+    grid (plain_stop_kernel); PASS_EXT_SAMPLE_GRID=0 makes one block race over the row: the same tokens, draw for
+    draw, at several offsets, with rejections at every position and bonus tokens. Mixed with greedy and top-k rows
+    and a row of -inf; peaked rows accept their argmax drafts; with probs, some rows draft from the exact warped
+    target (always accepted: the bonus)."""
+    from test_sample import config_params
+    batch, k = 16, 4
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(batch, k + 1, vocab, generator=g) * 3
+    logits[::2] *= 10  # peaked: the argmax holds nearly all the mass, so argmax drafts reach the bonus
+    logits[6] = -math.inf
+    configs = [(1.0, 0, 1.0), (0.7, 0, 1.0), (0.0, 0, 1.0), (1.0, 20, 1.0)] * 4
+    configs[9] = (1.0, 0, 0.8)
+    temperature, top_k, top_p = config_params(configs, "cuda")
+    logits = logits.to(dtype).cuda()
+    drafts = logits.float().argmax(-1)[:, :k].cpu()
+    noise = torch.rand(batch, k, generator=g) < 0.3
+    noise[0] = noise[4] = False  # two peaked plain rows draft their argmax throughout
+    drafts[noise] = torch.randint(0, vocab, (int(noise.sum()),), generator=g)
+    drafts = drafts.cuda()
+    q = None
+    if with_probs:
+        q = torch.softmax(torch.randn(batch, k, vocab, generator=g) * 3, -1).cuda()
+        exact = torch.empty(batch * k, vocab, device="cuda")
+        s, o = rng(1, 0, "cuda")
+        ops.sample(logits[:, :k].reshape(batch * k, vocab), temperature.repeat_interleave(k),
+                   top_k.repeat_interleave(k), top_p.repeat_interleave(k), s, o, probs_out=exact)
+        q[::3] = exact.view(batch, k, vocab)[::3]
+    plain = ((temperature > 0) & (top_k == 0) & (top_p >= 1)).cpu()
+    stops = []
+    for offset in range(4):
+        grid = run_verify(logits, drafts, q, temperature, top_k, top_p, seed=6, offset=offset)
+        monkeypatch.setenv("PASS_EXT_SAMPLE_GRID", "0")
+        whole = run_verify(logits, drafts, q, temperature, top_k, top_p, seed=6, offset=offset)
+        monkeypatch.delenv("PASS_EXT_SAMPLE_GRID")
+        assert torch.equal(grid[1], whole[1]), f"offset {offset}: {grid[1].tolist()} != {whole[1].tolist()}"
+        assert torch.equal(grid[0], whole[0]), f"offset {offset}"
+        assert_structure(*grid, drafts, vocab)
+        stops += grid[1].cpu()[plain].tolist()
+    assert k in stops and min(stops) < k, f"plain rows should stop both before k and at k: {stops}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     batch, k, vocab = 3, 2, 29

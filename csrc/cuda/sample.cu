@@ -1,13 +1,15 @@
 // CUDA kernels of sample. filter_kernel reads every row once, one block per chunk of the vocabulary (argmax
-// and top-k candidates, see "Split rows" in sampling.cuh); finish_kernel warps each row from those candidates
-// (or, when they do not suffice, with one-block radix selects over the row) and draws the token with the
-// exponential race; probs_kernel writes the warped distribution when asked. Seed and offset are read on the
-// device (graph-safe).
+// and top-k candidates, see "Split rows" in sampling.cuh); plain_pass_kernel adds up plain rows' masses and races
+// over the whole grid ("Plain rows"); finish_kernel warps each row from those candidates or sums (or, when they do
+// not suffice, with one-block radix selects over the row) and draws the token with the exponential race;
+// probs_kernel writes the warped distribution when asked. Seed and offset are read on the device (graph-safe).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "cuda/sampling_dispatch.cuh"
 #include "kernels/sampling.cuh"
@@ -25,8 +27,8 @@ __global__ void __launch_bounds__(kThreads)
     finish_kernel(const T* __restrict__ logits, int vocab, int chunks, const float* __restrict__ temperature,
                   const int32_t* __restrict__ top_k, const float* __restrict__ top_p, int max_top_k,
                   const ChunkSummary* __restrict__ sums, const Candidate* __restrict__ cands,
-                  const int64_t* __restrict__ seed, const int64_t* __restrict__ offset, int64_t* __restrict__ out,
-                  Warp* __restrict__ warps) {
+                  const int64_t* __restrict__ seed, const int64_t* __restrict__ offset, bool grid_plain,
+                  const PlainAcc* __restrict__ acc, int64_t* __restrict__ out, Warp* __restrict__ warps) {
   __shared__ Scratch s;
   __shared__ ListScratch list;
   const int64_t n = blockIdx.x;
@@ -36,9 +38,15 @@ __global__ void __launch_bounds__(kThreads)
   Warp w;
   const bool split =
       split_warp(vocab, temperature[n], top_k[n], top_p[n], max_top_k, row_sums, chunks, row_cands, s, list, w);
-  if (!split) w = warp_row(row, vocab, temperature[n], top_k[n], top_p[n], s);
+  // A plain row's mass and draw come from the grid-wide pass (split_warp leaves such a row unsplit, not one-hot).
+  const bool plain = !split && grid_plain && plain_row(temperature[n], top_k[n], top_p[n], vocab);
+  if (plain) w.mass = float(double(acc[n].mass) * kMassUnit);
+  else if (!split) w = warp_row(row, vocab, temperature[n], top_k[n], top_p[n], s);
   int32_t token = w.argmax;
-  if (!w.one_hot) {
+  if (plain) {
+    const int32_t winner = race_winner(acc[n].race);
+    if (winner >= 0) token = winner;  // always: the maximum has weight 1
+  } else if (!w.one_hot) {
     const philox::Stream rng(*seed, *offset, kStreamSample, uint32_t(n), 0);
     auto weight = [&](float l, int32_t j) { return w.weight(l, j); };
     const int32_t winner = split ? race_list(list, rng, weight, s)
@@ -73,16 +81,26 @@ void sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, const 
   const c10::cuda::CUDAGuard guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const split::Workspace ws(logits, rows, chunks);
+  const int device = logits.get_device();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int max_top_k = split::max_top_k();
+  const bool grid_plain = split::grid_plain();
   cuda_dispatch::by_logits_dtype(logits, [&](auto* data) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(data)>>;
     filter_kernel<<<dim3(unsigned(rows), unsigned(chunks)), kFilterThreads, 0, stream>>>(
         data, vocab, 1, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(), max_top_k, ws.sums,
-        ws.cands);
+        ws.cands, ws.acc);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (grid_plain) {
+      split::launch_plain(&plain_pass_kernel<T>, dim3(unsigned(rows), plain_splits(rows, chunks, sms)), stream,
+                          device, data, vocab, chunks, 1, temperature.const_data_ptr<float>(),
+                          top_k.const_data_ptr<int32_t>(), top_p.const_data_ptr<float>(), ws.sums,
+                          seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(), true, ws.acc);
+    }
     finish_kernel<<<unsigned(rows), kThreads, 0, stream>>>(
         data, vocab, chunks, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
         top_p.const_data_ptr<float>(), max_top_k, ws.sums, ws.cands, seed.const_data_ptr<int64_t>(),
-        offset.const_data_ptr<int64_t>(), out.data_ptr<int64_t>(), ws.warps);
+        offset.const_data_ptr<int64_t>(), grid_plain, ws.acc, out.data_ptr<int64_t>(), ws.warps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (probs_out) {
       probs_kernel<<<dim3(unsigned(rows), unsigned(chunks)), kFilterThreads, 0, stream>>>(

@@ -31,14 +31,39 @@ namespace pass_ext::sampling::cuda::split {
 // sends every sampled row through the one-block passes over the row instead; greedy rows keep the split argmax.
 inline int max_top_k() { return env_is("PASS_EXT_SAMPLE_SPLIT", "0") ? 0 : kMaxSplitTopK; }
 
+// Whether plain rows (sampled, top-k and top-p off) take the grid-wide passes ("Plain rows" in sampling.cuh):
+// by default, unless the split path is off (PASS_EXT_SAMPLE_SPLIT=0, the one-block passes for every row) or
+// PASS_EXT_SAMPLE_GRID=0 (read on every call, for A/B runs in one process).
+inline bool grid_plain() { return max_top_k() > 0 && !env_is("PASS_EXT_SAMPLE_GRID", "0"); }
+
+// Launches kernel<<<grid, kFilterThreads>>>(args...) on `stream`, as a programmatic dependent launch where the
+// kernel runs sm_90 code (it then waits for the kernel before it first thing: plain_pass_kernel and the verify's
+// stop races; the kernels before them release it early), so that its launch overlaps the kernel before.
+template <typename... Params, typename... Args>
+void launch_plain(void (*kernel)(Params...), dim3 grid, cudaStream_t stream, int device, Args... args) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(kFilterThreads);
+  config.stream = stream;
+  const bool dependent = launches_dependent(kernel, device);
+  config.attrs = dependent ? &attr : nullptr;
+  config.numAttrs = dependent ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
+}
+
 // Scratch of one call in one allocation (from the caching allocator, so a captured graph keeps it): chunk
-// summaries and candidates of each row, each row's warp and whether its candidates held it (split_ok).
+// summaries and candidates of each row, each row's warp, how verify races at it (split_ok: 0 over the row, 1 over
+// its candidates, 2 raced by the plain-row passes) and the plain-row accumulators (zeroed by filter_kernel).
 struct Workspace {
   at::Tensor buffer;
   ChunkSummary* sums;
   Candidate* cands;
   Warp* warps;
   int32_t* split_ok;
+  PlainAcc* acc;
 
   Workspace(const at::Tensor& like, int64_t rows, int chunks) {
     static_assert(std::is_trivially_copyable_v<Warp> && alignof(Warp) <= 16 && alignof(ChunkSummary) <= 16);
@@ -47,12 +72,15 @@ struct Workspace {
     const int64_t cands_bytes = round(rows * chunks * kChunkCands * int64_t(sizeof(Candidate)));
     const int64_t warps_bytes = round(rows * int64_t(sizeof(Warp)));
     const int64_t flags_bytes = round(rows * int64_t(sizeof(int32_t)));
-    buffer = at::empty({sums_bytes + cands_bytes + warps_bytes + flags_bytes}, like.options().dtype(at::kByte));
+    const int64_t acc_bytes = round(rows * int64_t(sizeof(PlainAcc)));
+    buffer = at::empty({sums_bytes + cands_bytes + warps_bytes + flags_bytes + acc_bytes},
+                       like.options().dtype(at::kByte));
     uint8_t* base = buffer.data_ptr<uint8_t>();
     sums = reinterpret_cast<ChunkSummary*>(base);
     cands = reinterpret_cast<Candidate*>(base + sums_bytes);
     warps = reinterpret_cast<Warp*>(base + sums_bytes + cands_bytes);
     split_ok = reinterpret_cast<int32_t*>(base + sums_bytes + cands_bytes + warps_bytes);
+    acc = reinterpret_cast<PlainAcc*>(base + sums_bytes + cands_bytes + warps_bytes + flags_bytes);
   }
 };
 
