@@ -44,6 +44,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=TEMPERATURE, help=f"sampled shapes (default {TEMPERATURE})")
     ap.add_argument("--top-k", type=int, default=TOP_K, help=f"0 = off (default {TOP_K})")
     ap.add_argument("--top-p", type=float, default=TOP_P, help=f"1 = off (default {TOP_P})")
+    ap.add_argument("--peaked", action="store_true",
+                    help="LM-like logits: N(0, 1) with 40 tokens raised by 25 down to 13 (a small nucleus), "
+                         "instead of N(0, 3)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_sampling.py needs a GPU")
@@ -57,12 +60,20 @@ def main() -> None:
         temperature = torch.full((B,), args.temperature, device=dev)
         top_k = torch.full((B,), args.top_k, dtype=torch.int32, device=dev)
         top_p = torch.full((B,), args.top_p, device=dev)
+        def make(*shape):
+            if not args.peaked:
+                return (torch.randn(*shape, V, device=dev) * 3).bfloat16()
+            x = torch.randn(*shape, V, device=dev)
+            head = torch.rand(*shape, V, device=dev).topk(40, dim=-1).indices
+            x.scatter_add_(-1, head, (25 - 0.3 * torch.arange(40, device=dev)).expand(head.shape).contiguous())
+            return x.bfloat16()
+
         if op == "sample":
-            logits = (torch.randn(B, V, device=dev) * 3).bfloat16()
+            logits = make(B)
             out = torch.empty(B, dtype=torch.long, device=dev)
             call = lambda: ops.sample(logits, temperature, top_k, top_p, seed, offset, out=out)  # noqa: E731
         else:
-            target = (torch.randn(B, k + 1, V, device=dev) * 3).bfloat16()
+            target = make(B, k + 1)
             out_tokens = torch.empty(B, k + 1, dtype=torch.long, device=dev)
             accepted = torch.empty(B, dtype=torch.int32, device=dev)
             if op == "verify":

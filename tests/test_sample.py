@@ -291,17 +291,26 @@ def test_split_rows_match_one_block_rows(monkeypatch, dtype, vocab):
 @pytest.mark.parametrize("vocab", [1, 4097, 151936])
 def test_plain_rows_on_the_grid_match_one_block_rows(monkeypatch, dtype, vocab):
     """Rows with top-k and top-p off (the API's defaults) add up their mass and race over the whole grid (integer
-    atomics across blocks); PASS_EXT_SAMPLE_GRID=0 makes the one-block passes over the row instead: the same
-    probabilities bit for bit and the same tokens, at several offsets. Mixed with greedy, top-k and top-p rows, a
-    row of -inf (one-hot at 0), NaN holes, a peaked row, and top_k/top_p values that mean off (>= V, < 0, > 1);
-    V = 4097 leaves a last chunk of one token."""
+    atomics across blocks), and nucleus rows (top-k off, top-p on) take their threshold from their top candidates
+    and that mass; PASS_EXT_SAMPLE_GRID=0 makes the one-block passes over the row instead: the same probabilities
+    bit for bit and the same tokens, at several offsets. Mixed with greedy and top-k rows, a row of -inf (one-hot
+    at 0), NaN holes, a peaked row, top_k/top_p values that mean off (>= V, < 0, > 1), LM-like rows whose nucleus
+    is small (with a tie at the top, and top_p 0: the maximum only) and a flat row whose nucleus is not (the
+    one-block passes); V = 4097 leaves a last chunk of one token."""
     g = torch.Generator().manual_seed(7)
-    logits = torch.randn(12, vocab, generator=g) * 3
+    logits = torch.randn(18, vocab, generator=g) * 3
     logits[3] = -math.inf
     logits[5, ::2] = math.nan
     logits[7] = torch.randn(vocab, generator=g) * 12
+    # LM-like rows for the nucleus configs below: a few tokens well above a long flat tail
+    for r in range(12, 18):
+        head = torch.randperm(vocab, generator=g)[:min(vocab, 40)]
+        logits[r] = torch.randn(vocab, generator=g)
+        logits[r, head] += 15 - torch.arange(len(head), dtype=torch.float32) * 0.3
+    logits[17, :2] = logits[17].max()  # a tie at the top
     configs = [(1.0, 0, 1.0), (0.8, 0, 1.0), (0.0, 0, 1.0), (1.0, 0, 1.0), (0.5, 10, 1.0), (1.0, 0, 1.0),
-               (1.2, 0, 0.9), (0.8, 0, 1.0), (2.0, vocab + 5, 1.0), (1e-3, 0, 1.0), (0.8, -3, 2.0), (3.0, 0, 1.0)]
+               (1.2, 0, 0.9), (0.8, 0, 1.0), (2.0, vocab + 5, 1.0), (1e-3, 0, 1.0), (0.8, -3, 2.0), (3.0, 0, 1.0),
+               (0.8, 0, 0.95), (1.0, 0, 0.5), (0.7, 0, 0.0), (1.0, 0, 0.99), (1.5, 0, 0.9), (0.9, 0, 0.7)]
     logits = logits.to(dtype).cuda()
     temperature, top_k, top_p = config_params(configs, "cuda")
     for offset in range(3):

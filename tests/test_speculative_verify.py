@@ -264,8 +264,9 @@ def test_split_rows_match_one_block_rows(monkeypatch, dtype, with_probs):
 @pytest.mark.parametrize("vocab", [33, 151936])
 def test_plain_rows_on_the_grid_match_one_block_rows(monkeypatch, dtype, with_probs, vocab):
     """Rows with top-k and top-p off are warped from grid-wide sums and raced at the stop position over the whole
-    grid (plain_stop_kernel); PASS_EXT_SAMPLE_GRID=0 makes one block race over the row: the same tokens, draw for
-    draw, at several offsets, with rejections at every position and bonus tokens. Mixed with greedy and top-k rows
+    grid (plain_stop_kernel), nucleus rows warped from their candidates and that sum; PASS_EXT_SAMPLE_GRID=0 makes
+    one block warp and race over the row: the same tokens, draw for draw, at several offsets, with rejections at
+    every position and bonus tokens. Mixed with greedy and top-k rows
     and a row of -inf; peaked rows accept their argmax drafts; with probs, some rows draft from the exact warped
     target (always accepted: the bonus)."""
     from test_sample import config_params
@@ -275,7 +276,9 @@ def test_plain_rows_on_the_grid_match_one_block_rows(monkeypatch, dtype, with_pr
     logits[::2] *= 10  # peaked: the argmax holds nearly all the mass, so argmax drafts reach the bonus
     logits[6] = -math.inf
     configs = [(1.0, 0, 1.0), (0.7, 0, 1.0), (0.0, 0, 1.0), (1.0, 20, 1.0)] * 4
-    configs[9] = (1.0, 0, 0.8)
+    configs[9] = (1.0, 0, 0.8)  # a flat nucleus: the one-block passes
+    configs[10] = (0.9, 0, 0.9)  # peaked nucleus rows: the threshold from the candidates
+    configs[14] = (1.0, 0, 0.5)
     temperature, top_k, top_p = config_params(configs, "cuda")
     logits = logits.to(dtype).cuda()
     drafts = logits.float().argmax(-1)[:, :k].cpu()

@@ -31,24 +31,27 @@ namespace pass_ext::sampling::cuda::split {
 // sends every sampled row through the one-block passes over the row instead; greedy rows keep the split argmax.
 inline int max_top_k() { return env_is("PASS_EXT_SAMPLE_SPLIT", "0") ? 0 : kMaxSplitTopK; }
 
-// Whether plain rows (sampled, top-k and top-p off) take the grid-wide passes ("Plain rows" in sampling.cuh):
-// by default, unless the split path is off (PASS_EXT_SAMPLE_SPLIT=0, the one-block passes for every row) or
+// Whether rows with top-k off take the grid-wide passes ("Plain rows" and "Nucleus rows" in sampling.cuh): by
+// default, unless the split path is off (PASS_EXT_SAMPLE_SPLIT=0, the one-block passes for every row) or
 // PASS_EXT_SAMPLE_GRID=0 (read on every call, for A/B runs in one process).
 inline bool grid_plain() { return max_top_k() > 0 && !env_is("PASS_EXT_SAMPLE_GRID", "0"); }
 
-// Launches kernel<<<grid, kFilterThreads>>>(args...) on `stream`, as a programmatic dependent launch where the
-// kernel runs sm_90 code (it then waits for the kernel before it first thing: plain_pass_kernel and the verify's
-// stop races; the kernels before them release it early), so that its launch overlaps the kernel before.
+// Launches kernel<<<grid, threads>>>(args...) on `stream`, as a programmatic dependent launch where the kernel runs
+// sm_90 code and `dependent` is set. Such a kernel waits for the kernel before it first thing (kernels/pdl.cuh);
+// each kernel of the sampling chains releases the next one right after that wait (filter_kernel, the first, at
+// once), so that a launch overlaps the kernel before it: the grid-wide plain-row passes, which most calls do not
+// need (their blocks read a row's parameters and exit), then cost little more than their wait.
 template <typename... Params, typename... Args>
-void launch_plain(void (*kernel)(Params...), dim3 grid, cudaStream_t stream, int device, Args... args) {
+void launch_chained(void (*kernel)(Params...), dim3 grid, unsigned threads, cudaStream_t stream, int device,
+                    bool dependent, Args... args) {
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
-  config.blockDim = dim3(kFilterThreads);
+  config.blockDim = dim3(threads);
   config.stream = stream;
-  const bool dependent = launches_dependent(kernel, device);
+  dependent = dependent && launches_dependent(kernel, device);
   config.attrs = dependent ? &attr : nullptr;
   config.numAttrs = dependent ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));

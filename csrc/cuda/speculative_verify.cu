@@ -33,11 +33,12 @@ __global__ void __launch_bounds__(kThreads)
                      const PlainAcc* __restrict__ acc, Warp* __restrict__ warps, int32_t* __restrict__ split_ok) {
   __shared__ Scratch s;
   __shared__ ListScratch list;
-  kernels::release_dependents();  // plain_stop_kernel, a dependent launch, may launch now (it waits for this grid)
+  kernels::wait_for_inputs();  // a dependent launch after plain_pass_kernel where the plain-row passes run
+  kernels::release_dependents();
   const int64_t n = blockIdx.x, b = n / (k + 1);
   Warp w;
   const bool split = split_warp(vocab, temperature[b], top_k[b], top_p[b], max_top_k, sums + n * chunks, chunks,
-                                cands + n * chunks * kChunkCands, s, list, w);
+                                cands + n * chunks * kChunkCands, s, list, w, grid_plain, acc + n);
   // A plain row's mass comes from the grid-wide pass (split_warp leaves such a row unsplit and not one-hot).
   const bool plain = !split && grid_plain && plain_row(temperature[b], top_k[b], top_p[b], vocab);
   if (plain) w.mass = float(double(acc[n].mass) * kMassUnit);
@@ -84,6 +85,7 @@ __global__ void __launch_bounds__(kFilterThreads, 4)
   kernels::wait_for_inputs();
   __shared__ u64 red[kFilterThreads / 32];
   __shared__ int stop_shared;
+  kernels::release_dependents();
   const int64_t b = blockIdx.x;
   if (!plain_row(temperature[b], top_k[b], top_p[b], vocab)) return;  // the whole block
   const int64_t seed_v = *seed, offset_v = *offset;
@@ -147,6 +149,7 @@ __global__ void __launch_bounds__(kThreads)
                   const int64_t* __restrict__ seed, const int64_t* __restrict__ offset,
                   int64_t* __restrict__ out_tokens, int32_t* __restrict__ accepted) {
   __shared__ Scratch s;
+  kernels::wait_for_inputs();  // a dependent launch after plain_stop_kernel where the plain-row passes run
   const int64_t b = blockIdx.x;
   const float temp = temperature[b];
   const bool greedy = is_greedy(temp);
@@ -228,31 +231,32 @@ void speculative_verify_cuda(const at::Tensor& target_logits, const at::Tensor& 
   cuda_dispatch::by_logits_dtype(target_logits, [&](auto* data) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(data)>>;
     filter_kernel<<<dim3(unsigned(positions), unsigned(chunks)), kFilterThreads, 0, stream>>>(
-        data, vocab, k + 1, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(), max_top_k,
-        ws.sums, ws.cands, ws.acc);
+        data, vocab, k + 1, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
+        top_p.const_data_ptr<float>(), max_top_k, grid_plain, ws.sums, ws.cands, ws.acc);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (grid_plain) {
-      split::launch_plain(&plain_pass_kernel<T>, dim3(unsigned(positions), plain_splits(positions, chunks, sms)),
-                          stream, device, data, vocab, chunks, k + 1, temperature.const_data_ptr<float>(),
-                          top_k.const_data_ptr<int32_t>(), top_p.const_data_ptr<float>(), ws.sums,
-                          seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(), false, ws.acc);
+      split::launch_chained(&plain_pass_kernel<T>, dim3(unsigned(positions), plain_splits(positions, chunks, sms)),
+                            kFilterThreads, stream, device, true, data, vocab, chunks, k + 1,
+                            temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
+                            top_p.const_data_ptr<float>(), ws.sums, seed.const_data_ptr<int64_t>(),
+                            offset.const_data_ptr<int64_t>(), false, ws.acc);
     }
-    warp_rows_kernel<<<unsigned(positions), kThreads, 0, stream>>>(
-        data, k, vocab, chunks, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
-        top_p.const_data_ptr<float>(), max_top_k, ws.sums, ws.cands, grid_plain, ws.acc, ws.warps, ws.split_ok);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    split::launch_chained(&warp_rows_kernel<T>, dim3(unsigned(positions)), kThreads, stream, device, grid_plain, data,
+                          k, vocab, chunks, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
+                          top_p.const_data_ptr<float>(), max_top_k, ws.sums, ws.cands, grid_plain, ws.acc, ws.warps,
+                          ws.split_ok);
     if (grid_plain) {
-      split::launch_plain(&plain_stop_kernel<T>, dim3(unsigned(batch), plain_splits(batch, chunks, sms)), stream,
-                          device, data, draft_tokens.const_data_ptr<int64_t>(), q, k, vocab, chunks,
-                          temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
-                          top_p.const_data_ptr<float>(), ws.warps, ws.split_ok,
-                          seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(), ws.acc);
+      split::launch_chained(&plain_stop_kernel<T>, dim3(unsigned(batch), plain_splits(batch, chunks, sms)),
+                            kFilterThreads, stream, device, true, data, draft_tokens.const_data_ptr<int64_t>(), q, k,
+                            vocab, chunks, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
+                            top_p.const_data_ptr<float>(), ws.warps, ws.split_ok, seed.const_data_ptr<int64_t>(),
+                            offset.const_data_ptr<int64_t>(), ws.acc);
     }
-    verify_kernel<<<unsigned(batch), kThreads, 0, stream>>>(
-        data, draft_tokens.const_data_ptr<int64_t>(), q, k, vocab, chunks, temperature.const_data_ptr<float>(),
-        ws.warps, ws.split_ok, ws.sums, ws.cands, ws.acc, seed.const_data_ptr<int64_t>(),
-        offset.const_data_ptr<int64_t>(), out_tokens.data_ptr<int64_t>(), accepted.data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    split::launch_chained(&verify_kernel<T>, dim3(unsigned(batch)), kThreads, stream, device, grid_plain, data,
+                          draft_tokens.const_data_ptr<int64_t>(), q, k, vocab, chunks,
+                          temperature.const_data_ptr<float>(), ws.warps, ws.split_ok, ws.sums, ws.cands, ws.acc,
+                          seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(),
+                          out_tokens.data_ptr<int64_t>(), accepted.data_ptr<int32_t>());
   });
 }
 

@@ -334,7 +334,8 @@ __device__ __forceinline__ void hist_add(u64* hist, unsigned bucket, u64 m) {
 
 // Radix select over order_key(z) of the tokens with key >= floor_key, 8 bits per pass from the top.
 // kMass = false: finds the target-th largest key (top-k threshold). kMass = true: the largest key whose
-// at-or-above mass reaches top_p_target(top_p, total mass) (top-p threshold); *at_or_above gets that mass.
+// at-or-above mass reaches top_p_target(top_p, total mass) (top-p threshold), or `target` where it is not 0 (a
+// nucleus row's, from its whole mass); *at_or_above gets that mass.
 // visit(f) calls f(z, valid) once for every token of the set (valid = false for padding), the same number of
 // times on every thread, as hist_add needs; it may be called once per pass.
 template <bool kMass, typename Visit>
@@ -366,7 +367,7 @@ __device__ uint32_t radix_select_by(Visit&& visit, float zmax, uint32_t floor_ke
       s.hist[i] = sum;
     }
     __syncthreads();
-    if (threadIdx.x < 32) select_digit(s, above, target, kMass && shift == 24, top_p);
+    if (threadIdx.x < 32) select_digit(s, above, target, kMass && shift == 24 && target == 0, top_p);
     __syncthreads();
     prefix |= uint32_t(s.digit) << shift;
     mask |= 0xffu << shift;
@@ -483,6 +484,14 @@ struct Candidate {
   float logit;
 };
 
+// The top-k the split path filters a row for: its own, or for a nucleus row (top-k off, top-p on, `nucleus` set:
+// see "Nucleus rows" below) max_top_k, whose candidates hold the nucleus whenever it is that small; 0: no filter.
+PASS_EXT_HD int32_t split_top_k(int32_t top_k, float top_p, int64_t vocab, int max_top_k, bool nucleus) {
+  const int32_t k = effective_top_k(top_k, vocab);
+  if (k == 0 && nucleus && top_p_active(top_p)) return max_top_k;
+  return k <= max_top_k ? k : 0;
+}
+
 constexpr int kRungs = 7;  // rung i: the 2^i-th largest of a chunk's thread maxima (2^i <= top_k), else 0
 
 struct ChunkSummary {
@@ -586,8 +595,8 @@ __device__ __forceinline__ u64 greedy_entry(const T* row, int vocab, int base) {
 // list, whose exact ranks give the floor and the rungs (the 2^i-th largest maxima, which split_warp combines
 // over the chunks into a bound on the row's top_k-th key).
 template <typename T>
-__device__ void filter_chunk(const T* row, int vocab, int chunk, float temperature, int32_t top_k, int max_top_k,
-                             ChunkSummary* summary, Candidate* cands) {
+__device__ void filter_chunk(const T* row, int vocab, int chunk, float temperature, int32_t top_k, float top_p,
+                             int max_top_k, bool nucleus, ChunkSummary* summary, Candidate* cands) {
   constexpr int kWarps = kFilterThreads / 32, kPer = kChunk / kFilterThreads;
   static_assert(kFilterThreads == 256, "one thread per histogram bucket");
   static_assert(kMaxSplitTopK <= kFilterThreads, "the floor is a rank among the threads' maxima");
@@ -611,8 +620,8 @@ __device__ void filter_chunk(const T* row, int vocab, int chunk, float temperatu
     return;
   }
   const float inv_t = inverse_temperature(temperature);
-  const int32_t k = effective_top_k(top_k, vocab);
-  const bool filter = k > 0 && k <= max_top_k;
+  const int32_t k = split_top_k(top_k, top_p, vocab, max_top_k, nucleus);
+  const bool filter = k > 0;
   auto index = [&](int i) { return base + ((i / 4) * kFilterThreads + tid) * 4 + i % 4; };  // coalesced groups
   float l[kPer];  // every load issued before any is used
 #pragma unroll
@@ -741,14 +750,15 @@ namespace {
 template <typename T>
 __global__ void __launch_bounds__(kFilterThreads, 4)
     filter_kernel(const T* __restrict__ logits, int vocab, int per_param, const float* __restrict__ temperature,
-                  const int32_t* __restrict__ top_k, int max_top_k, ChunkSummary* __restrict__ sums,
-                  Candidate* __restrict__ cands, PlainAcc* __restrict__ acc) {
+                  const int32_t* __restrict__ top_k, const float* __restrict__ top_p, int max_top_k, bool nucleus,
+                  ChunkSummary* __restrict__ sums, Candidate* __restrict__ cands, PlainAcc* __restrict__ acc) {
   const int64_t n = blockIdx.x, p = n / per_param, chunk = blockIdx.y, chunks = gridDim.y;
   // The plain-row pass after it is a dependent launch that waits for this grid to finish: it may launch now, so
-  // that its launch is hidden behind this kernel (a no-op when the next kernel is an ordinary launch).
+  // that its launch is hidden behind this kernel (a no-op when the next kernel is an ordinary launch; the chain:
+  // launch_chained in csrc/cuda/sampling_dispatch.cuh).
   kernels::release_dependents();
   if (acc != nullptr && chunk == 0 && threadIdx.x == 0) acc[n] = PlainAcc{};  // for the plain-row passes after
-  filter_chunk(logits + n * vocab, vocab, int(chunk), temperature[p], top_k[p], max_top_k,
+  filter_chunk(logits + n * vocab, vocab, int(chunk), temperature[p], top_k[p], top_p[p], max_top_k, nucleus,
                sums + n * chunks + chunk, cands + (n * chunks + chunk) * kChunkCands);
 }
 }  // namespace
@@ -804,7 +814,11 @@ __device__ __forceinline__ uint32_t pick(const uint32_t (&v)[4], int j) {
 // The thresholds of radix_select_by (top-k, then top-p) over a list of n <= kWarpList candidates, by sorting
 // their keys: the top_k-th key, then the largest key whose at-or-above mass reaches the top-p target, and that
 // mass (fixed point, so exactly the radix passes' sums). Warp 0 calls it; the results go to list.keep_key/mass.
-__device__ inline void warp_thresholds(ListScratch& list, int n, int32_t k, float top_p, const Warp& w) {
+// A nucleus row (row_total > 0: top-k off, the row's whole mass from the plain-row pass) keeps every candidate
+// for the top-k step and takes its top-p target from row_total; list.mass = 0 where the candidates' mass does
+// not reach it (the nucleus is larger than the list).
+__device__ inline void warp_thresholds(ListScratch& list, int n, int32_t k, float top_p, const Warp& w,
+                                       u64 row_total = 0) {
   const int lane = threadIdx.x & 31;
   uint32_t v[4];
 #pragma unroll
@@ -813,7 +827,8 @@ __device__ inline void warp_thresholds(ListScratch& list, int n, int32_t k, floa
     v[j] = i < n ? order_key(scaled_logit(list.c[i].logit, w.inv_temperature)) : 0u;  // 0: below every key
   }
   warp_sort_descending(v);
-  const uint32_t kth = __shfl_sync(kFullMask, pick(v, (k - 1) & 3), (k - 1) >> 2);
+  // Keys of real tokens are > 0 (-inf maps to 0x007fffff), so 1 keeps every candidate and no padding.
+  const uint32_t kth = row_total ? 1u : __shfl_sync(kFullMask, pick(v, (k - 1) & 3), (k - 1) >> 2);
   u64 m[4], lane_mass = 0;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -824,7 +839,7 @@ __device__ inline void warp_thresholds(ListScratch& list, int n, int32_t k, floa
   uint32_t keep = kth;
   u64 mass = total;
   if (top_p_active(top_p)) {
-    const u64 target = top_p_target(top_p, total);
+    const u64 target = top_p_target(top_p, row_total ? row_total : total);
     u64 before = lane_mass;  // inclusive scan over lanes, then made exclusive
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
@@ -842,11 +857,11 @@ __device__ inline void warp_thresholds(ListScratch& list, int n, int32_t k, floa
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) first = min(first, __shfl_xor_sync(kFullMask, first, o));
-    keep = __shfl_sync(kFullMask, pick(v, first & 3), first >> 2);
+    keep = __shfl_sync(kFullMask, pick(v, first & 3), (first >> 2) & 31);
     u64 kept = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) kept += v[j] >= keep ? m[j] : 0;
-    mass = warp_sum(kept);
+    mass = first < kWarpList ? warp_sum(kept) : 0;  // 0: not reached (only a nucleus row's target can be missed)
   }
   if (lane == 0) {
     list.keep_key = keep;
@@ -855,10 +870,12 @@ __device__ inline void warp_thresholds(ListScratch& list, int n, int32_t k, floa
 }
 
 // The row's warp from the filter's output, when the candidates suffice (else false: call warp_row). One-hot
-// rows are always done here (argmax only). All threads call it and get the same.
+// rows are always done here (argmax only). All threads call it and get the same. With `nucleus` (the filter's
+// flag), a nucleus row's warp comes from its max_top_k candidates and its whole mass, acc_row->mass (from the
+// plain-row pass), where the candidates hold the nucleus.
 __device__ inline bool split_warp(int vocab, float temperature, int32_t top_k, float top_p, int max_top_k,
                            const ChunkSummary* sums, int chunks, const Candidate* cands, Scratch& s,
-                           ListScratch& list, Warp& w) {
+                           ListScratch& list, Warp& w, bool nucleus = false, const PlainAcc* acc_row = nullptr) {
   u64 best = 0, floor_key = 0, unfiltered = 0;
   for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
     const ChunkSummary cs = sums[c];
@@ -875,8 +892,9 @@ __device__ inline bool split_warp(int vocab, float temperature, int32_t top_k, f
   w.mass = 1.f;
   w.one_hot = greedy || w.zmax == -INFINITY;
   if (w.one_hot) return true;
-  const int32_t k = effective_top_k(top_k, vocab);
-  if (block_reduce<true>(unfiltered, s) != 0 || !(k > 0 && k <= max_top_k)) return false;
+  const int32_t k = split_top_k(top_k, top_p, vocab, max_top_k, nucleus);
+  const bool nucleus_row = k > 0 && effective_top_k(top_k, vocab) == 0;
+  if (block_reduce<true>(unfiltered, s) != 0 || k == 0) return false;
   // A bound on the row's top_k-th key from the rungs: when m = ceil(k / 2^i) chunks have rung i >= x, the row
   // holds m * 2^i >= k tokens >= x. Thread t ranks rung t / chunks of chunk t % chunks among that rung's.
   uint32_t* rungs = reinterpret_cast<uint32_t*>(&s.sub[0][0]);
@@ -918,6 +936,14 @@ __device__ inline bool split_warp(int vocab, float temperature, int32_t top_k, f
   __syncthreads();
   const int n = int(list.n);
   if (n > kRowCands) return false;
+  if (nucleus_row && n <= kWarpList) {  // the list holds every token at or above row_floor: the nucleus?
+    if (threadIdx.x < 32) warp_thresholds(list, n, k, top_p, w, acc_row->mass);
+    __syncthreads();
+    if (list.mass == 0) return false;
+    w.keep_key = list.keep_key;
+    w.mass = float(double(list.mass) * kMassUnit);
+    return true;
+  }
   if (n <= kWarpList) {  // n >= k: the list holds every token at or above the row's top_k-th key
     if (threadIdx.x < 32) warp_thresholds(list, n, k, top_p, w);
     __syncthreads();
@@ -932,6 +958,16 @@ __device__ inline bool split_warp(int vocab, float temperature, int32_t top_k, f
       f(i < n ? scaled_logit(list.c[i].logit, w.inv_temperature) : -INFINITY, i < n);
     }
   };
+  if (nucleus_row) {  // a longer list: it holds the nucleus where its mass reaches the target
+    const u64 target = top_p_target(top_p, acc_row->mass);
+    u64 listed = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) listed += fixed_mass(w.weight(list.c[i].logit, list.c[i].index));
+    if (block_reduce<false>(listed, s) < target) return false;
+    u64 mass = 0;
+    w.keep_key = radix_select_by<true>(visit, w.zmax, 0, target, top_p, s, &mass);
+    w.mass = float(double(mass) * kMassUnit);
+    return true;
+  }
   w.keep_key = radix_select_by<false>(visit, w.zmax, 0, u64(k), 0.f, s, nullptr);
   u64 mass = 0;
   if (top_p_active(top_p)) {
@@ -993,6 +1029,15 @@ __device__ int32_t race_candidates(const ChunkSummary* sums, int chunks, const C
 
 PASS_EXT_HD bool plain_row(float temperature, int32_t top_k, float top_p, int64_t vocab) {
   return !is_greedy(temperature) && effective_top_k(top_k, vocab) == 0 && !top_p_active(top_p);
+}
+
+// Nucleus rows: sampled, top-k off, top-p on. Their threshold needs the row's whole mass (the top-p target) and
+// the highest tokens in order. The plain-row pass adds up the mass; the filter treats them as top-k max_top_k rows,
+// so that split_warp lists every token down to a bound on the row's max_top_k-th key, sorts them and takes the
+// threshold there when their mass reaches the target (an LM's nucleus is mostly that small); otherwise the
+// one-block radix passes run as before. Same threshold and mass as those passes, bit for bit.
+PASS_EXT_HD bool mass_row(float temperature, int32_t top_k, int64_t vocab) {
+  return !is_greedy(temperature) && effective_top_k(top_k, vocab) == 0;
 }
 
 // Token of element i of thread threadIdx.x in the chunk at `base`: groups of four consecutive tokens, as filter_chunk.
@@ -1078,8 +1123,8 @@ inline unsigned plain_splits(int64_t rows, int chunks, int sms) {
 
 namespace {
 // The plain-row pass, grid (rows, splits): block (n, s) takes chunks s, s + splits, ... of row n and, where the row
-// is plain and not one-hot, adds their fixed-point mass to acc[n].mass and, with `race`, their best race entry under
-// sample's stream of row n to acc[n].race. Row n's parameters are those of n / per_param. Launched as a dependent
+// is plain or a nucleus row and not one-hot, adds their fixed-point mass to acc[n].mass and, with `race` and a
+// plain row, their best race entry under sample's stream of row n to acc[n].race. Row n's parameters are those of n / per_param. Launched as a dependent
 // launch (csrc/cuda/launch.h): it reads nothing before the wait.
 template <typename T>
 __global__ void __launch_bounds__(kFilterThreads, 4)
@@ -1089,11 +1134,13 @@ __global__ void __launch_bounds__(kFilterThreads, 4)
                       const int64_t* __restrict__ seed, const int64_t* __restrict__ offset, bool race,
                       PlainAcc* __restrict__ acc) {
   kernels::wait_for_inputs();
+  kernels::release_dependents();
   __shared__ u64 red[kFilterThreads / 32];
   const int64_t n = blockIdx.x, p = n / per_param;
-  if (!plain_row(temperature[p], top_k[p], top_p[p], vocab)) return;  // the whole block
+  if (!mass_row(temperature[p], top_k[p], vocab)) return;  // the whole block
   const Warp w = plain_warp(sums + n * chunks, chunks, temperature[p], red);
   if (w.one_hot) return;
+  race = race && !top_p_active(top_p[p]);  // a nucleus row's race runs over its candidates
   const T* row = logits + n * int64_t(vocab);
   const philox::Stream rng(*seed, *offset, kStreamSample, uint32_t(n), 0);
   u64 mass = 0, best = 0;
