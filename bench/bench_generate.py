@@ -1,5 +1,6 @@
 """End-to-end generation speed: Hugging Face generate and every pass_ext method on the same real prompts (held-out
-HumanEval code and Shakespeare), greedy and T=0.8/top-k 10, batch 1 to 64. Random-weight Llama/Qwen shapes of
+HumanEval code and Shakespeare), greedy and T=0.8/top-k 10 (and, with --settings, T=0.8 alone: generate's
+defaults), batch 1 to 64. Random-weight Llama/Qwen shapes of
 1B, 8B and 14B give step costs only; their tokens/s are projected with the tokens per forward of the real models.
 
     python bench/bench_generate.py                                    # everything, merged into generate.json
@@ -41,7 +42,10 @@ from pass_ext.presets import PRESETS, random_model
 
 SCHEMA = "pass_ext.bench_generate/1"
 BANDWIDTH = 4.24e12   # bytes/s, H200 copy bandwidth (DESIGN §6): weight bytes / BANDWIDTH is the ideal AR step
-SETTINGS = {"greedy": dict(temperature=0.0), "T0.8/top-k10": dict(temperature=0.8, top_k=10)}
+# "T0.8" is temperature alone (top-k and top-p off: generate's defaults), measured when asked for (--settings).
+SETTINGS = {"greedy": dict(temperature=0.0), "T0.8/top-k10": dict(temperature=0.8, top_k=10),
+            "T0.8": dict(temperature=0.8, top_k=0)}
+DEFAULT_SETTINGS = "greedy,T0.8/top-k10"
 OURS = ("ar", "draft", "pass-paper", "pass", "pass-auto")
 HF = ("hf-eager", "hf-static", "hf-pld", "hf-assisted")
 METHOD_ORDER = OURS + HF
@@ -717,9 +721,10 @@ def plot(res: dict, path: str) -> Optional[str]:
     if not models:
         return "no rows to plot"
     batches = sorted({r["batch"] for r in res["rows"]})
-    fig, axes = plt.subplots(len(SETTINGS), len(models), figsize=(3.4 * len(models) + 0.6, 6.6), squeeze=False,
-                             sharey=True)
-    for i, setting in enumerate(SETTINGS):
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in res["rows"])]
+    fig, axes = plt.subplots(len(settings), len(models), figsize=(3.4 * len(models) + 0.6, 3.3 * len(settings)),
+                             squeeze=False, sharey=True)
+    for i, setting in enumerate(settings):
         for j, model in enumerate(models):
             ax = axes[i][j]
             for method in METHOD_ORDER:
@@ -777,7 +782,8 @@ def parse_args(argv=None):
     ap.add_argument("--rows", default="all", help=f"all, ours, hf, or some of {', '.join(METHOD_ORDER)}")
     ap.add_argument("--batches", default="1,64,8,32", help="measured in this order")
     ap.add_argument("--hf-batches", default="1,8", help="batch sizes (of --batches) that also run the HF rows")
-    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"some of {', '.join(SETTINGS)}")
+    ap.add_argument("--settings", default=DEFAULT_SETTINGS,
+                    help=f"some of {', '.join(SETTINGS)} (default {DEFAULT_SETTINGS})")
     ap.add_argument("--new", type=int, default=64, help="new tokens per row (real models)")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per row, after one warm-up call")
     ap.add_argument("--k", type=int, default=4, help="look-ahead tokens of pass / pass-paper")

@@ -65,7 +65,8 @@ def test_rows_json_and_reports(bg, tiny_hf_model, tmp_path, capsys):
     bench.measure_real("toy", hf, ours, CharTokenizer(64), hf_draft, draft, draft_name="toy-draft")
 
     rows = {(r["method"], r["setting"], r["batch"]): r for r in res["rows"]}
-    for setting in bg.SETTINGS:
+    assert bench.settings == ["greedy", "T0.8/top-k10"]  # the default; "T0.8" on request
+    for setting in bench.settings:
         for B in (1, 2):
             for method in ("ar", "draft", "pass-paper", "pass", "hf-eager", "hf-static"):
                 r = rows[(method, setting, B)]
