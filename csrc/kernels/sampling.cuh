@@ -435,25 +435,32 @@ __device__ Warp warp_row(const T* row, int vocab, float temperature, int32_t top
   return w;
 }
 
+// One group of the exponential race: tokens j0..j0+3 (group g, logits l; tokens past the row have weight 0)
+// with weights weight_fn(l_j, j) >= 0 (it may also record them) enter `best`; Philox runs only for a group
+// holding a positive weight.
+template <typename WeightFn>
+__device__ __forceinline__ void race_group(u64& best, const philox::Stream& rng, int g, int j0, const float* l,
+                                           int vocab, WeightFn&& weight_fn) {
+  float w[4];
+  bool any = false;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    w[c] = j0 + c < vocab ? weight_fn(l[c], j0 + c) : 0.f;
+    any |= w[c] > 0.f;
+  }
+  if (!any) return;
+  const philox::Block r = rng.group(uint32_t(g));
+#pragma unroll
+  for (int c = 0; c < 4; ++c)
+    if (w[c] > 0.f) best = max(best, u64(race_entry(race_score(w[c], r.v[c]), j0 + c)));
+}
+
 // Exponential race over the row: weight_fn(l_j, j) -> w_j >= 0 (may also record w_j); returns the winner,
-// or -1 when no token has positive weight. Philox runs only for groups holding a positive weight.
+// or -1 when no token has positive weight.
 template <typename T, typename WeightFn>
 __device__ int32_t race(const T* row, int vocab, const philox::Stream& rng, WeightFn&& weight_fn, Scratch& s) {
   u64 best = 0;
-  for_each_group(row, vocab, [&](int g, int j0, const float* l) {
-    float w[4];
-    bool any = false;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      w[c] = j0 + c < vocab ? weight_fn(l[c], j0 + c) : 0.f;
-      any |= w[c] > 0.f;
-    }
-    if (!any) return;
-    const philox::Block r = rng.group(uint32_t(g));
-#pragma unroll
-    for (int c = 0; c < 4; ++c)
-      if (w[c] > 0.f) best = max(best, u64(race_entry(race_score(w[c], r.v[c]), j0 + c)));
-  });
+  for_each_group(row, vocab, [&](int g, int j0, const float* l) { race_group(best, rng, g, j0, l, vocab, weight_fn); });
   return race_winner(block_reduce<true>(best, s));
 }
 
@@ -1090,26 +1097,14 @@ __device__ __forceinline__ Warp plain_warp(const ChunkSummary* sums, int chunks,
   return w;
 }
 
-// The race over a plain row's chunk, as `race` visits it: weight_fn(l_j, j) -> w_j >= 0, Philox only for groups
-// holding a positive weight; returns this thread's best entry (reduce it over the block).
+// The race over a plain row's chunk, as `race` visits it; returns this thread's best entry (reduce it over the
+// block).
 template <typename T, typename WeightFn>
 __device__ __forceinline__ u64 race_chunk(const T* row, int vocab, int chunk, const philox::Stream& rng,
                                           WeightFn&& weight_fn) {
   u64 best = 0;
-  for_chunk_groups(row, vocab, chunk, [&](int g, int j0, const float* l) {
-    float w[4];
-    bool any = false;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      w[c] = j0 + c < vocab ? weight_fn(l[c], j0 + c) : 0.f;
-      any |= w[c] > 0.f;
-    }
-    if (!any) return;
-    const philox::Block r = rng.group(uint32_t(g));
-#pragma unroll
-    for (int c = 0; c < 4; ++c)
-      if (w[c] > 0.f) best = max(best, u64(race_entry(race_score(w[c], r.v[c]), j0 + c)));
-  });
+  for_chunk_groups(row, vocab, chunk,
+                   [&](int g, int j0, const float* l) { race_group(best, rng, g, j0, l, vocab, weight_fn); });
   return best;
 }
 
@@ -1124,8 +1119,8 @@ inline unsigned plain_splits(int64_t rows, int chunks, int sms) {
 namespace {
 // The plain-row pass, grid (rows, splits): block (n, s) takes chunks s, s + splits, ... of row n and, where the row
 // is plain or a nucleus row and not one-hot, adds their fixed-point mass to acc[n].mass and, with `race` and a
-// plain row, their best race entry under sample's stream of row n to acc[n].race. Row n's parameters are those of n / per_param. Launched as a dependent
-// launch (csrc/cuda/launch.h): it reads nothing before the wait.
+// plain row, their best race entry under sample's stream of row n to acc[n].race. Row n's parameters are those of
+// n / per_param. Launched as a dependent launch (csrc/cuda/launch.h): it reads nothing before the wait.
 template <typename T>
 __global__ void __launch_bounds__(kFilterThreads, 4)
     plain_pass_kernel(const T* __restrict__ logits, int vocab, int chunks, int per_param,
