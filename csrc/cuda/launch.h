@@ -81,11 +81,11 @@ inline cudaLaunchAttribute cluster_attribute(dim3 cluster) {
   return attr;
 }
 
-// Launches kernel(p) over `grid`: as clusters of `cluster` blocks when that has more than one block, and with
-// programmatic dependent launch when `dependent` (see launches_dependent).
-template <typename Kernel, typename Params>
-void launch_kernel_ex(Kernel* kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, dim3 cluster,
-                      bool dependent, const Params& p) {
+// Launches kernel(args...) over `grid`: as clusters of `cluster` blocks when that has more than one block, and
+// with programmatic dependent launch when `dependent` (see launches_dependent).
+template <typename... Params, typename... Args>
+void launch_kernel_ex(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                      dim3 cluster, bool dependent, const Args&... args) {
   cudaLaunchAttribute attrs[2];
   unsigned n = 0;
   if (cluster.x * cluster.y * cluster.z > 1) attrs[n++] = cluster_attribute(cluster);
@@ -95,7 +95,7 @@ void launch_kernel_ex(Kernel* kernel, dim3 grid, dim3 block, size_t smem, cudaSt
     ++n;
   }
   if (n == 0) {
-    kernel<<<grid, block, smem, stream>>>(p);
+    kernel<<<grid, block, smem, stream>>>(static_cast<Params>(args)...);
   } else {
     cudaLaunchConfig_t config{};
     config.gridDim = grid;
@@ -104,7 +104,7 @@ void launch_kernel_ex(Kernel* kernel, dim3 grid, dim3 block, size_t smem, cudaSt
     config.stream = stream;
     config.attrs = attrs;
     config.numAttrs = n;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

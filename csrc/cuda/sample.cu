@@ -106,7 +106,6 @@ void sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, const 
                           top_p.const_data_ptr<float>(), max_top_k, ws.sums, ws.cands,
                           seed.const_data_ptr<int64_t>(), offset.const_data_ptr<int64_t>(), grid_plain, ws.acc,
                           out.data_ptr<int64_t>(), ws.warps);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (probs_out) {
       probs_kernel<<<dim3(unsigned(rows), unsigned(chunks)), kFilterThreads, 0, stream>>>(
           data, vocab, ws.warps, probs_out->data_ptr<float>());

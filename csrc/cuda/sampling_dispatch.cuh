@@ -41,20 +41,11 @@ inline bool grid_plain() { return max_top_k() > 0 && !env_is("PASS_EXT_SAMPLE_GR
 // each kernel of the sampling chains releases the next one right after that wait (filter_kernel, the first, at
 // once), so that a launch overlaps the kernel before it: the grid-wide plain-row passes, which most calls do not
 // need (their blocks read a row's parameters and exit), then cost little more than their wait.
-template <typename... Params, typename... Args>
-void launch_chained(void (*kernel)(Params...), dim3 grid, unsigned threads, cudaStream_t stream, int device,
-                    bool dependent, Args... args) {
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = dim3(threads);
-  config.stream = stream;
-  dependent = dependent && launches_dependent(kernel, device);
-  config.attrs = dependent ? &attr : nullptr;
-  config.numAttrs = dependent ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
+template <typename Kernel, typename... Args>
+void launch_chained(Kernel* kernel, dim3 grid, unsigned threads, cudaStream_t stream, int device, bool dependent,
+                    const Args&... args) {
+  launch_kernel_ex(kernel, grid, dim3(threads), 0, stream, dim3(1), dependent && launches_dependent(kernel, device),
+                   args...);
 }
 
 // Scratch of one call in one allocation (from the caching allocator, so a captured graph keeps it): chunk

@@ -515,7 +515,7 @@ struct PlainAcc {
   u64 mass;   // sum of fixed_mass(weight) over the row
   u64 race;   // race entry of the draw with the warp's weights (verify: the bonus or fallback draw at the stop)
   u64 resid;  // verify: race entry of the residual draw at the stop position
-  u64 unused;
+  u64 pad;    // the record fills one 32-byte sector
 };
 
 // Warp-aggregated count into one histogram (256 = nothing); all 32 lanes call it together.
