@@ -216,7 +216,6 @@ def main() -> None:
                     target, top, None, greedy, top_k, top_p, seed, offset, out_tokens, accepted), nbytes)
                 record("verify-greedy", batch, vocab, k, "compiled", lambda: verify_greedy_compiled(target, top), nbytes)
                 if k == drafts_k[0]:  # plain rows (top-k and top-p off, the API's defaults), one k
-                    off_k, off_p = torch.zeros_like(top_k), torch.ones_like(top_p)
                     q_plain = torch.empty(batch * k, vocab, device=device)
                     drafts = ops.sample(target[:, :k].reshape(batch * k, vocab), temperature.repeat_interleave(k),
                                         off_k.repeat_interleave(k), off_p.repeat_interleave(k), seed, offset,

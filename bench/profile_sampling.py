@@ -5,8 +5,8 @@
         python bench/profile_sampling.py sample:1 sample:128 verify:1:4 verify-greedy:128:4
 
 A shape is OP:B[:k] with OP in sample, verify, verify-greedy (V = 151936, bf16 logits, by default the warp of
-bench_sampling.py: T 0.8, top-k 50, top-p 0.95; --temperature, --top-k and --top-p change it). Each shape runs --calls times after three warm-up calls,
-timed as bench_sampling.py times them (its time_us: L2 flushed before each); the counters come from ncu, and
+bench_sampling.py: T 0.8, top-k 50, top-p 0.95; --temperature, --top-k and --top-p change it). Each shape runs
+--calls times after three warm-up calls, timed as bench_sampling.py times them (its time_us: L2 flushed before each); the counters come from ncu, and
 the printed median is what the shape costs outside it.
 """
 from __future__ import annotations
@@ -55,19 +55,21 @@ def main() -> None:
     seed = torch.tensor([1234], device=dev)
     flush = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=dev)
     offset = torch.tensor([0], device=dev)
+
+    def make(*shape):
+        """bf16 logits [*shape, V]: N(0, 3), or with --peaked N(0, 1) with 40 raised tokens per row."""
+        if not args.peaked:
+            return (torch.randn(*shape, V, device=dev) * 3).bfloat16()
+        x = torch.randn(*shape, V, device=dev)
+        head = torch.rand(*shape, V, device=dev).topk(40, dim=-1).indices
+        x.scatter_add_(-1, head, (25 - 0.3 * torch.arange(40, device=dev)).expand(head.shape).contiguous())
+        return x.bfloat16()
+
     for spec in args.shapes:
         op, B, k = parse(spec)
         temperature = torch.full((B,), args.temperature, device=dev)
         top_k = torch.full((B,), args.top_k, dtype=torch.int32, device=dev)
         top_p = torch.full((B,), args.top_p, device=dev)
-        def make(*shape):
-            if not args.peaked:
-                return (torch.randn(*shape, V, device=dev) * 3).bfloat16()
-            x = torch.randn(*shape, V, device=dev)
-            head = torch.rand(*shape, V, device=dev).topk(40, dim=-1).indices
-            x.scatter_add_(-1, head, (25 - 0.3 * torch.arange(40, device=dev)).expand(head.shape).contiguous())
-            return x.bfloat16()
-
         if op == "sample":
             logits = make(B)
             out = torch.empty(B, dtype=torch.long, device=dev)

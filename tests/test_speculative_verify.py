@@ -266,9 +266,8 @@ def test_plain_rows_on_the_grid_match_one_block_rows(monkeypatch, dtype, with_pr
     """Rows with top-k and top-p off are warped from grid-wide sums and raced at the stop position over the whole
     grid (plain_stop_kernel), nucleus rows warped from their candidates and that sum; PASS_EXT_SAMPLE_GRID=0 makes
     one block warp and race over the row: the same tokens, draw for draw, at several offsets, with rejections at
-    every position and bonus tokens. Mixed with greedy and top-k rows
-    and a row of -inf; peaked rows accept their argmax drafts; with probs, some rows draft from the exact warped
-    target (always accepted: the bonus)."""
+    every position and bonus tokens. Mixed with greedy and top-k rows and a row of -inf; peaked rows accept their
+    argmax drafts; with probs, some rows draft from the exact warped target (always accepted: the bonus)."""
     from test_sample import config_params
     batch, k = 16, 4
     g = torch.Generator().manual_seed(9)
