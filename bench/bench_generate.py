@@ -1,7 +1,7 @@
 """End-to-end generation speed: Hugging Face generate and every pass_ext method on the same real prompts (held-out
 HumanEval code and Shakespeare), greedy and T=0.8/top-k 10 (and, with --settings, T=0.8 alone: generate's
-defaults), batch 1 to 64. Random-weight Llama/Qwen shapes of
-1B, 8B and 14B give step costs only; their tokens/s are projected with the tokens per forward of the real models.
+defaults), batch 1 to 64. Random-weight Llama/Qwen shapes of 1B, 8B and 14B give step costs only; their tokens/s
+are projected with the tokens per forward of the real models.
 
     python bench/bench_generate.py                                    # everything, merged into generate.json
     python bench/bench_generate.py --report-only --readme             # tables + plot from the JSON alone
