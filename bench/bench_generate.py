@@ -46,7 +46,7 @@ BANDWIDTH = 4.24e12   # bytes/s, H200 copy bandwidth (DESIGN §6): weight bytes 
 SETTINGS = {"greedy": dict(temperature=0.0), "T0.8/top-k10": dict(temperature=0.8, top_k=10),
             "T0.8": dict(temperature=0.8, top_k=0)}
 DEFAULT_SETTINGS = "greedy,T0.8/top-k10"
-OURS = ("ar", "draft", "pass-paper", "pass", "pass-auto")
+OURS = ("ar", "draft", "pass-paper", "pass", "pass-auto", "pass-tree")
 HF = ("hf-eager", "hf-static", "hf-pld", "hf-assisted")
 METHOD_ORDER = OURS + HF
 REAL_DRAFT = {"smollm2-135m": None, "qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}  # real model -> its draft model
@@ -135,13 +135,15 @@ def failure(e: Exception) -> tuple[str, str]:
     return status, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:240]
 
 
-def our_kwargs(method: str, k: int, draft_k: int, draft) -> dict:
+def our_kwargs(method: str, k: int, a, draft) -> dict:
     if method == "ar":
         return dict(method="ar")
     if method == "draft":
-        return dict(method="draft", lookahead=draft_k, draft_model=draft)
+        return dict(method="draft", lookahead=a.draft_k, draft_model=draft)
     if method == "pass-auto":
         return dict(method="pass", lookahead="auto")
+    if method == "pass-tree":
+        return dict(method="pass-tree", lookahead=a.tree_k, draft_tree=a.tree)
     return dict(method=method, lookahead=k)
 
 
@@ -412,7 +414,7 @@ class Bench:
     def measure_ours(self, name, model, ids, method, setting, k, draft) -> dict:
         a, B, dev = self.args, len(ids), self.device
         row = self.base_row(name, method, setting, B)
-        kw = our_kwargs(method, k, a.draft_k, draft)
+        kw = our_kwargs(method, k, a, draft)
         runs = []
         try:
             with PrefillHook("time", dev) as hook:
@@ -529,7 +531,7 @@ class Bench:
         """Seconds per target forward at this batch: two calls of different lengths, differenced, so that setup
         and prefill cancel. Forwards are counted by generate (acceptance may vary)."""
         a, B, dev = self.args, len(ids), self.device
-        kw = our_kwargs(method, k, a.draft_k, draft)
+        kw = our_kwargs(method, k, a, draft)
         sc = dict(model=name, method=method, setting=setting, batch=B, k=k, status="ok", note="", step_s=None)
         try:
             for n in (a.random_short, a.random_new):  # both timed shapes, so the timed calls replay their graphs
@@ -788,6 +790,9 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per row, after one warm-up call")
     ap.add_argument("--k", type=int, default=4, help="look-ahead tokens of pass / pass-paper")
     ap.add_argument("--draft-k", type=int, default=4, help="drafts per step of the draft method")
+    ap.add_argument("--tree-k", type=int, default=1, help="depth (look-ahead tokens) of pass-tree's draft tree")
+    ap.add_argument("--tree", type=int, default=None,
+                    help="draft nodes of pass-tree (default: generate's, the likeliest paths filling 8 rows)")
     ap.add_argument("--pass-ks", default="",
                     help="random models: k of pass to time for the pass-auto projections (default: the k that "
                          "auto chose on the real models in --out; give them when the parts run at the same time)")

@@ -30,6 +30,8 @@ def per_step(model, ids, args, graphs: bool, new: int):
               temperature=args.temperature, top_k=args.top_k)
     if args.method != "ar":
         kw["lookahead"] = args.k
+    if args.method == "pass-tree":
+        kw["draft_tree"] = args.tree
     return pass_ext.generate(model, ids, **kw)
 
 
@@ -86,7 +88,8 @@ def compare(model, ids, args, graphs: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3.2-1b")
-    ap.add_argument("--method", default="ar", choices=["ar", "pass", "pass-paper"])
+    ap.add_argument("--method", default="ar", choices=["ar", "pass", "pass-paper", "pass-tree"])
+    ap.add_argument("--tree", type=int, default=None, help="pass-tree: draft nodes (default: generate's)")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=256, help="prompt tokens per row")

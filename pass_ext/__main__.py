@@ -60,7 +60,7 @@ def cmd_generate(args) -> int:
         sys.stdout.write(args.prompt)
     out = pass_ext.generate(model, [ids], max_new_tokens=args.max_new_tokens, method=args.method,
                             lookahead=args.lookahead, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, draft_model=draft,
+                            top_p=args.top_p, seed=args.seed, draft_model=draft, draft_tree=args.draft_tree,
                             stream=None if args.quiet else _TextStream(tok))
     if args.quiet:
         sys.stdout.write(tok.decode(out.new_tokens[0], skip_special_tokens=True, clean_up_tokenization_spaces=False))
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     g = sub.add_parser("generate", help="generate text from a prompt, streaming it")
     _add_model_args(g)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--method", default="pass", choices=["ar", "pass", "pass-paper", "draft"])
+    g.add_argument("--method", default="pass", choices=["ar", "pass", "pass-paper", "pass-tree", "draft"])
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--lookahead", type=_lookahead_arg, default=None,
                    help="drafts per step k, or 'auto': PaSS picks k per call from measured acceptance and step cost, "
@@ -179,6 +179,8 @@ def main(argv=None) -> int:
                         "embeddings hold")
     g.add_argument("--lookahead-file", default=None, help="look-ahead embeddings (.safetensors) to load")
     g.add_argument("--draft-model", default=None, help="draft model for --method draft")
+    g.add_argument("--draft-tree", type=int, default=None,
+                   help="--method pass-tree: draft nodes (default: the likeliest paths that fill 8 rows)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -211,7 +213,8 @@ def main(argv=None) -> int:
                                      "over ar, same tokens as ar")
     _add_model_args(b)
     b.add_argument("--methods", default="ar,pass,pass-paper,pass-auto",
-                   help="comma-separated, from ar, pass, pass-paper, pass-auto (pass with lookahead='auto'), draft")
+                   help="comma-separated, from ar, pass, pass-paper, pass-auto (pass with lookahead='auto'), "
+                        "pass-tree, draft")
     b.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeatable; default: two code prompts and one English prompt)")
     b.add_argument("--batch", type=int, default=None, help="rows per call (the prompts repeated to fill them)")

@@ -22,7 +22,7 @@ DEFAULT_PROMPTS = [
     "The three most important ideas in thermodynamics are",
 ]
 # "pass-auto" is method="pass" with lookahead="auto".
-BENCH_METHODS = ("ar", "pass", "pass-paper", "pass-auto", "draft")
+BENCH_METHODS = ("ar", "pass", "pass-paper", "pass-auto", "pass-tree", "draft")
 
 
 def check_methods(methods: Sequence[str], has_draft_model: bool) -> None:
@@ -53,7 +53,7 @@ def compare_methods(model, prompts: Sequence, methods: Sequence[str] = ("ar", "p
     without an "ar" row)."""
     check_methods(methods, draft_model is not None)
     if any(m.startswith("pass") for m in methods) and model.lookahead is None:
-        raise ValueError("methods pass, pass-paper and pass-auto need look-ahead embeddings on the model "
+        raise ValueError("methods pass, pass-paper, pass-auto and pass-tree need look-ahead embeddings on the model "
                          "(pass_ext.load_lookahead or the CLI's --lookahead-file, or a model that ships them)")
     if int(repeats) < 1 or int(max_new_tokens) < 1:
         raise ValueError(f"repeats and max_new_tokens must be >= 1, got {repeats}, {max_new_tokens}")

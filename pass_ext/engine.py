@@ -152,7 +152,7 @@ class Engine:
     first_step_eager = False  # the first step differs from the captured one: run it eagerly
 
     @staticmethod
-    def step_tokens(k: int) -> int:
+    def step_tokens(k: int, tree=None) -> int:
         """New tokens per row that one step writes into the target cache (`q_step`), before an engine exists."""
         return 1
 
@@ -243,7 +243,7 @@ class PassEngine(Engine):
     passes_per_step = 2
 
     @staticmethod
-    def step_tokens(k: int) -> int:
+    def step_tokens(k: int, tree=None) -> int:
         return k + 1
 
     def __init__(self, *args, **kwargs):
@@ -336,7 +336,7 @@ class FusedPassEngine(PassEngine):
     passes_per_step = 1
 
     @staticmethod
-    def step_tokens(k: int) -> int:
+    def step_tokens(k: int, tree=None) -> int:
         return (k + 1) ** 2
 
     def __init__(self, *args, **kwargs):
@@ -379,6 +379,120 @@ class FusedPassEngine(PassEngine):
         return StepState(c=nxt, drafts=drafts, draft_probs=probs)
 
 
+class TreePassEngine(Engine):
+    """PaSS over a draft tree, in one pass per step: the fused mode of DESIGN §1.2 with several candidates per
+    look-ahead position. A node of the tree is a path of ranks ((1, 0): the second-best token of LA_1, then
+    LA_2's best), drawn from the look-ahead logits of the previous step; every node carries its own group of k
+    look-ahead tokens (`masks.tree_layout`).
+
+    Verification samples the model's own token at every node (greedy: its argmax), each node with its own
+    random numbers, then follows the children that equal those tokens from the root: the emitted tokens are
+    the model's samples along that path, so the output is plain decoding's (greedy: the same tokens; sampling:
+    the same law, since each emitted token is drawn from the model given the tokens before it, and siblings
+    hold distinct tokens, so which branch is followed depends only on earlier draws). No draft distribution is
+    needed. The accepted nodes' K/V then move next to the committed prefix (`KVCache.move`)."""
+
+    @staticmethod
+    def step_tokens(k: int, tree=None) -> int:
+        return masks.tree_layout(masks.default_tree(k) if tree is None else tree, k).rows
+
+    def __init__(self, *args, tree=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        k, dev = self.k, self.device
+        lay = masks.tree_layout(masks.default_tree(k) if tree is None else tree, k)
+        self.layout = lay
+        n, N = lay.nodes, lay.nodes - 1
+        self.q_step = lay.rows
+        self.width = int(lay.rank.max()) + 1                    # candidates taken per look-ahead position
+        vocab = self.la_vocab()
+        if self.width > vocab:
+            raise ValueError(f"draft tree ranks reach {self.width - 1}, but the vocabulary has {vocab} tokens")
+        self.tree_mask = masks.pack(lay.mask).to(dev)
+        self.offsets = lay.offsets.to(dev)
+        self.group_slots = torch.arange(n, lay.rows, device=dev)
+        self.group_index = torch.arange(k, device=dev).repeat(n)
+        self.parent = lay.parent[1:].to(dev)                                      # [N]
+        self.depth = lay.depth.to(dev)                                            # [n]
+        anc = torch.zeros(n, n, dtype=torch.long)                                 # anc[v, d]: v's ancestor at depth d
+        for v in range(n):
+            u = v
+            while True:
+                anc[v, int(lay.depth[u])] = u
+                if u == 0:
+                    break
+                u = int(lay.parent[u])
+        # up[u, v] = 1 when node u is v's ancestor or v itself (non-root nodes): v is on the accepted path when
+        # all of these matched, i.e. the count of matched ones equals its depth.
+        up = torch.zeros(N, N)
+        for v in range(1, n):
+            for d in range(1, int(lay.depth[v]) + 1):
+                up[int(anc[v, d]) - 1, v - 1] = 1.0
+        self.up = up.to(dev)
+        steps = torch.arange(k + 1)
+        on_path = steps[None, :] <= lay.depth[:, None]                           # [n, k+1]
+        # emit[v]: the nodes whose sampled tokens node v's path emits (root .. v, then v again as filler);
+        # src[v]: the slot (= node index) holding the path's node at depth 1..k, or that depth's own slot.
+        self.emit_nodes = torch.where(on_path, anc[:, : k + 1], torch.arange(n)[:, None]).to(dev)
+        self.src = torch.where(on_path[:, 1:], anc[:, 1: k + 1], steps[None, 1:]).to(dev)
+        self.dst = steps[1:].to(dev)
+        self.groups = (n + torch.arange(n)[:, None] * k + torch.arange(k)[None, :]).to(dev)   # [n, k]
+        self.pick = ((lay.depth[1:] - 1) * self.width + lay.rank[1:]).to(dev)            # [N] into [k * width]
+        self.node_sampling = self.sampling.repeat(n)
+
+    def la_vocab(self) -> int:
+        head = self.model.embed_tokens if self.model.lm_head is None else self.model.lm_head
+        return head.shape[0]
+
+    def reset(self) -> None:
+        super().reset()
+        for dst, src in zip(vars(self.node_sampling).values(),
+                            vars(self.sampling.repeat(self.layout.nodes)).values()):
+            dst.copy_(src)
+
+    def start(self, c: torch.Tensor) -> StepState:
+        """No forward: the first step checks placeholder drafts (each node's token is its rank, so siblings
+        differ); checking is sampling, so any drafts leave the output unchanged."""
+        drafts = self.layout.rank[1:].to(self.device)[None].expand(c.shape[0], -1).contiguous()
+        return StepState(c=c, drafts=drafts)
+
+    def step(self, s: StepState) -> StepState:
+        lay, k, dev = self.layout, self.k, self.device
+        n, Q = lay.nodes, lay.rows
+        done = self.rows.done.clone()
+        B = s.c.shape[0]
+        ids = torch.cat([s.c[:, None], s.drafts, s.drafts.new_zeros(B, Q - n)], 1)
+        embeds = self.lookahead_embeds(ids, self.group_slots, self.group_index)
+        hidden = self.model(None, positions=self.positions(self.offsets), cache=self.cache,
+                            tree_mask=self.tree_mask, inputs_embeds=embeds, return_hidden=True)
+        one_call = B * Q <= fused_head_max_rows()
+        logits = self.model.lm_head_logits(hidden if one_call else hidden[:, :n])
+        self.stats.forward(done)
+        V = logits.shape[-1]
+        t, _ = self.sample(logits[:, :n].reshape(B * n, V), self.node_sampling, want_probs=False)
+        t = t.view(B, n)
+        # Node v is on the accepted path when it and each of its ancestors hold their parent's sampled token.
+        match = (t.gather(1, self.parent[None].expand(B, -1)) == s.drafts).float()      # [B, N]
+        on_path = (match @ self.up).round().long() == self.depth[None, 1:]
+        final = torch.cat([torch.zeros_like(t[:, :1]), on_path.long() * self.depth[None, 1:]], 1).argmax(1)
+        accepted = self.depth[final]
+        out = t.gather(1, self.emit_nodes[final])                                              # [B, k+1]
+        self.cache.move(self.src[final], self.dst[None].expand(B, -1))
+        self.stats.accepted(accepted, done)
+        count = accepted + 1
+        self.commit(count, done)
+        self.rows.emit(out, count)
+        nxt = t.gather(1, final[:, None]).squeeze(1)
+        rows = self.groups[final]                                                        # [B, k]
+        if one_call:
+            la_logits = logits.gather(1, rows[:, :, None].expand(-1, -1, V))
+        else:
+            la_logits = self.model.lm_head_logits(hidden.gather(1, rows[:, :, None].expand(-1, -1, hidden.shape[-1])))
+        top = la_logits.topk(self.width, dim=-1).indices.view(B, k * self.width)
+        drafts = top[:, self.pick]
+        self.check_capacity()
+        return StepState(c=nxt, drafts=drafts)
+
+
 class DraftModelEngine(Engine):
     """Classic speculative sampling: a smaller model with the same vocabulary drafts k tokens one by one,
     the target verifies them in one forward. The draft cache trails the target cache by one token so
@@ -390,7 +504,7 @@ class DraftModelEngine(Engine):
     first_step_eager = True  # round one feeds the draft model one token, later rounds two (see start_behind)
 
     @staticmethod
-    def step_tokens(k: int) -> int:
+    def step_tokens(k: int, tree=None) -> int:
         return k + 1
 
     def __init__(self, *args, draft_model, draft_cache, **kwargs):
@@ -465,7 +579,8 @@ class DraftModelEngine(Engine):
         return StepState(c=nxt)
 
 
-ENGINES = {"ar": AutoregressiveEngine, "pass": FusedPassEngine, "pass-paper": PassEngine, "draft": DraftModelEngine}
+ENGINES = {"ar": AutoregressiveEngine, "pass": FusedPassEngine, "pass-paper": PassEngine, "pass-tree": TreePassEngine,
+           "draft": DraftModelEngine}
 
 
 

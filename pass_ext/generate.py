@@ -15,9 +15,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from . import engine as E
-from . import ops
+from . import masks, ops
 
-METHODS = ("ar", "pass", "pass-paper", "draft")
+METHODS = ("ar", "pass", "pass-paper", "pass-tree", "draft")
 _converted: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -158,6 +158,9 @@ def _resolve_k(method, model, lookahead, draft_model) -> int:
         k = 4 if lookahead is None else lookahead
     else:
         la = model.lookahead
+        if lookahead == "auto" and method == "pass-tree":
+            raise ValueError("lookahead='auto' picks k for method='pass' or 'pass-paper'; method='pass-tree' takes "
+                             "an int k (default 1) and draft_tree=")
         if lookahead == "auto":
             if la is None:
                 raise ValueError(f"lookahead='auto' with method={method!r} needs look-ahead embeddings, and this "
@@ -168,8 +171,8 @@ def _resolve_k(method, model, lookahead, draft_model) -> int:
                 f"method={method!r} needs look-ahead embeddings, and this model has none loaded: load them with "
                 "pass_ext.load_lookahead(model, 'file.safetensors'), train them with `python -m pass_ext train "
                 "--model ... --out file.safetensors`, or use method='ar'")
-        k = la.k if lookahead is None else lookahead
-        if isinstance(k, int) and k > la.k:
+        k = (1 if method == "pass-tree" else la.k) if lookahead is None else lookahead
+        if isinstance(k, int) and not isinstance(k, bool) and k > la.k:
             raise ValueError(f"lookahead={k} exceeds the {la.k} look-ahead embeddings loaded for this model "
                              f"(allowed: 1..{la.k})")
     if k == "auto":
@@ -181,6 +184,33 @@ def _resolve_k(method, model, lookahead, draft_model) -> int:
     if k < 1 or k > 16:
         raise ValueError(f"lookahead must be an int in 1..16 for method={method!r}, got {k!r}")
     return k
+
+
+def _resolve_tree(method, draft_tree, k, device) -> Optional[list]:
+    """draft_tree for method='pass-tree': None (masks.default_tree(k)), an int (that many nodes, shaped by
+    masks.RANK_PROFILE) or a sequence of rank paths; validated through masks.tree_layout."""
+    if method != "pass-tree":
+        if draft_tree is not None:
+            raise ValueError(f"draft_tree is only used by method='pass-tree', not {method!r}")
+        return None
+    if draft_tree is None or (isinstance(draft_tree, int) and not isinstance(draft_tree, bool)):
+        if draft_tree is not None and not 1 <= draft_tree <= 127:
+            raise ValueError(f"draft_tree as a node count must be in 1..127, got {draft_tree!r}")
+        paths = masks.default_tree(k, draft_tree)
+    elif isinstance(draft_tree, (str, bytes)) or not isinstance(draft_tree, Sequence):
+        raise TypeError(f"draft_tree must be None, an int (nodes) or a sequence of rank paths like [(0,), (1,), "
+                        f"(0, 0)], got {draft_tree!r}")
+    else:
+        paths = list(draft_tree)
+    try:
+        layout = masks.tree_layout(paths, k)
+    except ValueError as e:
+        raise ValueError(f"draft_tree: {e}") from None
+    if torch.device(device).type == "cuda" and layout.rows > ops.CUDA_MAX_Q:
+        raise ValueError(f"draft_tree with {layout.nodes - 1} nodes at lookahead={k} makes steps of "
+                         f"{layout.rows} tokens per row ((nodes + 1) x (k + 1)); the CUDA attention takes at most "
+                         f"{ops.CUDA_MAX_Q}")
+    return layout.paths
 
 
 def prefill(model, cache, rows: list, chunk: int) -> torch.Tensor:
@@ -214,6 +244,7 @@ def generate(
     top_p: Union[float, Sequence[float]] = 1.0,
     seed: Optional[int] = None,
     draft_model=None,
+    draft_tree=None,
     eos_token_id=None,
     pad_token_id: Optional[int] = None,
     stream: Optional[Callable] = None,
@@ -230,10 +261,15 @@ def generate(
             converted once and cached).
         ids: LongTensor [B, T], or a list of B token-id lists of different lengths (ragged batch).
         method: "ar" (plain decoding), "pass" (fused one-pass PaSS), "pass-paper" (the paper's two passes),
-            "draft" (speculative sampling with `draft_model`).
+            "pass-tree" (fused PaSS over a tree of drafts: several candidates per look-ahead position, each
+            step samples the model at every node and keeps the path that matches), "draft" (speculative
+            sampling with `draft_model`).
         lookahead: drafts per step k (PaSS: default = the loaded embeddings' k; "draft": default 4), or
             "auto" (PaSS): k picked per batch, 0 included, from measured acceptance and step cost
-            (see pass_ext.autotune); the choice is in `stats.k`.
+            (see pass_ext.autotune); the choice is in `stats.k`. "pass-tree": the tree's depth, default 1.
+        draft_tree: "pass-tree" only: an int (that many draft nodes, the likeliest rank paths) or a list of
+            rank paths such as [(0,), (1,), (2,), (0, 0)] ((1,): LA_1's second-best token; (0, 0): LA_1's best,
+            then LA_2's best). Default: the likeliest paths that fill 8 rows, (nodes + 1) x (k + 1).
         temperature, top_k, top_p: warping, one value or one per row (temperature 0 = greedy).
         seed: RNG seed for sampling (None: a random one).
         eos_token_id: int or list (default: the model's); False disables EOS stopping.
@@ -272,6 +308,7 @@ def generate(
         if draft_model.device != model.device:
             raise ValueError(f"draft_model is on {draft_model.device}, the model on {model.device}")
     k = _resolve_k(method, model, lookahead, draft_model)
+    tree = _resolve_tree(method, draft_tree, k, model.device)
     rows = _as_rows(ids, model.config.vocab_size)
     B, dev = len(rows), model.device
     sampling = make_sampling(B, temperature, top_k, top_p, dev)
@@ -308,7 +345,7 @@ def generate(
             engine_method = "ar"
 
     engine_cls = E.ENGINES[engine_method]
-    q_step = engine_cls.step_tokens(k)
+    q_step = engine_cls.step_tokens(k, tree)
     longest = max(len(r) for r in rows)
     # Default capacity rounded up to 128 slots: calls with similar prompts share one workspace (and graph).
     capacity = -(-(longest + max_new_tokens + q_step + 1) // 128) * 128 if max_length is None else max_length
@@ -326,8 +363,8 @@ def generate(
     t0 = time.perf_counter()
     with torch.no_grad():
         key = (engine_method, B, k, capacity, max_new_tokens, sampled, len(eos),
-               id(model.lookahead) if engine_method in ("pass", "pass-paper") else None,
-               id(draft_model) if method == "draft" else None)
+               id(model.lookahead) if engine_method in ("pass", "pass-paper", "pass-tree") else None,
+               id(draft_model) if method == "draft" else None, None if tree is None else tuple(tree))
         ws = _workspace(model, key) if cuda_graphs else None
         if ws is None:
             def new_engine():
@@ -335,7 +372,7 @@ def generate(
                 out_rows = E.Rows(B, max_new_tokens, eos, pad, dev)
                 stats = E.Stats(B, k, dev)
                 extra = (dict(draft_model=draft_model, draft_cache=draft_model.new_cache(B, capacity))
-                         if method == "draft" else {})
+                         if method == "draft" else dict(tree=tree) if method == "pass-tree" else {})
                 return engine_cls(model, cache, sampling, E.Rng(seed, dev), out_rows, stats, k=k, **extra)
             try:
                 eng = new_engine()

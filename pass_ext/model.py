@@ -100,6 +100,7 @@ class KVCache:
     k: list  # per layer [B, Hkv, S_max, D]
     v: list  # per layer [B, Hkv, S_max, D]
     lens: torch.Tensor  # [B] int32 on the model device
+    store: Optional[torch.Tensor] = None  # [2, layers, B, Hkv, S_max, D]: k[l] = store[0, l], v[l] = store[1, l]
 
     @property
     def capacity(self) -> int:
@@ -118,9 +119,25 @@ class KVCache:
     def reset(self) -> None:
         self.lens.zero_()
 
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """In every layer, copy row b's K/V at slot lens[b] + src[b, j] to slot lens[b] + dst[b, j] (src, dst
+        [B, n] int64, within the capacity): a tree step moves its accepted path next to the committed prefix.
+        Every slot is read before any is written. With `store`, two kernels for all layers."""
+        base = self.lens.long()[:, None]
+        s, d = base + src, base + dst
+        if self.store is not None:
+            shape = (*self.store.shape[:4], s.shape[1], self.store.shape[-1])
+            view = lambda i: i[None, None, :, None, :, None].expand(shape)  # noqa: E731
+            self.store.scatter_(4, view(d), self.store.gather(4, view(s)))
+            return
+        for t in (*self.k, *self.v):
+            shape = (*t.shape[:2], s.shape[1], t.shape[-1])
+            t.scatter_(2, d[:, None, :, None].expand(shape), t.gather(2, s[:, None, :, None].expand(shape)))
+
     def row(self, b: int) -> "KVCache":
         """A one-row view of row b: writes and `lens` updates through it land in this cache."""
-        return KVCache(k=[t[b: b + 1] for t in self.k], v=[t[b: b + 1] for t in self.v], lens=self.lens[b: b + 1])
+        return KVCache(k=[t[b: b + 1] for t in self.k], v=[t[b: b + 1] for t in self.v], lens=self.lens[b: b + 1],
+                       store=None if self.store is None else self.store[:, :, b: b + 1])
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -323,11 +340,11 @@ class Model(nn.Module):
         if int(batch_size) <= 0 or int(max_length) <= 0:
             raise ValueError(f"new_cache needs batch_size > 0 and max_length > 0, got {batch_size}, {max_length}")
         c = self.config
-        shape = (int(batch_size), c.num_kv_heads, int(max_length), c.head_dim)
-        make = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        shape = (2, c.num_layers, int(batch_size), c.num_kv_heads, int(max_length), c.head_dim)
+        store = torch.zeros(shape, dtype=self.dtype, device=self.device)  # one allocation: see KVCache.move
         self.ensure_positions(int(max_length) + _POSITION_SLACK)
-        return KVCache(k=[make() for _ in range(c.num_layers)], v=[make() for _ in range(c.num_layers)],
-                       lens=torch.zeros(int(batch_size), dtype=torch.int32, device=self.device))
+        return KVCache(k=list(store[0].unbind(0)), v=list(store[1].unbind(0)),
+                       lens=torch.zeros(int(batch_size), dtype=torch.int32, device=self.device), store=store)
 
     def ensure_positions(self, n: int) -> None:
         """Make the rope tables cover positions 0..n-1 (at least max_position_embeddings). Not graph-safe:

@@ -10,7 +10,7 @@ import pass_ext
 from pass_ext.lookahead import LookaheadEmbeddings
 from sampling_reference import chi_square_pvalue, warp
 
-METHODS = ["pass", "pass-paper", "draft"]
+METHODS = ["pass", "pass-paper", "pass-tree", "draft"]
 
 
 def tiny_peaky_llama(vocab=16, hidden=32, layers=2, heads=4, kv_heads=2, seed=0, sharpen=4.0):

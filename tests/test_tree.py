@@ -1,0 +1,188 @@
+"""method="pass-tree": the draft-tree layout (masks.tree_layout, default_tree), the KV move of the accepted
+path (KVCache.move), and the engine's losslessness on trees whose accepted paths leave the first branch:
+greedy equal to plain decoding, sampling equal in law (chi-square against exact enumeration)."""
+import pytest
+import torch
+
+import pass_ext
+from pass_ext import masks
+from pass_ext.lookahead import LookaheadEmbeddings
+from sampling_reference import chi_square_pvalue, warp
+from test_engine import CUDA, exact_joint, tiny_peaky_llama
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[CUDA, pytest.mark.cuda])]
+
+
+# ---------------------------------------------------------------- layout
+
+def brute_force(paths, k):
+    """Mask and offsets of a tree step from the definition: a token sees the tokens of its own path."""
+    paths = sorted(paths, key=lambda t: (len(t), t))
+    nodes = [()] + paths
+    tokens = [(p, None) for p in nodes] + [(p, i) for p in nodes for i in range(k)]   # (node path, LA index)
+    Q = len(tokens)
+    mask = torch.zeros(Q, Q, dtype=torch.bool)
+    offsets = torch.zeros(Q, dtype=torch.long)
+    for a, (pa, ia) in enumerate(tokens):
+        offsets[a] = len(pa) + (0 if ia is None else ia + 1)
+        for b, (pb, ib) in enumerate(tokens):
+            if ib is None:      # a node: seen by tokens whose path goes through it
+                mask[a, b] = pa[: len(pb)] == pb
+            else:               # a look-ahead token: only by its own group, causally
+                mask[a, b] = ia is not None and pa == pb and ib <= ia
+    return mask, offsets
+
+
+@pytest.mark.parametrize("paths, k", [([(0,)], 1), ([(0,), (1,), (2,)], 1), ([(0,), (0, 0)], 2),
+                                      ([(1,), (0,), (0, 1), (0, 0), (1, 0), (0, 0, 3)], 3)])
+def test_tree_layout_matches_the_definition(paths, k):
+    lay = masks.tree_layout(paths, k)
+    mask, offsets = brute_force(paths, k)
+    assert torch.equal(lay.mask, mask) and torch.equal(lay.offsets, offsets)
+    assert lay.rows == (len(paths) + 1) * (k + 1)
+    for v, p in enumerate([()] + lay.paths):
+        assert lay.depth[v] == len(p)
+        if p:
+            assert lay.rank[v] == p[-1] and ([()] + lay.paths)[int(lay.parent[v])] == p[:-1]
+
+
+def test_a_chain_tree_is_the_fused_layout_up_to_token_order():
+    """A chain of k nodes is fused mode's block: the same tokens and offsets (fused mode's groups come in the
+    same node order)."""
+    for k in (1, 2, 4):
+        lay = masks.tree_layout([(0,) * d for d in range(1, k + 1)], k)
+        mask, offsets = masks.fused_layout(k)
+        assert torch.equal(lay.mask, mask) and torch.equal(lay.offsets, offsets)
+
+
+@pytest.mark.parametrize("paths, k, words", [([], 1, "at least one"), ([(0, 0)], 2, "parent"),
+                                             ([(0,), (0,)], 1, "repeat"), ([(0, 0)], 1, "1..k"),
+                                             ([(-1,)], 1, ">= 0"), ([("a",)], 1, "ranks"), ([()], 1, "1..k")])
+def test_tree_layout_refuses_bad_paths(paths, k, words):
+    with pytest.raises(ValueError, match=words):
+        masks.tree_layout(paths, k)
+
+
+def test_default_tree_fills_eight_rows_and_keeps_parents():
+    assert masks.default_tree(1) == [(0,), (1,), (2,)]
+    for k in range(1, 7):
+        tree = masks.default_tree(k)
+        assert len(tree) >= k and (masks.tree_layout(tree, k).rows <= masks.TREE_ROWS or len(tree) == k)
+    tree = masks.default_tree(2, 40)
+    assert len(tree) == 40 and masks.tree_layout(tree, 2).nodes == 41
+    assert len(masks.default_tree(1, 20)) == 20
+
+
+# ---------------------------------------------------------------- KV move
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_store", [True, False])
+def test_kv_move_copies_every_layer_reading_before_writing(device, with_store):
+    hf = tiny_peaky_llama(layers=3)
+    model = pass_ext.load_model(hf, dtype=torch.float32, device=device)
+    cache = model.new_cache(3, 16)
+    assert cache.store is not None and cache.k[1].data_ptr() == cache.store[0, 1].data_ptr()
+    torch.manual_seed(0)
+    cache.store.normal_()
+    cache.lens.copy_(torch.tensor([2, 0, 7], dtype=torch.int32))
+    if not with_store:
+        cache = pass_ext.model.KVCache(k=cache.k, v=cache.v, lens=cache.lens)
+    before = [t.clone() for t in (*cache.k, *cache.v)]
+    src = torch.tensor([[3, 1], [1, 2], [2, 3]], device=device)      # row 0 swaps slots 3 and 1 into 1, 2
+    dst = torch.tensor([[1, 2], [1, 2], [1, 2]], device=device)
+    cache.move(src, dst)
+    for old, new in zip(before, (*cache.k, *cache.v)):
+        want = old.clone()
+        for b, base in enumerate([2, 0, 7]):
+            for s, d in zip(src[b].tolist(), dst[b].tolist()):
+                want[b, :, base + d] = old[b, :, base + s]
+        assert torch.equal(new, want)
+
+
+def test_row_view_moves_in_the_whole_cache():
+    model = pass_ext.load_model(tiny_peaky_llama(), dtype=torch.float32, device="cpu")
+    cache = model.new_cache(2, 8)
+    cache.store.copy_(torch.arange(cache.store.numel(), dtype=torch.float32).view_as(cache.store))
+    want = cache.k[0][1, :, 3].clone()
+    cache.row(1).move(torch.tensor([[3]]), torch.tensor([[0]]))
+    assert torch.equal(cache.k[0][1, :, 0], want)
+
+
+# ---------------------------------------------------------------- losslessness with wide trees
+
+def wide_tree(vocab=16, width=5):
+    """Every token at depth 1, `width` candidates after each at depth 2: some draft is accepted at every step,
+    and accepted paths run through nodes far from the first branch, so their K/V must move."""
+    return [(r,) for r in range(vocab)] + [(r, c) for r in range(vocab) for c in range(width)]
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def tiny(request):
+    hf = tiny_peaky_llama()
+    model = pass_ext.load_model(hf, dtype=torch.float32, device=request.param)
+    model.lookahead = LookaheadEmbeddings.init(model, 4, seed=1)
+    return hf, model
+
+
+@pytest.mark.parametrize("tree, k", [(None, 1), (wide_tree(), 2), ([(0,), (1,), (0, 0), (1, 0), (0, 1)], 2)])
+def test_greedy_tree_equals_ar(tiny, tree, k):
+    hf, model = tiny
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, 16, (n,), generator=g).tolist() for n in (1, 6, 3, 9)]
+    ref = pass_ext.generate(model, prompts, method="ar", max_new_tokens=40, eos_token_id=False)
+    out = pass_ext.generate(model, prompts, method="pass-tree", lookahead=k, draft_tree=tree, max_new_tokens=40,
+                            eos_token_id=False)
+    assert torch.equal(out.sequences, ref.sequences)
+    hist = out.stats.accepted_length_histogram
+    if tree is not None and len(tree) > 16:
+        assert hist[0] == 0 and hist[2] > 0  # every step accepts depth 1; some reach depth 2 off the first branch
+
+
+WIDE_SETTINGS = [dict(temperature=0.8, top_k=10, top_p=1.0), dict(temperature=1.0, top_k=0, top_p=1.0),
+                 dict(temperature=1.5, top_k=0, top_p=0.8)]
+
+
+@pytest.mark.parametrize("setting", WIDE_SETTINGS, ids=lambda s: f"T{s['temperature']}-k{s['top_k']}-p{s['top_p']}")
+def test_wide_tree_sampling_matches_exact_distribution(tiny, setting):
+    """The joint law of the first 3 new tokens equals exact enumeration under plain sampling when every step
+    accepts one or two drafts through any branch. Fails falsely with probability 1e-4 (fixed seeds)."""
+    hf, model = tiny
+    if model.device.type == "cpu" and setting is not WIDE_SETTINGS[0]:
+        pytest.skip("one setting on the CPU (about a minute each); every setting on CUDA")
+    V, m, n = hf.config.vocab_size, 3, 6000
+    prompt = [2, 5, 7]
+    expected = exact_joint(hf, prompt, m, lambda l: warp(l, **setting))
+    out = pass_ext.generate(model, [prompt] * n, method="pass-tree", lookahead=2, draft_tree=wide_tree(),
+                            max_new_tokens=m, eos_token_id=False, seed=99, **setting)
+    toks = torch.stack([t[:m] for t in out.new_tokens])
+    counts = torch.bincount((toks * torch.tensor([V * V, V, 1])).sum(1), minlength=V ** m)
+    p = chi_square_pvalue(counts, expected)
+    assert p > 1e-4, f"{setting}: chi-square p-value {p:.2e}"
+    assert out.stats.accepted_length_histogram[0] == 0
+
+
+# ---------------------------------------------------------------- bad requests
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(method="pass", draft_tree=3), ValueError, "only used by method='pass-tree'"),
+    (dict(method="pass-tree", draft_tree=0), ValueError, "1..127"),
+    (dict(method="pass-tree", draft_tree="wide"), TypeError, "draft_tree"),
+    (dict(method="pass-tree", draft_tree=[(0, 0)], lookahead=2), ValueError, "draft_tree: .*parent"),
+    (dict(method="pass-tree", draft_tree=[(0,), (0, 0)], lookahead=1), ValueError, "draft_tree: .*1..k"),
+    (dict(method="pass-tree", draft_tree=[(16,)]), ValueError, "vocabulary has 16"),
+    (dict(method="pass-tree", lookahead="auto"), ValueError, "pass-tree"),
+    (dict(method="pass-tree", lookahead=5), ValueError, "lookahead"),
+])
+def test_bad_tree_requests(tiny, kwargs, exc, words):
+    hf, model = tiny
+    with pytest.raises(exc, match=words):
+        pass_ext.generate(model, [[2, 3, 4]], max_new_tokens=4, **kwargs)
+
+
+@CUDA
+@pytest.mark.cuda
+def test_tree_rows_past_the_cuda_attention_limit_are_refused():
+    model = pass_ext.load_model(tiny_peaky_llama(), dtype=torch.float32, device="cuda")
+    model.lookahead = LookaheadEmbeddings.init(model, 4, seed=1)
+    with pytest.raises(ValueError, match="at most 128"):
+        pass_ext.generate(model, [[2, 3]], method="pass-tree", lookahead=1, draft_tree=64, max_new_tokens=4)
