@@ -1,0 +1,128 @@
+"""Draft trees of method="pass-tree" against `ar` and `pass` (fixed k and auto k) on a real model, in one run:
+decode tokens/s, tokens per forward and speed-up over `ar`, per tree (depth k : nodes), batch and setting.
+
+At B = 1 every held-out code prompt runs in its own call (one warm-up call per configuration captures the CUDA
+graph; then `--repeats` passes over the prompts, timed per call with the prefill taken out), so tokens per
+forward average over the prompts instead of coming from one. At B > 1 the first B prompts make one batch.
+Greedy rows also report how many rows differ from `ar`'s tokens (bf16 near-ties; float32 equality is a test).
+
+    python bench/bench_tree.py --model qwen2.5-coder-1.5b --trees 1:1,1:3,1:7,2:2,2:5 --batches 1,8
+    python bench/bench_tree.py --model smollm2-135m --device cpu --prompts 2 --new 8 --trees 1:3   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import pass_ext  # noqa: E402
+from pass_ext import corpora, masks  # noqa: E402
+
+SETTINGS = {"greedy": dict(temperature=0.0), "T0.8/top-k10": dict(temperature=0.8, top_k=10),
+            "T0.8": dict(temperature=0.8, top_k=0)}
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tree.json")
+
+
+def configs(args) -> list:
+    """(label, generate kwargs) of every row: ar, pass at --k, pass with auto k, then each tree."""
+    rows = [("ar", dict(method="ar")), (f"pass k={args.k}", dict(method="pass", lookahead=args.k)),
+            ("pass auto", dict(method="pass", lookahead="auto"))]
+    for spec in args.trees.split(","):
+        k, nodes = (int(x) for x in spec.split(":"))
+        paths = masks.default_tree(k, nodes)
+        rows.append((f"tree k={k} n={nodes} ({masks.tree_layout(paths, k).rows} rows)",
+                     dict(method="pass-tree", lookahead=k, draft_tree=paths)))
+    return rows
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model, batches: list, kw: dict, repeats: int, new: int, seed: int) -> dict:
+    """Decode seconds (median over repeats of the summed calls), new tokens and tokens per forward."""
+    outs = [pass_ext.generate(model, ids, max_new_tokens=new, eos_token_id=False, seed=seed, **kw)
+            for ids in batches]  # warm-up: captures each shape's graph (and auto's step costs)
+    runs = []
+    for _ in range(repeats):
+        decode, outs = 0.0, []
+        for ids in batches:
+            sync(model.device)
+            t0 = time.perf_counter()
+            out = pass_ext.generate(model, ids, max_new_tokens=new, eos_token_id=False, seed=seed, **kw)
+            sync(model.device)
+            decode += time.perf_counter() - t0 - out.stats.prefill_s
+            outs.append(out)
+        runs.append(decode)
+    tokens = sum(int(o.num_new_tokens.sum()) for o in outs)
+    forwards = sum(float(o.num_new_tokens.sum()) / o.stats.tokens_per_forward for o in outs)
+    return dict(decode_s=statistics.median(runs), decode_s_runs=runs, tokens=tokens,
+                tokens_per_forward=tokens / forwards, k=[o.stats.k for o in outs],
+                new_tokens=[t.tolist() for o in outs for t in o.new_tokens])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--trees", default="1:1,1:3,1:7,2:2,2:5", help="comma-separated depth:nodes")
+    ap.add_argument("--k", type=int, default=4, help="k of the fixed-k pass row")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--settings", default="greedy,T0.8/top-k10", help=f"some of {', '.join(SETTINGS)}")
+    ap.add_argument("--prompts", type=int, default=8, help="held-out code prompts (HumanEval)")
+    ap.add_argument("--prompt-tokens", type=int, default=256, help="prompts cut to their last N tokens")
+    ap.add_argument("--new", type=int, default=64, help="new tokens per row")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=OUT)
+    args = ap.parse_args(argv)
+    settings = [s for s in args.settings.split(",") if s]
+    for s in settings:
+        if s not in SETTINGS:
+            raise SystemExit(f"unknown setting {s!r}: use some of {', '.join(SETTINGS)}")
+
+    model = pass_ext.load_model(args.model, device=args.device)
+    if model.lookahead is None:
+        raise SystemExit(f"{args.model} ships no look-ahead embeddings")
+    tok = model.tokenizer
+    code = corpora.humaneval_prompts()[: args.prompts]
+    enc = [tok(t, add_special_tokens=False)["input_ids"][-args.prompt_tokens:] for t in code]
+    rows = []
+    for B in [int(b) for b in args.batches.split(",") if b]:
+        batches = [[ids] for ids in enc] if B == 1 else [(enc * B)[:B]]
+        for setting in settings:
+            ref = None
+            for label, kw in configs(args):
+                r = measure(model, batches, {**kw, **SETTINGS[setting]}, args.repeats, args.new, args.seed)
+                row = dict(config=label, batch=B, setting=setting, kwargs={k: v for k, v in kw.items()},
+                           decode_tokens_per_s=r["tokens"] / r["decode_s"], **{k: v for k, v in r.items()
+                                                                               if k != "new_tokens"})
+                if ref is None:
+                    ref = r
+                row["speedup_vs_ar"] = row["decode_tokens_per_s"] / (ref["tokens"] / ref["decode_s"])
+                if setting == "greedy":
+                    row["rows_differing_from_ar"] = sum(a != b for a, b in zip(r["new_tokens"], ref["new_tokens"]))
+                rows.append(row)
+                print(f"B={B} {setting:13s} {label:28s} {row['decode_tokens_per_s']:9.1f} tok/s  "
+                      f"{row['speedup_vs_ar']:.3f}x ar  {row['tokens_per_forward']:.2f} tok/fwd"
+                      + (f"  differ {row['rows_differing_from_ar']}" if setting == "greedy" else ""), flush=True)
+    dev = model.device
+    meta = dict(model=args.model, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                dtype=str(model.dtype), torch=torch.__version__, prompts=args.prompts, new_tokens=args.new,
+                repeats=args.repeats, date=time.strftime("%Y-%m-%d"), command="python bench/bench_tree.py "
+                + " ".join(argv if argv is not None else sys.argv[1:]))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    return dict(meta=meta, rows=rows)
+
+
+if __name__ == "__main__":
+    main()
