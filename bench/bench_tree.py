@@ -77,6 +77,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--settings", default="greedy,T0.8/top-k10", help=f"some of {', '.join(SETTINGS)}")
     ap.add_argument("--prompts", type=int, default=8, help="held-out code prompts (HumanEval)")
+    ap.add_argument("--prompts-file", default=None,
+                    help="a JSON file with {'code': [...]} (or a bench_generate results file): its code prompts")
     ap.add_argument("--prompt-tokens", type=int, default=256, help="prompts cut to their last N tokens")
     ap.add_argument("--new", type=int, default=64, help="new tokens per row")
     ap.add_argument("--repeats", type=int, default=3)
@@ -92,7 +94,12 @@ def main(argv=None) -> dict:
     if model.lookahead is None:
         raise SystemExit(f"{args.model} ships no look-ahead embeddings")
     tok = model.tokenizer
-    code = corpora.humaneval_prompts()[: args.prompts]
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            data = json.load(f)
+        code = data.get("prompts", data)["code"][: args.prompts]
+    else:
+        code = corpora.humaneval_prompts()[: args.prompts]
     enc = [tok(t, add_special_tokens=False)["input_ids"][-args.prompt_tokens:] for t in code]
     rows = []
     for B in [int(b) for b in args.batches.split(",") if b]:

@@ -5,13 +5,19 @@
         python bench/profile_attention.py llama3-8b:bf16:8:4096:16 llama3-8b:bf16:1:4096:1
 
 A shape is LAYOUT:DTYPE:B:L:Q (layouts and dtypes of bench_attention.py). Each shape runs --calls times after
-one warm-up call; the kernels' names and grid choices are printed, the counters come from ncu.
+one warm-up call; the kernels' names and grid choices are printed, the counters come from ncu. Without ncu,
+--time N prints each shape's median µs over N calls (CUDA events, L2 flushed before each), and --ab
+PASS_EXT_NAME=VALUE[,...] times every shape with the default settings and with those, alternating in one process
+(switches the launcher reads per call):
+
+    python bench/profile_attention.py --time 200 --ab PASS_EXT_ATTENTION_SPLIT_KEYS=256 qwen2.5-1.5b:bf16:1:4096:8
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import statistics
 import sys
 
 import torch
@@ -26,7 +32,15 @@ def main() -> None:
     ap.add_argument("shapes", nargs="+", help="LAYOUT:DTYPE:B:L:Q")
     ap.add_argument("--calls", type=int, default=2)
     ap.add_argument("--uniform", action="store_true")
+    ap.add_argument("--time", type=int, default=0, help="time N calls per shape (median µs, L2 flushed)")
+    ap.add_argument("--ab", default=None, help="PASS_EXT_NAME=VALUE[,...]: also time each shape with these")
     args = ap.parse_args()
+    settings = [("default", {})]
+    if args.ab:
+        alt = dict(item.partition("=")[::2] for item in args.ab.split(","))
+        if not all(name.startswith("PASS_EXT_") and value for name, value in alt.items()):
+            sys.exit(f"--ab takes PASS_EXT_NAME=VALUE[,...], got {args.ab!r}")
+        settings.append((args.ab, alt))
     if not torch.cuda.is_available():
         sys.exit("profile_attention.py needs a GPU")
     from pass_ext import masks, ops
@@ -49,10 +63,40 @@ def main() -> None:
         out = torch.empty_like(q)
         choice = plan(Q, Hq, Hkv, D, B, S, dtype)
         print(f"{spec}: {choice}", flush=True)
+        call = lambda: ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, cache_lens,  # noqa: E731
+                                                   packed, 1 / math.sqrt(D), out)
         for _ in range(args.calls + 1):
-            ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, cache_lens, packed, 1 / math.sqrt(D), out)
+            call()
         torch.cuda.synchronize()
+        if args.time:
+            print("  " + ", ".join(f"{label}: {median_us(call, args.time, env):.2f} µs" for label, env in settings),
+                  flush=True)
         del q, k_new, v_new, k_cache, v_cache, out
+
+
+def median_us(call, n: int, env: dict) -> float:
+    """Median of n timed calls with `env` set (restored after), each after a 256 MiB write that flushes the L2."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        call()  # the first call with these settings
+        times = []
+        for _ in range(n):
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        return statistics.median(times)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 if __name__ == "__main__":

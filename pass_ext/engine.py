@@ -379,6 +379,23 @@ class FusedPassEngine(PassEngine):
         return StepState(c=nxt, drafts=drafts, draft_probs=probs)
 
 
+def top_tokens(logits: torch.Tensor, w: int) -> torch.Tensor:
+    """Indices [R, w] of the w largest of each row of logits [R, V], best first (ties in any order).
+
+    In two rounds when V splits into chunks of 256..8192 columns: the w best of every chunk, then the w best of
+    those. On CUDA torch.topk takes one block per short row, but a multi-pass radix select over the grid for a
+    whole vocabulary (4 kernels, 41 µs on Qwen2.5-1.5B's 151936 at one row on the H200)."""
+    R, V = logits.shape
+    S = next((s for s in range(256, min(V // 2, 8192) + 1) if V % s == 0 and s >= w), 0)
+    if not S:
+        return logits.topk(w, dim=-1).indices
+    C = V // S
+    val, idx = logits.view(R, C, S).topk(w, dim=-1)                                     # [R, C, w]
+    idx = idx + torch.arange(0, V, S, device=logits.device)[None, :, None]
+    best = val.view(R, C * w).topk(w, dim=-1).indices                                   # [R, w]
+    return idx.view(R, C * w).gather(1, best)
+
+
 class TreePassEngine(Engine):
     """PaSS over a draft tree, in one pass per step: the fused mode of DESIGN §1.2 with several candidates per
     look-ahead position. A node of the tree is a path of ranks ((1, 0): the second-best token of LA_1, then
@@ -487,7 +504,7 @@ class TreePassEngine(Engine):
             la_logits = logits.gather(1, rows[:, :, None].expand(-1, -1, V))
         else:
             la_logits = self.model.lm_head_logits(hidden.gather(1, rows[:, :, None].expand(-1, -1, hidden.shape[-1])))
-        top = la_logits.topk(self.width, dim=-1).indices.view(B, k * self.width)
+        top = top_tokens(la_logits.reshape(B * k, V), self.width).view(B, k * self.width)
         drafts = top[:, self.pick]
         self.check_capacity()
         return StepState(c=nxt, drafts=drafts)

@@ -280,6 +280,8 @@ MMA_CASES = {
     "R16-G16-Q1": (3, 1, 16, 1, 128, [0, 65, 200], None, "causal"),
     "R27-G3-fused2": (2, 9, 9, 3, 64, [64, 1], None, "fused"),
     "R48-G16": (2, 3, 32, 2, 64, [190, 7], None, "causal"),
+    "R48-G6-tree": (1, 8, 12, 2, 128, [300], None, "tree"),       # pass-tree's default step on Qwen2.5-1.5B
+    "R64-G4-Q16": (3, 16, 32, 8, 128, [5, 700, 64], None, "causal"),
     "R100-G4-fused4": (2, 25, 32, 8, 128, [31, 300], None, "fused"),
     "R150-G6-fused4": (1, 25, 12, 2, 128, [513], None, "fused"),
     "R175-G7-fused4": (2, 25, 14, 2, 64, [0, 129], None, "fused"),
@@ -292,6 +294,8 @@ MMA_CASES = {
 
 
 def _mma_mask(kind, Q):
+    if kind == "tree":  # pass-tree's default step: the pending token, 3 candidates, one look-ahead token each
+        return masks.tree_layout(masks.default_tree(1), 1).mask
     if kind == "fused":
         return masks.fused_layout(math.isqrt(Q) - 1)[0]
     if kind == "random":  # two mask words, rows that see no new token at all

@@ -110,10 +110,11 @@ def test_row_view_moves_in_the_whole_cache():
 
 # ---------------------------------------------------------------- losslessness with wide trees
 
-def wide_tree(vocab=16, width=5):
-    """Every token at depth 1, `width` candidates after each at depth 2: some draft is accepted at every step,
-    and accepted paths run through nodes far from the first branch, so their K/V must move."""
-    return [(r,) for r in range(vocab)] + [(r, c) for r in range(vocab) for c in range(width)]
+def wide_tree(vocab=16, parents=8, width=3):
+    """Every token at depth 1, `width` candidates after each of the `parents` likeliest at depth 2 (41 nodes:
+    123 rows, within the CUDA attention's 128): some draft is accepted at every step, and accepted paths run
+    through nodes far from the first branch, so their K/V must move."""
+    return [(r,) for r in range(vocab)] + [(r, c) for r in range(parents) for c in range(width)]
 
 
 @pytest.fixture(scope="module", params=DEVICES)
@@ -186,3 +187,12 @@ def test_tree_rows_past_the_cuda_attention_limit_are_refused():
     model.lookahead = LookaheadEmbeddings.init(model, 4, seed=1)
     with pytest.raises(ValueError, match="at most 128"):
         pass_ext.generate(model, [[2, 3]], method="pass-tree", lookahead=1, draft_tree=64, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("V, w", [(151936, 3), (49152, 8), (997, 2), (16, 16), (4099, 1)])
+def test_top_tokens_equals_topk(device, V, w):
+    """The two-round top-w of the tree's drafts picks what torch.topk does (no ties in random logits)."""
+    from pass_ext.engine import top_tokens
+    x = torch.randn(4, V, generator=torch.Generator().manual_seed(V)).to(device)
+    assert torch.equal(top_tokens(x, w), x.topk(w, dim=-1).indices)
