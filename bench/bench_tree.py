@@ -68,6 +68,32 @@ def measure(model, batches: list, kw: dict, repeats: int, new: int, seed: int) -
                 new_tokens=[t.tolist() for o in outs for t in o.new_tokens])
 
 
+def plot(res: dict, path: str) -> None:
+    """Speed-up over ar against tokens per forward, one panel per (batch, setting), a point per configuration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = sorted({(r["batch"], r["setting"]) for r in res["rows"]}, key=lambda p: (p[0], list(SETTINGS).index(p[1])))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, sharey=True)
+    for ax, (B, setting) in zip(axes[0], panels):
+        for r in res["rows"]:
+            if (r["batch"], r["setting"]) != (B, setting):
+                continue
+            tree = r["config"].startswith("tree")
+            ax.scatter(r["tokens_per_forward"], r["speedup_vs_ar"], marker="o" if tree else "s",
+                       color="tab:blue" if tree else "tab:gray")
+            ax.annotate(r["config"].split(" (")[0], (r["tokens_per_forward"], r["speedup_vs_ar"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_title(f"{res['meta']['model']}, B={B}, {setting}", fontsize=9)
+        ax.set_xlabel("tokens per forward")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("decode tokens/s ÷ ar")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
@@ -84,7 +110,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=OUT)
+    ap.add_argument("--report-only", action="store_true", help="plot --out again (a PNG next to it), measure nothing")
     args = ap.parse_args(argv)
+    if args.report_only:
+        with open(args.out) as f:
+            res = json.load(f)
+        plot(res, os.path.splitext(args.out)[0] + ".png")
+        return res
     settings = [s for s in args.settings.split(",") if s]
     for s in settings:
         if s not in SETTINGS:
@@ -126,9 +158,11 @@ def main(argv=None) -> dict:
                 repeats=args.repeats, date=time.strftime("%Y-%m-%d"), command="python bench/bench_tree.py "
                 + " ".join(argv if argv is not None else sys.argv[1:]))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    res = dict(meta=meta, rows=rows)
     with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    return dict(meta=meta, rows=rows)
+        json.dump(res, f, indent=1)
+    plot(res, os.path.splitext(args.out)[0] + ".png")
+    return res
 
 
 if __name__ == "__main__":
