@@ -30,6 +30,14 @@ def test_generate_method_ar_and_paper(fetched, capsys):
         assert f"{method} k=" in err
 
 
+def test_generate_method_pass_tree(fetched, capsys):
+    rc = cli.main(["generate", "--model", "smollm2-135m", "--device", "cpu", "--prompt", "def add(a, b):",
+                   "--max-new-tokens", "8", "--method", "pass-tree", "--draft-tree", "3", "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "pass-tree k=1" in err and "stop: max_new_tokens" in err, err
+
+
 def test_generate_lookahead_auto(fetched, capsys):
     """--lookahead auto: PaSS picks k (0 included) from the step costs it times and the shipped acceptance."""
     rc = cli.main(["generate", "--model", "smollm2-135m", "--device", "cpu", "--prompt", "def add(a, b):",
