@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 
 import torch
@@ -25,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_attention import DTYPES, LAYOUTS, new_token_mask, plan, ragged_lengths  # noqa: E402
+from bench_sampling import time_us  # noqa: E402
 
 
 def main() -> None:
@@ -75,22 +75,12 @@ def main() -> None:
 
 
 def median_us(call, n: int, env: dict) -> float:
-    """Median of n timed calls with `env` set (restored after), each after a 256 MiB write that flushes the L2."""
+    """bench_sampling.time_us (median of n CUDA-event timings, L2 flushed before each) with `env` set, then
+    restored."""
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     try:
-        flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-        call()  # the first call with these settings
-        times = []
-        for _ in range(n):
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        return statistics.median(times)
+        return time_us(call, n, torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
     finally:
         for name, value in saved.items():
             if value is None:
