@@ -129,6 +129,28 @@ def random_prompts(vocab_size: int, n: int, seed: int) -> list:
     return [torch.randint(0, vocab_size, (96 + (37 * i) % 128,), generator=g).tolist() for i in range(n)]
 
 
+def divergence_ulps(model, prompts: list, got_rows: list, want_rows: list) -> list:
+    """For each row whose tokens differ from the reference's: at the first differing position, recompute the logits
+    of the common prefix with a plain forward and measure how far apart the two chosen tokens are, in ulps of the
+    model's dtype at their magnitude. Within NEAR_TIE_ULPS, a different order of rounding (another batch shape,
+    another kernel) can pick either: a near-tie, not a bug. Rows where one is a prefix of the other are skipped."""
+    ulps = []
+    for prompt, got, want in zip(prompts, got_rows, want_rows):
+        i = next((j for j, (x, y) in enumerate(zip(got, want)) if x != y), None)
+        if i is None:  # one is a prefix of the other (a stop): not a divergence of choice
+            continue
+        prefix = list(prompt) + list(want[:i])
+        with torch.no_grad():  # the prefix but its last token in chunks (the kernel's limit), then that one
+            cache = model.new_cache(1, len(prefix) + 1)
+            last = importlib.import_module("pass_ext.generate").prefill(model, cache, [prefix], 128)
+            pos = torch.tensor([[len(prefix) - 1]], device=model.device)
+            logits = model(last[None], pos, cache)[0, -1].float()
+        a, b = logits[want[i]].item(), logits[got[i]].item()
+        ulp = 2.0 ** (math.frexp(max(abs(a), abs(b), 1e-30))[1] - 1) * torch.finfo(model.dtype).eps
+        ulps.append(abs(a - b) / ulp)
+    return ulps
+
+
 def failure(e: Exception) -> tuple[str, str]:
     """(status, note) of a call that raised: a refused request is 'n/a', anything else an 'error'."""
     status = "n/a" if isinstance(e, (ValueError, TypeError, NotImplementedError)) else "error"
@@ -389,25 +411,8 @@ class Bench:
             self.explain_divergences(row, new_tokens, ref)
 
     def explain_divergences(self, row: dict, new_tokens: list, ref: list) -> None:
-        """For each row that differs from ar: at the first differing position, recompute the logits of the common
-        prefix with a plain forward and measure how far apart the two chosen tokens are, in ulps of the model's
-        dtype at their magnitude. Within NEAR_TIE_ULPS, a different order of rounding (another batch shape,
-        another kernel) can pick either: a near-tie, not a bug."""
-        model, prompts = self.tie_model
-        ulps = []
-        for prompt, got, want in zip(prompts, new_tokens, ref):
-            i = next((j for j, (x, y) in enumerate(zip(got, want)) if x != y), None)
-            if i is None:  # one is a prefix of the other (a stop): not a divergence of choice
-                continue
-            prefix = list(prompt) + list(want[:i])
-            with torch.no_grad():  # the prefix but its last token in chunks (the kernel's limit), then that one
-                cache = model.new_cache(1, len(prefix) + 1)
-                last = importlib.import_module("pass_ext.generate").prefill(model, cache, [prefix], 128)
-                pos = torch.tensor([[len(prefix) - 1]], device=model.device)
-                logits = model(last[None], pos, cache)[0, -1].float()
-            a, b = logits[want[i]].item(), logits[got[i]].item()
-            ulp = 2.0 ** (math.frexp(max(abs(a), abs(b), 1e-30))[1] - 1) * torch.finfo(model.dtype).eps
-            ulps.append(abs(a - b) / ulp)
+        """The rows that differ from ar, measured in ulps (`divergence_ulps`): within NEAR_TIE_ULPS, a near-tie."""
+        ulps = divergence_ulps(*self.tie_model, new_tokens, ref)
         row["near_ties"] = sum(u <= NEAR_TIE_ULPS for u in ulps)
         row["max_tie_ulps"] = round(max(ulps), 2) if ulps else None
 

@@ -4,7 +4,8 @@ decode tokens/s, tokens per forward and speed-up over `ar`, per tree (depth k : 
 At B = 1 every held-out code prompt runs in its own call (one warm-up call per configuration captures the CUDA
 graph; then `--repeats` passes over the prompts, timed per call with the prefill taken out), so tokens per
 forward average over the prompts instead of coming from one. At B > 1 the first B prompts make one batch.
-Greedy rows also report how many rows differ from `ar`'s tokens (bf16 near-ties; float32 equality is a test).
+Greedy rows also report how many rows differ from `ar`'s tokens and how many of those are near-ties (the two tokens
+within a few ulps at the first difference, bench_generate.divergence_ulps; float32 equality is a test).
 
     python bench/bench_tree.py --model qwen2.5-coder-1.5b --trees 1:1,1:3,1:7,2:2,2:5 --batches 1,8
     python bench/bench_tree.py --model smollm2-135m --device cpu --prompts 2 --new 8 --trees 1:3   # smoke run
@@ -21,7 +22,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pass_ext  # noqa: E402
+from bench_generate import NEAR_TIE_ULPS, divergence_ulps  # noqa: E402
 from pass_ext import corpora, masks  # noqa: E402
 
 SETTINGS = {"greedy": dict(temperature=0.0), "T0.8/top-k10": dict(temperature=0.8, top_k=10),
@@ -148,10 +151,15 @@ def main(argv=None) -> dict:
                 row["speedup_vs_ar"] = row["decode_tokens_per_s"] / (ref["tokens"] / ref["decode_s"])
                 if setting == "greedy":
                     row["rows_differing_from_ar"] = sum(a != b for a, b in zip(r["new_tokens"], ref["new_tokens"]))
+                    ulps = divergence_ulps(model, [ids for b in batches for ids in b], r["new_tokens"],
+                                           ref["new_tokens"]) if row["rows_differing_from_ar"] else []
+                    row["near_ties"] = sum(u <= NEAR_TIE_ULPS for u in ulps)
+                    row["max_tie_ulps"] = round(max(ulps), 2) if ulps else None
                 rows.append(row)
                 print(f"B={B} {setting:13s} {label:28s} {row['decode_tokens_per_s']:9.1f} tok/s  "
                       f"{row['speedup_vs_ar']:.3f}x ar  {row['tokens_per_forward']:.2f} tok/fwd"
-                      + (f"  differ {row['rows_differing_from_ar']}" if setting == "greedy" else ""), flush=True)
+                      + (f"  differ {row['rows_differing_from_ar']} (near-ties {row['near_ties']})"
+                         if setting == "greedy" else ""), flush=True)
     dev = model.device
     meta = dict(model=args.model, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 dtype=str(model.dtype), torch=torch.__version__, prompts=args.prompts, new_tokens=args.new,

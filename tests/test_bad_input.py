@@ -43,7 +43,7 @@ GENERATE_CASES = {
     "max_new_tokens_float": (dict(max_new_tokens=4.0), TypeError, r"max_new_tokens must be an int >= 1"),
     "max_new_tokens_bool": (dict(max_new_tokens=True), TypeError, r"max_new_tokens must be an int >= 1"),
     "max_new_tokens_negative": (dict(max_new_tokens=-3), ValueError, r"max_new_tokens must be an int >= 1"),
-    "method_none": (dict(method=None), ValueError, r"method must be one of ar, pass, pass-paper, draft"),
+    "method_none": (dict(method=None), ValueError, r"method must be one of ar, pass, pass-paper, pass-tree, draft"),
     # empty prompts and batches
     "batch_zero_tensor": (dict(ids=torch.zeros(0, 3, dtype=torch.long)), ValueError, r"ids .*batch of zero"),
     "empty_prompt_tensor": (dict(ids=torch.zeros(1, 0, dtype=torch.long)), ValueError,
