@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import pass_ext  # noqa: E402
 
-METHODS = ("ar", "pass", "pass-paper", "draft")
+METHODS = ("ar", "pass", "pass-paper", "pass-tree", "draft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIB = 2 ** 20
 # Prompts of both kinds the shipped embeddings were trained on; rows use random prefixes of them (ragged).
@@ -150,7 +150,7 @@ def soak(model, *, prompts: list, draft=None, tokens: int = 100_000, methods=MET
     """
     from tqdm.auto import tqdm
 
-    methods = [m for m in methods if m not in ("pass", "pass-paper") or model.lookahead is not None]
+    methods = [m for m in methods if m not in ("pass", "pass-paper", "pass-tree") or model.lookahead is not None]
     draft = model if draft is None else draft
     device = model.device
     graph_cls = getattr(torch.cuda, "CUDAGraph", None)
