@@ -422,7 +422,7 @@ class _Workspace:
     def __init__(self, key, engine: E.Engine):
         self.key, self.engine = key, engine
         caches = [c for c in (getattr(engine, "cache", None), getattr(engine, "draft_cache", None)) if c is not None]
-        self.cache_bytes = sum(t.numel() * t.element_size() for c in caches for t in (*c.k, *c.v))
+        self.cache_bytes = sum(c.store.numel() * c.store.element_size() for c in caches)
         self.graph: Optional[E.StepGraph] = None
 
     def reset(self, sampling: E.Sampling, seed: int, eos: list, pad: int) -> None:

@@ -14,7 +14,7 @@ import math
 import os
 import types
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -97,10 +97,13 @@ class KVCache:
     A forward writes its Q new tokens at slots lens[b]..lens[b]+Q-1 without touching `lens`; committing the
     first n of them is `lens += n`, and rolling back the rest is simply not committing them.
     """
-    k: list  # per layer [B, Hkv, S_max, D]
-    v: list  # per layer [B, Hkv, S_max, D]
+    store: torch.Tensor  # [2, layers, B, Hkv, S_max, D]: every layer's K, then every layer's V, in one allocation
     lens: torch.Tensor  # [B] int32 on the model device
-    store: Optional[torch.Tensor] = None  # [2, layers, B, Hkv, S_max, D]: k[l] = store[0, l], v[l] = store[1, l]
+    k: list = field(init=False, repr=False)  # per layer [B, Hkv, S_max, D]: views of store[0]
+    v: list = field(init=False, repr=False)  # per layer [B, Hkv, S_max, D]: views of store[1]
+
+    def __post_init__(self):
+        self.k, self.v = list(self.store[0].unbind(0)), list(self.store[1].unbind(0))
 
     @property
     def capacity(self) -> int:
@@ -122,22 +125,15 @@ class KVCache:
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """In every layer, copy row b's K/V at slot lens[b] + src[b, j] to slot lens[b] + dst[b, j] (src, dst
         [B, n] int64, within the capacity): a tree step moves its accepted path next to the committed prefix.
-        Every slot is read before any is written. With `store`, two kernels for all layers."""
+        Every slot is read before any is written: one gather and one scatter for all layers."""
         base = self.lens.long()[:, None]
-        s, d = base + src, base + dst
-        if self.store is not None:
-            shape = (*self.store.shape[:4], s.shape[1], self.store.shape[-1])
-            view = lambda i: i[None, None, :, None, :, None].expand(shape)  # noqa: E731
-            self.store.scatter_(4, view(d), self.store.gather(4, view(s)))
-            return
-        for t in (*self.k, *self.v):
-            shape = (*t.shape[:2], s.shape[1], t.shape[-1])
-            t.scatter_(2, d[:, None, :, None].expand(shape), t.gather(2, s[:, None, :, None].expand(shape)))
+        shape = (*self.store.shape[:4], src.shape[1], self.store.shape[-1])
+        view = lambda i: (base + i)[None, None, :, None, :, None].expand(shape)  # noqa: E731
+        self.store.scatter_(4, view(dst), self.store.gather(4, view(src)))
 
     def row(self, b: int) -> "KVCache":
         """A one-row view of row b: writes and `lens` updates through it land in this cache."""
-        return KVCache(k=[t[b: b + 1] for t in self.k], v=[t[b: b + 1] for t in self.v], lens=self.lens[b: b + 1],
-                       store=None if self.store is None else self.store[:, :, b: b + 1])
+        return KVCache(store=self.store[:, :, b: b + 1], lens=self.lens[b: b + 1])
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -343,8 +339,7 @@ class Model(nn.Module):
         shape = (2, c.num_layers, int(batch_size), c.num_kv_heads, int(max_length), c.head_dim)
         store = torch.zeros(shape, dtype=self.dtype, device=self.device)  # one allocation: see KVCache.move
         self.ensure_positions(int(max_length) + _POSITION_SLACK)
-        return KVCache(k=list(store[0].unbind(0)), v=list(store[1].unbind(0)),
-                       lens=torch.zeros(int(batch_size), dtype=torch.int32, device=self.device), store=store)
+        return KVCache(store=store, lens=torch.zeros(int(batch_size), dtype=torch.int32, device=self.device))
 
     def ensure_positions(self, n: int) -> None:
         """Make the rope tables cover positions 0..n-1 (at least max_position_embeddings). Not graph-safe:

@@ -76,17 +76,15 @@ def test_default_tree_fills_eight_rows_and_keeps_parents():
 # ---------------------------------------------------------------- KV move
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("with_store", [True, False])
-def test_kv_move_copies_every_layer_reading_before_writing(device, with_store):
+def test_kv_move_copies_every_layer_reading_before_writing(device):
     hf = tiny_peaky_llama(layers=3)
     model = pass_ext.load_model(hf, dtype=torch.float32, device=device)
     cache = model.new_cache(3, 16)
-    assert cache.store is not None and cache.k[1].data_ptr() == cache.store[0, 1].data_ptr()
+    assert cache.k[1].data_ptr() == cache.store[0, 1].data_ptr()
+    assert cache.v[2].data_ptr() == cache.store[1, 2].data_ptr()
     torch.manual_seed(0)
     cache.store.normal_()
     cache.lens.copy_(torch.tensor([2, 0, 7], dtype=torch.int32))
-    if not with_store:
-        cache = pass_ext.model.KVCache(k=cache.k, v=cache.v, lens=cache.lens)
     before = [t.clone() for t in (*cache.k, *cache.v)]
     src = torch.tensor([[3, 1], [1, 2], [2, 3]], device=device)      # row 0 swaps slots 3 and 1 into 1, 2
     dst = torch.tensor([[1, 2], [1, 2], [1, 2]], device=device)
