@@ -315,8 +315,7 @@ class PassEngine(Engine):
         probs = None
         if self.want_probs:
             if self.start_probs is None or self.start_probs.shape[0] != B:
-                head = self.model.embed_tokens if self.model.lm_head is None else self.model.lm_head
-                self.start_probs = torch.zeros(B, self.k, head.shape[0], device=self.device)
+                self.start_probs = torch.zeros(B, self.k, self.model.head_weight.shape[0], device=self.device)
                 self.start_probs[..., 0] = 1.0
             probs = self.start_probs
         return StepState(c=c, drafts=drafts, draft_probs=probs)
@@ -418,47 +417,23 @@ class TreePassEngine(Engine):
         k, dev = self.k, self.device
         lay = masks.tree_layout(masks.default_tree(k) if tree is None else tree, k)
         self.layout = lay
-        n, N = lay.nodes, lay.nodes - 1
+        n = lay.nodes
         self.q_step = lay.rows
         self.width = int(lay.rank.max()) + 1                    # candidates taken per look-ahead position
-        vocab = self.la_vocab()
+        vocab = self.model.head_weight.shape[0]
         if self.width > vocab:
             raise ValueError(f"draft tree ranks reach {self.width - 1}, but the vocabulary has {vocab} tokens")
         self.tree_mask = masks.pack(lay.mask).to(dev)
         self.offsets = lay.offsets.to(dev)
         self.group_slots = torch.arange(n, lay.rows, device=dev)
         self.group_index = torch.arange(k, device=dev).repeat(n)
-        self.parent = lay.parent[1:].to(dev)                                      # [N]
+        self.path = lay.path.to(dev)                                               # [n, k+1]
+        self.parent = lay.path[1:].gather(1, lay.depth[1:, None] - 1).squeeze(1).to(dev)   # [N]
         self.depth = lay.depth.to(dev)                                            # [n]
-        anc = torch.zeros(n, n, dtype=torch.long)                                 # anc[v, d]: v's ancestor at depth d
-        for v in range(n):
-            u = v
-            while True:
-                anc[v, int(lay.depth[u])] = u
-                if u == 0:
-                    break
-                u = int(lay.parent[u])
-        # up[u, v] = 1 when node u is v's ancestor or v itself (non-root nodes): v is on the accepted path when
-        # all of these matched, i.e. the count of matched ones equals its depth.
-        up = torch.zeros(N, N)
-        for v in range(1, n):
-            for d in range(1, int(lay.depth[v]) + 1):
-                up[int(anc[v, d]) - 1, v - 1] = 1.0
-        self.up = up.to(dev)
-        steps = torch.arange(k + 1)
-        on_path = steps[None, :] <= lay.depth[:, None]                           # [n, k+1]
-        # emit[v]: the nodes whose sampled tokens node v's path emits (root .. v, then v again as filler);
-        # src[v]: the slot (= node index) holding the path's node at depth 1..k, or that depth's own slot.
-        self.emit_nodes = torch.where(on_path, anc[:, : k + 1], torch.arange(n)[:, None]).to(dev)
-        self.src = torch.where(on_path[:, 1:], anc[:, 1: k + 1], steps[None, 1:]).to(dev)
-        self.dst = steps[1:].to(dev)
+        self.dst = torch.arange(1, k + 1, device=dev)
         self.groups = (n + torch.arange(n)[:, None] * k + torch.arange(k)[None, :]).to(dev)   # [n, k]
         self.pick = ((lay.depth[1:] - 1) * self.width + lay.rank[1:]).to(dev)            # [N] into [k * width]
         self.node_sampling = self.sampling.repeat(n)
-
-    def la_vocab(self) -> int:
-        head = self.model.embed_tokens if self.model.lm_head is None else self.model.lm_head
-        return head.shape[0]
 
     def reset(self) -> None:
         super().reset()
@@ -473,7 +448,7 @@ class TreePassEngine(Engine):
         return StepState(c=c, drafts=drafts)
 
     def step(self, s: StepState) -> StepState:
-        lay, k, dev = self.layout, self.k, self.device
+        lay, k = self.layout, self.k
         n, Q = lay.nodes, lay.rows
         done = self.rows.done.clone()
         B = s.c.shape[0]
@@ -487,13 +462,17 @@ class TreePassEngine(Engine):
         V = logits.shape[-1]
         t, _ = self.sample(logits[:, :n].reshape(B * n, V), self.node_sampling, want_probs=False)
         t = t.view(B, n)
-        # Node v is on the accepted path when it and each of its ancestors hold their parent's sampled token.
-        match = (t.gather(1, self.parent[None].expand(B, -1)) == s.drafts).float()      # [B, N]
-        on_path = (match @ self.up).round().long() == self.depth[None, 1:]
-        final = torch.cat([torch.zeros_like(t[:, :1]), on_path.long() * self.depth[None, 1:]], 1).argmax(1)
+        # Node v is on the accepted path when every node of its path holds its parent's sampled token (the root
+        # and the path's padding, node 0, count as held); siblings differ, so the deepest such node is unique.
+        held = torch.cat([torch.ones_like(s.drafts[:, :1], dtype=torch.bool),
+                          t.gather(1, self.parent[None].expand(B, -1)) == s.drafts], 1)          # [B, n]
+        on_path = held[:, self.path.view(-1)].view(B, n, k + 1).all(-1)
+        final = (on_path.long() * self.depth).argmax(1)                                  # 0 (the root): none
         accepted = self.depth[final]
-        out = t.gather(1, self.emit_nodes[final])                                              # [B, k+1]
-        self.cache.move(self.src[final], self.dst[None].expand(B, -1))
+        path = self.path[final]                                                           # [B, k+1]
+        out = t.gather(1, path)       # the samples along the path; past `accepted`, the root's (not emitted)
+        # Depth d's node to slot d; past `accepted` the root's K/V lands in slots that are not committed.
+        self.cache.move(path[:, 1:], self.dst[None].expand(B, -1))
         self.stats.accepted(accepted, done)
         count = accepted + 1
         self.commit(count, done)

@@ -32,23 +32,13 @@ def causal(Q: int, device=None) -> torch.Tensor:
 
 
 def fused_layout(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused-mode block of DESIGN §1.2 for k look-ahead tokens.
+    """The fused-mode block of DESIGN §1.2 for k look-ahead tokens: the draft tree that is a chain of k nodes.
 
     Tokens: [c, d_1..d_k] (causal), then k+1 groups of k look-ahead tokens; group j sits after c..d_j.
     Returns (bool mask [Q, Q], position offsets [Q] relative to c), Q = (k+1)^2.
     """
-    Q = (k + 1) ** 2
-    mask = torch.zeros(Q, Q, dtype=torch.bool)
-    pos = torch.zeros(Q, dtype=torch.long)
-    mask[: k + 1, : k + 1] = torch.ones(k + 1, k + 1, dtype=torch.bool).tril()
-    pos[: k + 1] = torch.arange(k + 1)
-    for j in range(k + 1):
-        base = k + 1 + j * k
-        for i in range(k):
-            mask[base + i, : j + 1] = True
-            mask[base + i, base : base + i + 1] = True
-            pos[base + i] = j + 1 + i
-    return mask, pos
+    lay = tree_layout([(0,) * d for d in range(1, k + 1)], k)
+    return lay.mask, lay.offsets
 
 
 def fused(k: int, device=None) -> torch.Tensor:
@@ -92,7 +82,7 @@ class TreeLayout:
     k: int
     mask: torch.Tensor         # bool [Q, Q]
     offsets: torch.Tensor      # [Q] position offsets relative to the root
-    parent: torch.Tensor       # [N+1] node index of each node's parent (the root's: 0)
+    path: torch.Tensor         # [N+1, k+1] node at each depth of a node's path (root .. the node), then 0
     depth: torch.Tensor        # [N+1]
     rank: torch.Tensor         # [N+1] rank of the node's token among its depth's draft logits (root: 0)
 
@@ -141,18 +131,19 @@ def tree_layout(paths, k: int) -> TreeLayout:
     Q = n * (k + 1)
     mask = torch.zeros(Q, Q, dtype=torch.bool)
     offsets = torch.zeros(Q, dtype=torch.long)
-    parent = torch.zeros(n, dtype=torch.long)
+    path = torch.zeros(n, k + 1, dtype=torch.long)
     depth = torch.zeros(n, dtype=torch.long)
     rank = torch.zeros(n, dtype=torch.long)
     for t, v in index.items():
         path_nodes = [index[t[:d]] for d in range(len(t) + 1)]  # root .. v
         mask[v, path_nodes] = True
+        path[v, : len(t) + 1] = torch.tensor(path_nodes)
         offsets[v] = depth[v] = len(t)
         if t:
-            parent[v], rank[v] = index[t[:-1]], t[-1]
+            rank[v] = t[-1]
         base = n + v * k
         for i in range(k):
             mask[base + i, path_nodes] = True
             mask[base + i, base: base + i + 1] = True
             offsets[base + i] = len(t) + 1 + i
-    return TreeLayout(norm, k, mask, offsets, parent, depth, rank)
+    return TreeLayout(norm, k, mask, offsets, path, depth, rank)

@@ -358,9 +358,14 @@ class Model(nn.Module):
         """[B, Q] token ids -> [B, Q, d] embeddings in the model dtype."""
         return F.embedding(input_ids, self.embed_tokens)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output projection [V, d]: lm_head, or the input embeddings when they are tied."""
+        return self.embed_tokens if self.lm_head is None else self.lm_head
+
     def lm_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] final-norm hidden states -> [..., V] float32 logits."""
-        weight = self.embed_tokens if self.lm_head is None else self.lm_head
+        weight = self.head_weight
         if self._linear_ops(hidden).get("lm_head"):
             return ops.decode_linear(hidden, weight, prefetch_weights=ops.prefetch_allowed()).float()
         return F.linear(hidden, weight).float()
@@ -374,7 +379,7 @@ class Model(nn.Module):
             return {}
         limit = ops.linear_max_bytes()
         if self._linear_plan is None or self._linear_plan[0] != limit:
-            kinds = {"lm_head": [self.embed_tokens if self.lm_head is None else self.lm_head],
+            kinds = {"lm_head": [self.head_weight],
                      "qkv": [layer.wqkv for layer in self.layers], "o": [layer.wo for layer in self.layers],
                      "gate_up": [layer.w_gate_up for layer in self.layers],
                      "down": [layer.w_down for layer in self.layers]}

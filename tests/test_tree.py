@@ -40,19 +40,22 @@ def test_tree_layout_matches_the_definition(paths, k):
     mask, offsets = brute_force(paths, k)
     assert torch.equal(lay.mask, mask) and torch.equal(lay.offsets, offsets)
     assert lay.rows == (len(paths) + 1) * (k + 1)
-    for v, p in enumerate([()] + lay.paths):
+    nodes = [()] + lay.paths
+    for v, p in enumerate(nodes):
         assert lay.depth[v] == len(p)
+        assert [nodes[int(u)] for u in lay.path[v, : len(p) + 1]] == [p[:d] for d in range(len(p) + 1)]
+        assert (lay.path[v, len(p) + 1:] == 0).all()
         if p:
-            assert lay.rank[v] == p[-1] and ([()] + lay.paths)[int(lay.parent[v])] == p[:-1]
+            assert lay.rank[v] == p[-1]
 
 
-def test_a_chain_tree_is_the_fused_layout_up_to_token_order():
-    """A chain of k nodes is fused mode's block: the same tokens and offsets (fused mode's groups come in the
-    same node order)."""
+def test_the_fused_layout_is_a_chain_tree():
+    """Fused mode's block (DESIGN §1.2) is the tree of a chain of k nodes, by the definition above."""
     for k in (1, 2, 4):
-        lay = masks.tree_layout([(0,) * d for d in range(1, k + 1)], k)
-        mask, offsets = masks.fused_layout(k)
-        assert torch.equal(lay.mask, mask) and torch.equal(lay.offsets, offsets)
+        mask, offsets = brute_force([(0,) * d for d in range(1, k + 1)], k)
+        got_mask, got_offsets = masks.fused_layout(k)
+        assert torch.equal(got_mask, mask) and torch.equal(got_offsets, offsets)
+        assert mask.shape == ((k + 1) ** 2, (k + 1) ** 2)
 
 
 @pytest.mark.parametrize("paths, k, words", [([], 1, "at least one"), ([(0, 0)], 2, "parent"),
