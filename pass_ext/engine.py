@@ -42,6 +42,11 @@ class Sampling:
         """Each row's parameters repeated n times (for n draft positions per row)."""
         return Sampling(*(t.repeat_interleave(n) for t in (self.temperature, self.top_k, self.top_p)))
 
+    def copy_(self, other: "Sampling") -> None:
+        """In place (a captured step reads these buffers): other's parameters, of the same shapes."""
+        for dst, src in zip((self.temperature, self.top_k, self.top_p), (other.temperature, other.top_k, other.top_p)):
+            dst.copy_(src)
+
 
 class Rng:
     """Seed and offset as one-element device tensors: ops read them on the device, the engine advances
@@ -258,8 +263,7 @@ class PassEngine(Engine):
 
     def reset(self) -> None:
         super().reset()
-        for dst, src in zip(vars(self.draft_sampling).values(), vars(self.sampling.repeat(self.k)).values()):
-            dst.copy_(src)
+        self.draft_sampling.copy_(self.sampling.repeat(self.k))
 
     def draft_from(self, la_logits: torch.Tensor):
         """la_logits [B, k, V] -> drafts [B, k] and their warped distributions (None when all greedy)."""
@@ -367,7 +371,7 @@ class FusedPassEngine(PassEngine):
         hidden, logits, accepted, nxt = self.validation_pass(s)
         k = self.k
         # Group a (a = accepted) starts at k+1 + a*k; its outputs are "i tokens after nxt" distributions.
-        idx = (k + 1) + accepted.long()[:, None] * k + torch.arange(k, device=self.device)[None, :]
+        idx = (k + 1) + accepted.long()[:, None] * k + self.la_index[None, :]
         if logits.shape[1] == hidden.shape[1]:
             la_logits = logits.gather(1, idx[:, :, None].expand(-1, -1, logits.shape[-1]))
         else:
@@ -437,9 +441,7 @@ class TreePassEngine(Engine):
 
     def reset(self) -> None:
         super().reset()
-        for dst, src in zip(vars(self.node_sampling).values(),
-                            vars(self.sampling.repeat(self.layout.nodes)).values()):
-            dst.copy_(src)
+        self.node_sampling.copy_(self.sampling.repeat(self.layout.nodes))
 
     def start(self, c: torch.Tensor) -> StepState:
         """No forward: the first step checks placeholder drafts (each node's token is its rank, so siblings

@@ -430,8 +430,7 @@ class _Workspace:
         eng.cache.lens.zero_()
         if isinstance(eng, E.DraftModelEngine):
             eng.draft_cache.lens.zero_()
-        for dst, src in zip(vars(eng.sampling).values(), vars(sampling).values()):
-            dst.copy_(src)
+        eng.sampling.copy_(sampling)
         eng.rng.seed.fill_(seed)
         eng.rng.offset.zero_()
         eng.rows.reset(pad, eos)
