@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pass_ext  # noqa: E402
-from bench_generate import NEAR_TIE_ULPS, divergence_ulps  # noqa: E402
+from bench_generate import NEAR_TIE_ULPS, divergence_ulps, timed  # noqa: E402
 from pass_ext import corpora, masks  # noqa: E402
 
 SETTINGS = {"greedy": dict(temperature=0.0), "T0.8/top-k10": dict(temperature=0.8, top_k=10),
@@ -44,26 +44,18 @@ def configs(args) -> list:
     return rows
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(model, batches: list, kw: dict, repeats: int, new: int, seed: int) -> dict:
     """Decode seconds (median over repeats of the summed calls), new tokens and tokens per forward."""
-    outs = [pass_ext.generate(model, ids, max_new_tokens=new, eos_token_id=False, seed=seed, **kw)
-            for ids in batches]  # warm-up: captures each shape's graph (and auto's step costs)
+    def call(ids):
+        return pass_ext.generate(model, ids, max_new_tokens=new, eos_token_id=False, seed=seed, **kw)
+
+    for ids in batches:  # warm-up: captures each shape's graph (and auto's step costs)
+        call(ids)
     runs = []
     for _ in range(repeats):
-        decode, outs = 0.0, []
-        for ids in batches:
-            sync(model.device)
-            t0 = time.perf_counter()
-            out = pass_ext.generate(model, ids, max_new_tokens=new, eos_token_id=False, seed=seed, **kw)
-            sync(model.device)
-            decode += time.perf_counter() - t0 - out.stats.prefill_s
-            outs.append(out)
-        runs.append(decode)
+        timed_calls = [timed(model.device, lambda: call(ids)) for ids in batches]
+        runs.append(sum(t - out.stats.prefill_s for t, out in timed_calls))
+    outs = [out for _, out in timed_calls]
     tokens = sum(int(o.num_new_tokens.sum()) for o in outs)
     forwards = sum(float(o.num_new_tokens.sum()) / o.stats.tokens_per_forward for o in outs)
     return dict(decode_s=statistics.median(runs), decode_s_runs=runs, tokens=tokens,
@@ -143,7 +135,7 @@ def main(argv=None) -> dict:
             ref = None
             for label, kw in configs(args):
                 r = measure(model, batches, {**kw, **SETTINGS[setting]}, args.repeats, args.new, args.seed)
-                row = dict(config=label, batch=B, setting=setting, kwargs={k: v for k, v in kw.items()},
+                row = dict(config=label, batch=B, setting=setting, kwargs=dict(kw),
                            decode_tokens_per_s=r["tokens"] / r["decode_s"], **{k: v for k, v in r.items()
                                                                                if k != "new_tokens"})
                 if ref is None:
