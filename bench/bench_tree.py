@@ -37,7 +37,10 @@ def configs(args) -> list:
     rows = [("ar", dict(method="ar")), (f"pass k={args.k}", dict(method="pass", lookahead=args.k)),
             ("pass auto", dict(method="pass", lookahead="auto"))]
     for spec in args.trees.split(","):
-        k, nodes = (int(x) for x in spec.split(":"))
+        try:
+            k, nodes = (int(x) for x in spec.split(":"))
+        except ValueError:
+            raise SystemExit(f"--trees takes comma-separated depth:nodes pairs such as 1:3,2:5, got {spec!r}") from None
         paths = masks.default_tree(k, nodes)
         rows.append((f"tree k={k} n={nodes} ({masks.tree_layout(paths, k).rows} rows)",
                      dict(method="pass-tree", lookahead=k, draft_tree=paths)))
@@ -117,6 +120,7 @@ def main(argv=None) -> dict:
         if s not in SETTINGS:
             raise SystemExit(f"unknown setting {s!r}: use some of {', '.join(SETTINGS)}")
 
+    rows_to_run = configs(args)  # a bad --trees fails before the model loads
     model = pass_ext.load_model(args.model, device=args.device)
     if model.lookahead is None:
         raise SystemExit(f"{args.model} ships no look-ahead embeddings")
@@ -133,7 +137,7 @@ def main(argv=None) -> dict:
         batches = [[ids] for ids in enc] if B == 1 else [(enc * B)[:B]]
         for setting in settings:
             ref = None
-            for label, kw in configs(args):
+            for label, kw in rows_to_run:
                 r = measure(model, batches, {**kw, **SETTINGS[setting]}, args.repeats, args.new, args.seed)
                 row = dict(config=label, batch=B, setting=setting, kwargs=dict(kw),
                            decode_tokens_per_s=r["tokens"] / r["decode_s"], **{k: v for k, v in r.items()
