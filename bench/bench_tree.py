@@ -13,6 +13,7 @@ within a few ulps at the first difference, bench_generate.divergence_ulps; float
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -33,9 +34,11 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tree.
 
 
 def configs(args) -> list:
-    """(label, generate kwargs) of every row: ar, pass at --k, pass with auto k, then each tree."""
+    """(label, generate kwargs) of every row: ar, pass at --k, pass with auto k, pass-tree with auto (its tree
+    picked per call), then each tree."""
     rows = [("ar", dict(method="ar")), (f"pass k={args.k}", dict(method="pass", lookahead=args.k)),
-            ("pass auto", dict(method="pass", lookahead="auto"))]
+            ("pass auto", dict(method="pass", lookahead="auto")),
+            ("tree auto", dict(method="pass-tree", lookahead="auto"))]
     for spec in args.trees.split(","):
         try:
             k, nodes = (int(x) for x in spec.split(":"))
@@ -63,7 +66,15 @@ def measure(model, batches: list, kw: dict, repeats: int, new: int, seed: int) -
     forwards = sum(float(o.num_new_tokens.sum()) / o.stats.tokens_per_forward for o in outs)
     return dict(decode_s=statistics.median(runs), decode_s_runs=runs, tokens=tokens,
                 tokens_per_forward=tokens / forwards, k=[o.stats.k for o in outs],
+                trees=[o.stats.draft_tree for o in outs],
                 new_tokens=[t.tolist() for o in outs for t in o.new_tokens])
+
+
+def picks(r: dict) -> str:
+    """What auto ran over the timed calls: k, or a tree as depth:nodes, with how many calls."""
+    seen = collections.Counter(f"k={k}" if not tree else f"{max(len(p) for p in tree)}:{len(tree)}"
+                               for k, tree in zip(r["k"], r["trees"]))
+    return ", ".join(f"{what} x{n}" for what, n in sorted(seen.items()))
 
 
 def plot(res: dict, path: str) -> None:
@@ -155,7 +166,8 @@ def main(argv=None) -> dict:
                 print(f"B={B} {setting:13s} {label:28s} {row['decode_tokens_per_s']:9.1f} tok/s  "
                       f"{row['speedup_vs_ar']:.3f}x ar  {row['tokens_per_forward']:.2f} tok/fwd"
                       + (f"  differ {row['rows_differing_from_ar']} (near-ties {row['near_ties']})"
-                         if setting == "greedy" else ""), flush=True)
+                         if setting == "greedy" else "") + (f"  picks {picks(r)}" if "auto" in label else ""),
+                      flush=True)
     dev = model.device
     meta = dict(model=args.model, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 dtype=str(model.dtype), torch=torch.__version__, prompts=args.prompts, new_tokens=args.new,

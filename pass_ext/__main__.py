@@ -175,8 +175,8 @@ def main(argv=None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--lookahead", type=_lookahead_arg, default=None,
                    help="drafts per step k, or 'auto': PaSS picks k per call from measured acceptance and step cost, "
-                        "plain decoding included (its first call per shape times each k once); default: the k the "
-                        "embeddings hold")
+                        "plain decoding included (its first call per shape times each k once; with --method "
+                        "pass-tree it picks the tree's depth and nodes); default: the k the embeddings hold")
     g.add_argument("--lookahead-file", default=None, help="look-ahead embeddings (.safetensors) to load")
     g.add_argument("--draft-model", default=None, help="draft model for --method draft")
     g.add_argument("--draft-tree", type=int, default=None,

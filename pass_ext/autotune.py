@@ -15,6 +15,10 @@ decoding, 2 for paper mode, whose drafting pass also emits a token). Auto picks 
   call runs ceil_to(sync_every, max_new_tokens / E_batch) steps, not max_new_tokens / E(k): E_batch is the gain
   of the slowest row. Auto scores whole calls that way: E_batch(k) = base + e (E(k) - base), with e, the batch
   efficiency, measured per (batch size, setting) after every PaSS call (`record_efficiency`; 1 at B = 1).
+- For method="pass-tree" auto picks a draft tree, (depth, nodes) from TREE_CANDIDATES or plain decoding, the same
+  way: E(tree) = 1 + the sum over its nodes of the probability that the node's path is accepted, under a rank
+  profile (`rank_profile`: how likely the model's token is each rank of each look-ahead position's drafts),
+  calibrated after every tree call on the depths it reached (`record_tree_acceptance`).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import Optional
 import torch
 
 from . import engine as E
+from . import masks
 
 CANDIDATES = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
 EMA = 0.3          # weight of the newest call's acceptance in the running average
@@ -171,13 +176,14 @@ def step_costs(model, method: str, batch: int, context: int, sampled: bool, max_
     return out
 
 
-def measure_step(model, method: str, batch: int, context: int, sampled: bool, k: int, reps: int = 8) -> float:
-    """Seconds per decode step of `method` at k on a scratch cache with `context` committed tokens per row
-    (the contents are zeros: the cost of a step does not depend on them). On CUDA the step is a replayed
-    CUDA graph, as in generation."""
+def measure_step(model, method: str, batch: int, context: int, sampled: bool, k: int, reps: int = 8,
+                 tree: Optional[list] = None) -> float:
+    """Seconds per decode step of `method` at k (and `tree`, for pass-tree) on a scratch cache with `context`
+    committed tokens per row (the contents are zeros: the cost of a step does not depend on them). On CUDA the
+    step is a replayed CUDA graph, as in generation."""
     dev = model.device
     engine_cls = E.ENGINES[method]
-    per_step = engine_cls.step_tokens(k) * engine_cls.passes_per_step
+    per_step = engine_cls.step_tokens(k, tree) * engine_cls.passes_per_step
     capacity = context + per_step * (reps + 4) + 1
     with torch.no_grad():
         cache = model.new_cache(batch, capacity)
@@ -187,7 +193,8 @@ def measure_step(model, method: str, batch: int, context: int, sampled: bool, k:
                               torch.ones(batch, device=dev))
         rows = E.Rows(batch, capacity, [], 0, dev)
         stats = E.Stats(batch, k, dev)
-        eng = E.ENGINES[method](model, cache, sampling, E.Rng(0, dev), rows, stats, k=k)
+        extra = dict(tree=tree) if method == "pass-tree" else {}
+        eng = E.ENGINES[method](model, cache, sampling, E.Rng(0, dev), rows, stats, k=k, **extra)
         state = eng.start(torch.zeros(batch, dtype=torch.long, device=dev))
         if dev.type == "cuda":
             graph = E.StepGraph(eng, state)
@@ -205,3 +212,104 @@ def measure_step(model, method: str, batch: int, context: int, sampled: bool, k:
             state = eng.step(state)
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
+
+
+# ---- draft trees (method="pass-tree") -------------------------------------------------------------------------
+
+# (depth, nodes) of the draft trees lookahead="auto" weighs for method="pass-tree": steps of 4 to 24 rows per
+# batch row ((nodes + 1) x (depth + 1)); up to 16 rows every projection runs as decode_linear.
+TREE_CANDIDATES = ((1, 1), (1, 3), (1, 7), (2, 2), (2, 4), (3, 3), (2, 7))
+
+
+def tree_options(max_k: int, max_rows: Optional[int] = None) -> list:
+    """The (depth, nodes) candidates within the loaded look-ahead embeddings and a step's row limit."""
+    return [(k, n) for k, n in TREE_CANDIDATES
+            if k <= max_k and (max_rows is None or (n + 1) * (k + 1) <= max_rows)]
+
+
+def _capped(row: list) -> list:
+    """A rank row as probabilities: each in [0, 1], their sum at most 1."""
+    row = [min(max(float(w), 0.0), 1.0) for w in row]
+    total = sum(row)
+    return [w / total for w in row] if total > 1.0 else row
+
+
+def rank_profile(la, sampled: bool) -> list:
+    """w[d][r], the probability that the model's token after an accepted path of depth d is the rank-r draft of
+    LA_{d+1}: as calibrated by this model's tree calls (`record_tree_acceptance`) when there were any; else
+    masks.RANK_PROFILE's shape scaled per depth to the measured top-1 acceptance (`acceptance_of`, whose
+    position d is exactly w[d][0]); else masks.RANK_PROFILE."""
+    stored = (la.meta.get("rank_profile") or {}).get(_setting(sampled))
+    if stored:
+        return [list(r) for r in stored]
+    base = [list(r) for r in masks.RANK_PROFILE]
+    acc = acceptance_of(la, sampled)
+    if not acc:
+        return base
+    rows = []
+    for d in range(max(len(base), len(acc))):
+        row = base[min(d, len(base) - 1)]
+        a = acc[d] if d < len(acc) else acc[-1]
+        rows.append(_capped([w * a / row[0] for w in row]))
+    return rows
+
+
+def record_tree_acceptance(la, sampled: bool, paths: list, histogram: list) -> None:
+    """Fold one tree call into the rank profile. histogram[d]: steps whose accepted path had depth d. Depth by
+    depth, row d of the profile is scaled so that the tree's predicted share of steps reaching depth d + 1 (the
+    sum of its depth-(d+1) paths' probabilities) matches the measured one, and the profile moves by EMA towards
+    that. Depths the call reached fewer than _MIN_STEPS times, or where the tree has no nodes, are left alone."""
+    k = len(histogram) - 1
+    reached = [sum(histogram[i:]) for i in range(k + 1)]
+    if k < 1 or reached[0] < _MIN_STEPS:
+        return
+    rows = rank_profile(la, sampled)
+    rows += [list(rows[-1]) for _ in range(k - len(rows))]
+    for d in range(k):
+        if reached[d] < _MIN_STEPS:
+            break
+        predicted = sum(masks.path_probability(p, rows) for p in paths if len(p) == d + 1)
+        if predicted <= 0.0:
+            continue
+        target = _capped([w * (reached[d + 1] / reached[0]) / predicted for w in rows[d]])
+        rows[d] = [(1 - EMA) * w + EMA * t for w, t in zip(rows[d], target)]
+    la.meta.setdefault("rank_profile", {})[_setting(sampled)] = rows
+
+
+def tree_step_costs(model, batch: int, context: int, sampled: bool, options: list) -> dict:
+    """{(depth, nodes): seconds per tree step} for the options, and (0, 0): plain decoding's step, measured once
+    per bucket (a step's cost depends on the tree's shape, not on which ranks its nodes hold)."""
+    table = model.__dict__.setdefault("step_costs", {})
+    ctx = context_bucket(context)
+    out = {}
+    for opt in [(0, 0)] + list(options):
+        k, n = opt
+        key = ("ar", batch, ctx, sampled, 0) if k == 0 else ("pass-tree", batch, ctx, sampled, opt)
+        if key not in table:
+            tree = None if k == 0 else masks.default_tree(k, n)
+            table[key] = measure_step(model, key[0], batch, ctx, sampled, k, tree=tree)
+        out[opt] = table[key]
+    return out
+
+
+def choose_tree(costs: dict, profile: list, previous=None, new_tokens: Optional[int] = None, sync_every: int = 1,
+                efficiency: float = 1.0):
+    """The (depth, nodes) of `costs` ((0, 0): plain decoding) with the most tokens per second: E(tree) under the
+    profile, for the tree that option draws (`masks.default_tree(depth, nodes, profile)`), batch-adjusted and,
+    with `new_tokens`, scored per whole call as in `choose_k`; `previous` stays unless another scores
+    HYSTERESIS better (and it still beats plain decoding)."""
+    def gain(opt):
+        k, n = opt
+        if k == 0:
+            return 1.0
+        return 1.0 + efficiency * (masks.expected_tree_tokens(masks.default_tree(k, n, profile), profile) - 1.0)
+    if new_tokens is None:
+        score = {o: gain(o) / c for o, c in costs.items()}
+    else:
+        score = {o: 1.0 / (call_steps(new_tokens, gain(o), sync_every) * c) for o, c in costs.items()}
+    best = max(score, key=lambda o: (score[o], -costs[o]))
+    base = score.get((0, 0))
+    if previous in score and score[previous] * (1 + HYSTERESIS) >= score[best] and (
+            base is None or previous == (0, 0) or score[previous] >= base):
+        return previous
+    return best

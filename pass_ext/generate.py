@@ -35,6 +35,7 @@ class GenerateStats:
     stop_reasons: list                  # per row: "eos", "max_new_tokens" or "length"
     new_tokens: int = 0
     prefill_s: float = 0.0              # of elapsed_s, the prompt prefill
+    draft_tree: Optional[list] = None   # "pass-tree": the rank paths of the tree the steps used (auto's pick)
 
     def summary(self) -> str:
         acc = ", ".join(f"{a:.2f}" for a in self.acceptance_by_position) or "-"
@@ -158,9 +159,6 @@ def _resolve_k(method, model, lookahead, draft_model) -> int:
         k = 4 if lookahead is None else lookahead
     else:
         la = model.lookahead
-        if lookahead == "auto" and method == "pass-tree":
-            raise ValueError("lookahead='auto' picks k for method='pass' or 'pass-paper'; method='pass-tree' takes "
-                             "an int k (default 1) and draft_tree=")
         if lookahead == "auto":
             if la is None:
                 raise ValueError(f"lookahead='auto' with method={method!r} needs look-ahead embeddings, and this "
@@ -176,7 +174,7 @@ def _resolve_k(method, model, lookahead, draft_model) -> int:
             raise ValueError(f"lookahead={k} exceeds the {la.k} look-ahead embeddings loaded for this model "
                              f"(allowed: 1..{la.k})")
     if k == "auto":
-        raise ValueError("lookahead='auto' picks k for PaSS (method='pass' or 'pass-paper'), not for "
+        raise ValueError("lookahead='auto' picks k for PaSS (method='pass', 'pass-paper' or 'pass-tree'), not for "
                          f"method={method!r}")
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"lookahead must be an int in 1..16 (or 'auto' for PaSS) for method={method!r}, "
@@ -192,6 +190,11 @@ def _resolve_tree(method, draft_tree, k, device) -> Optional[list]:
     if method != "pass-tree":
         if draft_tree is not None:
             raise ValueError(f"draft_tree is only used by method='pass-tree', not {method!r}")
+        return None
+    if k == "auto":
+        if draft_tree is not None:
+            raise ValueError("draft_tree must be None with lookahead='auto': auto picks the tree (its depth and "
+                             f"nodes, from pass_ext.autotune.TREE_CANDIDATES), got draft_tree={draft_tree!r}")
         return None
     if draft_tree is None or (isinstance(draft_tree, int) and not isinstance(draft_tree, bool)):
         if draft_tree is not None and not 1 <= draft_tree <= 127:
@@ -266,7 +269,8 @@ def generate(
             sampling with `draft_model`).
         lookahead: drafts per step k (PaSS: default = the loaded embeddings' k; "draft": default 4), or
             "auto" (PaSS): k picked per batch, 0 included, from measured acceptance and step cost
-            (see pass_ext.autotune); the choice is in `stats.k`. "pass-tree": the tree's depth, default 1.
+            (see pass_ext.autotune); the choice is in `stats.k`. "pass-tree": the tree's depth, default 1;
+            "auto" there picks the tree's depth and nodes (or plain decoding), shown in `stats.draft_tree`.
         draft_tree: "pass-tree" only: an int (that many draft nodes, the likeliest rank paths) or a list of
             rank paths such as [(0,), (1,), (2,), (0, 0)] ((1,): LA_1's second-best token; (0, 0): LA_1's best,
             then LA_2's best). Default: the likeliest paths that fill 8 rows, (nodes + 1) x (k + 1).
@@ -329,7 +333,27 @@ def generate(
         max_workspaces()  # a bad PASS_EXT_WORKSPACES fails before any work
     sampled = not sampling.greedy
     engine_method = method
-    if k == "auto":
+    if k == "auto" and method == "pass-tree":
+        from . import autotune
+        context = max(len(r) for r in rows) + max_new_tokens // 2
+        max_rows = ops.CUDA_MAX_Q if dev.type == "cuda" else None
+        costs = autotune.tree_step_costs(model, B, context, sampled, autotune.tree_options(model.lookahead.k, max_rows))
+        profile = autotune.rank_profile(model.lookahead, sampled)
+        chosen = model.__dict__.setdefault("auto_tree", {})
+        bucket = (B, autotune.context_bucket(context), sampled)
+        before = chosen.get(bucket)
+        pick = autotune.choose_tree(costs, profile, previous=None if before is None else before[0],
+                                    new_tokens=max_new_tokens, sync_every=sync_every,
+                                    efficiency=autotune.efficiency_of(model, sampled, B))
+        if pick == (0, 0):
+            k, tree, engine_method = 0, None, "ar"
+        else:
+            # The same option keeps the same nodes (and so its workspace and captured step), though the profile
+            # moves a little after every call.
+            tree = before[1] if before is not None and before[0] == pick else masks.default_tree(*pick, profile)
+            k = pick[0]
+        chosen[bucket] = (pick, tree)
+    elif k == "auto":
         from . import autotune
         longest_prompt = max(len(r) for r in rows)
         context = longest_prompt + max_new_tokens // 2
@@ -372,7 +396,7 @@ def generate(
                 out_rows = E.Rows(B, max_new_tokens, eos, pad, dev)
                 stats = E.Stats(B, k, dev)
                 extra = (dict(draft_model=draft_model, draft_cache=draft_model.new_cache(B, capacity))
-                         if method == "draft" else dict(tree=tree) if method == "pass-tree" else {})
+                         if method == "draft" else dict(tree=tree) if engine_method == "pass-tree" else {})
                 return engine_cls(model, cache, sampling, E.Rng(seed, dev), out_rows, stats, k=k, **extra)
             try:
                 eng = new_engine()
@@ -403,7 +427,11 @@ def generate(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     elapsed = time.perf_counter() - t0
-    out = _output(rows, out_rows, stats, method, k, elapsed, pad)
+    out = _output(rows, out_rows, stats, method, k, elapsed, pad, tree if engine_method == "pass-tree" else None)
+    if engine_method == "pass-tree":
+        from . import autotune
+        autotune.record_tree_acceptance(model.lookahead, sampled, tree, stats.hist.tolist())
+        autotune.record_efficiency(model, sampled, B, out.num_new_tokens.tolist(), stats.active_forwards.tolist())
     if engine_method in ("pass", "pass-paper"):
         from . import autotune
         autotune.record_acceptance(model.lookahead, sampled, stats.hist.tolist())
@@ -536,7 +564,7 @@ def _streamer(stream, out_rows: E.Rows, prompts: list):
     return on_sync
 
 
-def _output(prompts, out_rows: E.Rows, stats: E.Stats, method, k, elapsed, pad) -> GenerateOutput:
+def _output(prompts, out_rows: E.Rows, stats: E.Stats, method, k, elapsed, pad, tree=None) -> GenerateOutput:
     n = out_rows.n.cpu()
     gen = out_rows.out.cpu()
     new_tokens = [gen[b, : n[b]].clone() for b in range(len(prompts))]
@@ -556,6 +584,7 @@ def _output(prompts, out_rows: E.Rows, stats: E.Stats, method, k, elapsed, pad) 
     st = GenerateStats(method=method, k=k, forward_passes=stats.forward_passes,
                        draft_forward_passes=stats.draft_forward_passes, tokens_per_forward=tpf,
                        acceptance_by_position=acc, accepted_length_histogram=hist, elapsed_s=elapsed,
-                       tokens_per_s=total / elapsed if elapsed > 0 else 0.0, stop_reasons=reasons, new_tokens=total)
+                       tokens_per_s=total / elapsed if elapsed > 0 else 0.0, stop_reasons=reasons, new_tokens=total,
+                       draft_tree=None if tree is None else [tuple(p) for p in tree])
     return GenerateOutput(sequences=seqs, new_tokens=new_tokens, num_new_tokens=n, stats=st,
                           prompt_lengths=[len(p) for p in prompts])

@@ -54,24 +54,42 @@ RANK_PROFILE = ((0.587, 0.105, 0.066, 0.036, 0.020, 0.019, 0.007, 0.006),
 TREE_ROWS = 8  # rows of x that the decode_linear op takes in one mma n-tile: what a default tree fills
 
 
-def default_tree(k: int, nodes: Optional[int] = None) -> list:
-    """The `nodes` most likely draft paths of depth <= k under RANK_PROFILE (each a tuple of ranks, see
-    `tree_layout`), best first. Default nodes: as many as fill TREE_ROWS rows with their look-ahead groups, and
-    at least k (a chain)."""
+def rank_weight(profile, d: int, r: int) -> float:
+    """profile[d][r]: how likely the token after an accepted path of depth d is the rank-r draft of LA_{d+1}.
+    Depths past the profile reuse its last row; ranks past a row, 0.9x per rank after its last entry."""
+    row = profile[min(d, len(profile) - 1)]
+    return row[min(r, len(row) - 1)] * 0.9 ** max(0, r - len(row) + 1)
+
+
+def path_probability(path, profile) -> float:
+    """How likely a draft path (a tuple of ranks) is accepted whole: the product of its ranks' weights."""
+    p = 1.0
+    for d, r in enumerate(path):
+        p *= rank_weight(profile, d, r)
+    return p
+
+
+def expected_tree_tokens(paths, profile) -> float:
+    """Tokens a tree step yields on average under `profile`: 1 (the model's own token) plus, per node, the
+    probability that its path is accepted (every node on the accepted path emits one more token)."""
+    return 1.0 + sum(path_probability(p, profile) for p in paths)
+
+
+def default_tree(k: int, nodes: Optional[int] = None, profile=RANK_PROFILE) -> list:
+    """The `nodes` most likely draft paths of depth <= k under `profile` (RANK_PROFILE unless measured ones are
+    given; each path a tuple of ranks, see `tree_layout`), best first. Default nodes: as many as fill TREE_ROWS
+    rows with their look-ahead groups, and at least k (a chain)."""
     if nodes is None:
         nodes = max(k, TREE_ROWS // (k + 1) - 1)
-    def weight(d, r):  # past the profile's ranks: 0.9x per rank
-        row = RANK_PROFILE[min(d, len(RANK_PROFILE) - 1)]
-        return row[min(r, len(row) - 1)] * 0.9 ** max(0, r - len(row) + 1)
-    width = max(len(RANK_PROFILE[0]), nodes)
-    chosen, frontier = [], [(-weight(0, r), (r,)) for r in range(width)]
+    width = max(len(profile[0]), nodes)
+    chosen, frontier = [], [(-rank_weight(profile, 0, r), (r,)) for r in range(width)]
     heapq.heapify(frontier)
     while frontier and len(chosen) < nodes:
         neg, path = heapq.heappop(frontier)
         chosen.append(path)
         if len(path) < k:
             for r in range(width):
-                heapq.heappush(frontier, (neg * weight(len(path), r), path + (r,)))
+                heapq.heappush(frontier, (neg * rank_weight(profile, len(path), r), path + (r,)))
     return chosen
 
 

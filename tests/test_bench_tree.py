@@ -32,7 +32,7 @@ def test_bench_tree_rows_json_and_plot(fetched, tmp_path, capsys):
     res = bt.main(["--model", "smollm2-135m", "--device", "cpu", "--trees", "1:2,2:3", "--batches", "2",
                    "--settings", "greedy,T0.8/top-k10", "--prompts", "2", "--new", "4", "--repeats", "1",
                    "--prompts-file", str(prompts), "--out", str(out)])
-    configs = ["ar", "pass k=4", "pass auto", "tree k=1 n=2 (6 rows)", "tree k=2 n=3 (12 rows)"]
+    configs = ["ar", "pass k=4", "pass auto", "tree auto", "tree k=1 n=2 (6 rows)", "tree k=2 n=3 (12 rows)"]
     assert [r["config"] for r in res["rows"]] == configs * 2
     for r in res["rows"]:
         assert r["tokens"] == 2 * 4 and r["decode_tokens_per_s"] > 0 and r["tokens_per_forward"] >= 1.0
@@ -40,7 +40,10 @@ def test_bench_tree_rows_json_and_plot(fetched, tmp_path, capsys):
             assert r["rows_differing_from_ar"] == 0 and r["near_ties"] == 0
     assert json.loads(out.read_text())["meta"]["model"] == "smollm2-135m"
     assert (tmp_path / "tree.png").stat().st_size > 0
-    assert "tree k=2 n=3" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "tree k=2 n=3" in printed and "picks " in printed
+    auto = [r for r in res["rows"] if r["config"] == "tree auto"]
+    assert all(len(r["trees"]) == len(r["k"]) for r in auto)   # what auto ran, call by call
 
 
 def test_divergence_ulps_measures_the_first_difference(fetched):

@@ -172,7 +172,7 @@ def test_wide_tree_sampling_matches_exact_distribution(tiny, setting):
     (dict(method="pass-tree", draft_tree=[(0, 0)], lookahead=2), ValueError, "draft_tree: .*parent"),
     (dict(method="pass-tree", draft_tree=[(0,), (0, 0)], lookahead=1), ValueError, "draft_tree: .*1..k"),
     (dict(method="pass-tree", draft_tree=[(16,)]), ValueError, "vocabulary has 16"),
-    (dict(method="pass-tree", lookahead="auto"), ValueError, "pass-tree"),
+    (dict(method="pass-tree", lookahead="auto", draft_tree=3), ValueError, "draft_tree must be None with lookahead='auto'"),
     (dict(method="pass-tree", lookahead=5), ValueError, "lookahead"),
 ])
 def test_bad_tree_requests(tiny, kwargs, exc, words):
@@ -197,3 +197,113 @@ def test_top_tokens_equals_topk(device, V, w):
     from pass_ext.engine import top_tokens
     x = torch.randn(4, V, generator=torch.Generator().manual_seed(V)).to(device)
     assert torch.equal(top_tokens(x, w), x.topk(w, dim=-1).indices)
+
+
+# ---------------------------------------------------------------- lookahead="auto" over trees
+
+def test_expected_tree_tokens_from_the_definition():
+    """E(tree) = 1 + the sum over nodes of the product of their ranks' weights; default_tree takes the likeliest
+    paths under the profile it is given."""
+    prof = [[0.5, 0.2, 0.01], [0.3, 0.1]]
+    paths = [(0,), (1,), (0, 0), (0, 1)]
+    assert masks.expected_tree_tokens(paths, prof) == pytest.approx(1 + 0.5 + 0.2 + 0.5 * 0.3 + 0.5 * 0.1)
+    assert masks.rank_weight(prof, 5, 3) == pytest.approx(0.1 * 0.9 ** 2)   # deeper rows and ranks extrapolate
+    assert masks.default_tree(2, 3, prof) == [(0,), (1,), (0, 0)]
+    assert masks.default_tree(2, 3, [[0.5, 0.1], [0.9, 0.1]]) == [(0,), (0, 0), (1,)]
+    assert masks.default_tree(2, 3) == masks.default_tree(2, 3, masks.RANK_PROFILE)
+
+
+def test_rank_profile_follows_measured_acceptance(tiny):
+    """Without tree calls, the profile is RANK_PROFILE's shape scaled per depth to the measured top-1 acceptance
+    (whose position d is exactly the profile's rank 0 at depth d), capped to probabilities."""
+    from pass_ext import autotune
+    la = LookaheadEmbeddings.init(tiny[1], 2, seed=0)
+    assert autotune.rank_profile(la, False) == [list(r) for r in masks.RANK_PROFILE]
+    la.meta["acceptance"] = {"greedy": [0.3, 0.99]}
+    prof = autotune.rank_profile(la, False)
+    assert prof[0][0] == pytest.approx(0.3)
+    assert prof[0][1] / prof[0][0] == pytest.approx(masks.RANK_PROFILE[0][1] / masks.RANK_PROFILE[0][0])
+    assert sum(prof[1]) <= 1.0 + 1e-9 and all(0 <= w <= 1 for row in prof for w in row)
+    assert autotune.rank_profile(la, True) == [list(r) for r in masks.RANK_PROFILE]  # sampled is kept apart
+
+
+def test_tree_acceptance_calibrates_the_profile(tiny):
+    """Calls whose steps reach each depth at a fixed rate move the profile until the tree's predicted rates match
+    them; a call with too few steps changes nothing."""
+    from pass_ext import autotune
+    la = LookaheadEmbeddings.init(tiny[1], 2, seed=0)
+    paths = masks.default_tree(2, 4)
+    autotune.record_tree_acceptance(la, False, paths, [2, 2, 1])
+    assert "rank_profile" not in la.meta
+    for _ in range(60):   # 40% of steps stop at the root, 40% at depth 1, 20% reach depth 2
+        autotune.record_tree_acceptance(la, False, paths, [40, 40, 20])
+    prof = autotune.rank_profile(la, False)
+    depth1 = sum(masks.path_probability(p, prof) for p in paths if len(p) == 1)
+    depth2 = sum(masks.path_probability(p, prof) for p in paths if len(p) == 2)
+    assert depth1 == pytest.approx(0.6, rel=1e-3) and depth2 == pytest.approx(0.2, rel=1e-3)
+    assert "greedy" in la.meta["rank_profile"] and "sampled" not in la.meta["rank_profile"]
+
+
+def test_choose_tree_weighs_tokens_against_step_cost():
+    from pass_ext import autotune
+    prof = [list(r) for r in masks.RANK_PROFILE]
+    costs = {(0, 0): 1.0, (1, 1): 1.05, (1, 3): 1.1, (2, 4): 1.3}
+    e = {o: masks.expected_tree_tokens(masks.default_tree(*o, prof), prof) for o in costs if o != (0, 0)}
+    best = max(e, key=lambda o: e[o] / costs[o])
+    assert autotune.choose_tree(costs, prof) == best
+    assert autotune.choose_tree({(0, 0): 1.0, (1, 3): 2.0}, prof) == (0, 0)      # 1.76 tokens cannot pay 2x
+    assert autotune.choose_tree(costs, [[0.01] * 8] * 3) == (0, 0)             # drafts almost never land
+    second = sorted(e, key=lambda o: e[o] / costs[o])[-2]
+    if e[second] / costs[second] * 1.05 >= e[best] / costs[best]:
+        assert autotune.choose_tree(costs, prof, previous=second) == second    # a near-tie keeps the last pick
+    assert autotune.tree_options(1) == [(1, 1), (1, 3), (1, 7)]
+    assert all((n + 1) * (k + 1) <= 9 for k, n in autotune.tree_options(4, max_rows=9))
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_auto_tree_is_lossless_and_reports_its_pick(tiny, sampled):
+    """lookahead="auto" with pass-tree measures every candidate's step once per bucket, runs the tree it picks
+    (greedy: plain decoding's tokens; sampled: the same seed gives the same tokens again) and records the call's
+    acceptance in the profile."""
+    hf, model = tiny
+    model.__dict__.pop("step_costs", None)
+    model.__dict__.pop("auto_tree", None)
+    model.lookahead.meta.pop("rank_profile", None)
+    prompts = [[3, 4, 5, 6], [7, 8]]
+    kw = dict(max_new_tokens=24, eos_token_id=False, temperature=0.8 if sampled else 0.0, seed=5)
+    ref = pass_ext.generate(model, prompts, method="ar", **kw)
+    out = pass_ext.generate(model, prompts, method="pass-tree", lookahead="auto", **kw)
+    costs = {key[-1]: v for key, v in model.step_costs.items() if key[1] == 2}
+    assert set(costs) >= {0, *autotune_options(model)} and all(v > 0 for v in costs.values())
+    if out.stats.k == 0:
+        assert out.stats.draft_tree is None
+    else:
+        assert out.stats.draft_tree and max(len(p) for p in out.stats.draft_tree) <= out.stats.k
+        assert model.lookahead.meta["rank_profile"]["sampled" if sampled else "greedy"]
+    if not sampled:
+        assert torch.equal(out.sequences, ref.sequences)
+    again = pass_ext.generate(model, prompts, method="pass-tree", lookahead="auto", **kw)
+    if again.stats.draft_tree == out.stats.draft_tree:
+        assert torch.equal(again.sequences, out.sequences)
+
+
+def autotune_options(model):
+    from pass_ext import autotune
+    return autotune.tree_options(model.lookahead.k, pass_ext.ops.CUDA_MAX_Q if model.device.type == "cuda" else None)
+
+
+def test_auto_tree_picks_plain_decoding_when_trees_cannot_pay(tiny):
+    from pass_ext import autotune
+    hf, model = tiny
+    prompts = [[3, 4, 5]]
+    ctx = autotune.context_bucket(3 + 10 // 2)
+    model.__dict__["step_costs"] = {("ar", 1, ctx, False, 0): 1.0}
+    for opt in autotune_options(model):
+        model.step_costs[("pass-tree", 1, ctx, False, opt)] = 5.0
+    model.__dict__.pop("auto_tree", None)
+    ref = pass_ext.generate(model, prompts, method="ar", max_new_tokens=10, eos_token_id=False)
+    out = pass_ext.generate(model, prompts, method="pass-tree", lookahead="auto", max_new_tokens=10,
+                            eos_token_id=False)
+    assert out.stats.k == 0 and out.stats.draft_tree is None
+    assert torch.equal(out.sequences, ref.sequences)
+    model.__dict__.pop("step_costs")
