@@ -458,7 +458,7 @@ def test_split_combine_cuda(case):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
 @pytest.mark.parametrize("mode", ["0", "all"])
 def test_split_combine_cluster_modes_cuda(mode):
-    """PASS_EXT_ATTENTION_CLUSTER (read once per process): with 0 every split case merges through global memory
+    """PASS_EXT_ATTENTION_CLUSTER (set for the whole process here): with 0 every split case merges through global memory
     (fused combine or combine kernel), with `all` every case a cluster fits merges in one (cluster sizes 2 to
     16, tiles of 4 to 64 rows, both kernels); each matches the reference."""
     script = ("import test_attention as t; "

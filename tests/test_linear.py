@@ -446,13 +446,14 @@ def test_cuda_tiles_looped_by_resident_blocks(mode, K, full, part):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
-@pytest.mark.parametrize("setting", ["PASS_EXT_LINEAR_ONE_WAVE=0", "PASS_EXT_LINEAR_STAGE_X=0", "PASS_EXT_PDL=0"])
-@pytest.mark.parametrize("M", [1, 7])
+@pytest.mark.parametrize("setting", ["PASS_EXT_LINEAR_ONE_WAVE=0", "PASS_EXT_LINEAR_STAGE_X=0", "PASS_EXT_PDL=0",
+                                     "PASS_EXT_LINEAR_NORM_ROWS=1", "PASS_EXT_LINEAR_NORM_ROWS=4"])
+@pytest.mark.parametrize("M", [1, 7, 8])
 @pytest.mark.parametrize("swiglu", [False, True], ids=["residual", "norm-swiglu"])
 def test_cuda_linear_switches_give_the_same_bits(monkeypatch, setting, M, swiglu):
-    """The A/B switches (read per call) change how tiles meet blocks, where normalised x comes from and whether
-    the kernel may start before the one before it ends, not the order in which any output adds its products: the
-    same bits as the defaults, over a grid of three waves."""
+    """The A/B switches (read per call) change how tiles meet blocks, where normalised x comes from, how many rows'
+    norms share a round trip and whether the kernel may start before the one before it ends, not the order in
+    which any output adds its products: the same bits as the defaults, over a grid of three waves."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     N, K, dt = 16 * 3 * sms, 1544, torch.bfloat16  # K: 49 chunks, a partial last batch
     x, w, b = make(M, N, K, dt, "cuda", True, seed=M)

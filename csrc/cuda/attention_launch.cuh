@@ -20,7 +20,7 @@
 //
 // KV splits: on sm_90, the splits of a decode tile run as one thread-block cluster (up to 16 blocks) that
 // merges through distributed shared memory at the end of the kernel (pick_cluster; PASS_EXT_ATTENTION_CLUSTER=0
-// turns it off, =all uses it wherever it fits; read once). Otherwise the last block of a row tile to finish
+// turns it off, =all uses it wherever it fits; read at every call). Otherwise the last block of a row tile to finish
 // merges the splits' partials (the fused combine) where that is a small job (at most kFusedCombineMaxRows rows
 // per tile: decode), else a combine kernel runs after. The fused combine counts finished blocks in a
 // per-(device, stream) buffer of counters that every launch leaves zeroed; launches that may overlap must run on
@@ -160,18 +160,16 @@ void launch_combine(const k::AttentionParams& p, cudaStream_t stream) {
 
 // When splits merge in a cluster: kClusterNever (PASS_EXT_ATTENTION_CLUSTER=0: global memory always),
 // kClusterDecode (default: see pick_cluster), kClusterWherever (=all: every split launch a cluster fits, for
-// benchmarks). Read once.
+// benchmarks). Read at every call (host only), so that one process can compare them (bench/profile_step.py --ab);
+// a captured graph keeps the launches it was captured with.
 enum ClusterMode { kClusterNever, kClusterDecode, kClusterWherever };
 
 inline ClusterMode cluster_mode() {
-  static const ClusterMode mode = [] {
-    const char* v = std::getenv("PASS_EXT_ATTENTION_CLUSTER");
-    if (v == nullptr || *v == '\0' || std::strcmp(v, "1") == 0) return kClusterDecode;
-    if (std::strcmp(v, "0") == 0) return kClusterNever;
-    TORCH_CHECK(std::strcmp(v, "all") == 0, "PASS_EXT_ATTENTION_CLUSTER must be 0, 1 or all, got '", v, "'");
-    return kClusterWherever;
-  }();
-  return mode;
+  const char* v = std::getenv("PASS_EXT_ATTENTION_CLUSTER");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "1") == 0) return kClusterDecode;
+  if (std::strcmp(v, "0") == 0) return kClusterNever;
+  TORCH_CHECK(std::strcmp(v, "all") == 0, "PASS_EXT_ATTENTION_CLUSTER must be 0, 1 or all, got '", v, "'");
+  return kClusterWherever;
 }
 
 // How many clusters of `size` blocks of `kernel` (its shared-memory opt-in made, `smem` bytes each) can be

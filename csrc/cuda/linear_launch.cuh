@@ -65,9 +65,12 @@ int resident_blocks_per_sm(Kernel* kernel, int device, size_t smem) {
 // A/B switches (env_is, launch.h), read at every call (host only), so that one process can compare
 // (bench/profile_step.py --ab; a captured graph keeps what it was captured with); the same bits either way:
 // PASS_EXT_LINEAR_ONE_WAVE=0: one block per tile, however many waves that makes;
-// PASS_EXT_LINEAR_STAGE_X=0: with the RMSNorm, every tile normalises x as it loads it (no staged x).
+// PASS_EXT_LINEAR_STAGE_X=0: with the RMSNorm, every tile normalises x as it loads it (no staged x);
+// PASS_EXT_LINEAR_NORM_ROWS=n (1..kLinearNormRows, default kLinearNormRows): rows of x per round trip of the row
+// norms (4 was the only value before).
 template <typename T, int MT, int kMode, int U, bool kStageX>
 void launch_kernel(LinearParams p, int tiles, cudaStream_t stream) {
+  p.norm_rows = static_cast<int>(env_int("PASS_EXT_LINEAR_NORM_ROWS", kLinearNormRows, 1, kLinearNormRows));
   auto* kernel = decode_linear_kernel<T, MT, kMode, U, kStageX>;
   const int device = c10::cuda::current_device();
   const bool sm90 = runs_sm90(kernel, device);

@@ -44,6 +44,10 @@ constexpr int kLinearMaxSplits = 8;  // blocks per cluster at most (the portable
 // that the rows of one 16-byte load phase (x rows g and g + 1) fall in different banks.
 constexpr int kLinearStageMaxBytes = 64 * 1024;
 constexpr int kLinearStagePad = 4;  // 16-byte chunks after each staged row
+// Rows of x whose row norms one round trip to L2 serves at most (LinearParams::norm_rows): a tree or fused PaSS
+// step of 5..8 rows paid two dependent round trips before its first mma when this was 4 (bench/NOTES.md). Only
+// the instances of at most 8 rows that stage x take 8; the others keep 4 (ptxas: 8 spilled 4-84 bytes there).
+constexpr int kLinearNormRows = 8;
 
 // Bytes of the staged x of M rows of K elements (the launcher stages when it is at most kLinearStageMaxBytes).
 __host__ __device__ constexpr int64_t linear_stage_bytes(int64_t M, int64_t K) {
@@ -73,6 +77,10 @@ struct LinearParams {
   // 1: under a dependent launch (pdl.cuh) the first weights and the bias are read before the wait for the kernel
   // before, which therefore must not write them; 0: everything waits.
   int prefetch_weights;
+  // With the RMSNorm: rows of x whose squares a block sums per round trip to L2, 1..kLinearNormRows (the launcher
+  // sets it; fewer only for A/Bs; an instance may cap it lower). A row's sum keeps one order, fixed by K, whatever
+  // the value.
+  int norm_rows;
 };
 
 template <typename T>
@@ -297,31 +305,33 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
     if (!p.prefetch_weights) load_rope_angles(tile);
   if (norm_w) {
     // 1 / rms of every row of x, in every block: all threads split each row's K (one 16-byte load per thread
-    // and 2048 elements), four rows at a time so that their loads are in flight together; then per row the
-    // warps' sums in warp order (an order fixed by K, so a row's norm does not depend on M).
+    // and 2048 elements), p.norm_rows rows at a time (up to kLinearNormRows) so that their loads are in flight
+    // together; then per row the warps' sums in warp order (an order fixed by K, so a row's norm does not depend
+    // on M or on p.norm_rows).
     __shared__ float part[kLinearWarps][kLinearMaxRows];
-    constexpr int kRowsAtOnce = 4;
-    for (int m0 = 0; m0 < p.M; m0 += kRowsAtOnce) {
-      float ss[kRowsAtOnce] = {};
+    constexpr int kNormRows = MT == 1 && kStageX ? kLinearNormRows : 4;
+    const int at_once = min(max(p.norm_rows, 1), kNormRows);
+    for (int m0 = 0; m0 < p.M; m0 += at_once) {
+      float ss[kNormRows] = {};
       for (int k = int(threadIdx.x) * 8; k < p.K; k += kLinearWarps * 32 * 8) {
-        uint4 v[kRowsAtOnce];
+        uint4 v[kNormRows];
 #pragma unroll
-        for (int i = 0; i < kRowsAtOnce; ++i)
-          v[i] = m0 + i < p.M
+        for (int i = 0; i < kNormRows; ++i)
+          v[i] = i < at_once && m0 + i < p.M
                      ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + int64_t(m0 + i) * p.x_stride + k))
                      : zero;
 #pragma unroll
-        for (int i = 0; i < kRowsAtOnce; ++i) {
+        for (int i = 0; i < kNormRows; ++i) {
           const T* e = reinterpret_cast<const T*>(&v[i]);
 #pragma unroll
           for (int j = 0; j < 8; ++j) ss[i] += float(e[j]) * float(e[j]);
         }
       }
 #pragma unroll
-      for (int i = 0; i < kRowsAtOnce; ++i) {
+      for (int i = 0; i < kNormRows; ++i) {
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) ss[i] += __shfl_xor_sync(0xffffffffu, ss[i], o);
-        if (lane == 0 && m0 + i < p.M) part[warp][m0 + i] = ss[i];
+        if (lane == 0 && i < at_once && m0 + i < p.M) part[warp][m0 + i] = ss[i];
       }
     }
     __syncthreads();
