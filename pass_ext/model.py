@@ -170,7 +170,8 @@ _CHAINS = {"norm": _rms_norm, "add_norm": _add_norm_chain, "rope": _rope_chain, 
 
 
 class _Fused:
-    """A chain compiled on first use, one compiled copy per input dtype. If compiling fails the first time (no
+    """A chain compiled on first use, one compiled copy per input dtype (or per `key` of the arguments). If
+    compiling fails the first time (no
     Triton, an unsupported GPU), that copy warns once and stays eager; after one success, errors propagate,
     except torch.compile's recompile limit (a process that runs many shapes, dtypes and models), after which
     that copy stays eager too.
@@ -178,31 +179,36 @@ class _Fused:
     Each copy has a code object of its own: torch.compile keeps its compiled graphs, and counts recompiles
     against its limit, per code object, so one dtype's shapes do not use up another's."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, fn: Optional[Callable] = None, switch: str = "PASS_EXT_FUSE",
+                 key: Optional[Callable] = None):
         self.name = name
-        self.copies: dict = {}  # dtype -> [compiled fn, state: "new" | "ok" | "eager"]
+        self.fn = _CHAINS[name] if fn is None else fn   # the eager chain
+        self.switch = switch                              # the variable that skips compiling (for the warning)
+        self.key = key or (lambda *args: args[0].dtype)   # which compiled copy serves these arguments
+        self.copies: dict = {}  # key -> [compiled fn, state: "new" | "ok" | "eager"]
 
-    def _copy(self, dtype):
-        entry = self.copies.get(dtype)
+    def _copy(self, key):
+        entry = self.copies.get(key)
         if entry is None:
-            fn = _CHAINS[self.name]
-            code = fn.__code__.replace(co_name=f"{fn.__name__}_{str(dtype).replace('torch.', '')}")
+            fn = self.fn
+            tag = "".join(c if c.isalnum() else "_" for c in str(key).replace("torch.", ""))
+            code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
             fresh = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-            entry = self.copies[dtype] = [torch.compile(fresh, dynamic=True, fullgraph=True), "new"]
+            entry = self.copies[key] = [torch.compile(fresh, dynamic=True, fullgraph=True), "new"]
         return entry
 
     def _eager(self, entry, why: Exception, *args):
         warnings.warn(f"pass_ext: the fused {self.name} chain cannot be compiled ({type(why).__name__}: "
-                      f"{str(why).splitlines()[0] if str(why) else ''}); running it eagerly (PASS_EXT_FUSE=0 skips "
+                      f"{str(why).splitlines()[0] if str(why) else ''}); running it eagerly ({self.switch}=0 skips "
                       "compiling)", RuntimeWarning)
         entry[1] = "eager"
-        return _CHAINS[self.name](*args)
+        return self.fn(*args)
 
     def __call__(self, *args):
-        entry = self._copy(args[0].dtype)
+        entry = self._copy(self.key(*args))
         fn, state = entry
         if state == "eager":
-            return _CHAINS[self.name](*args)
+            return self.fn(*args)
         try:
             out = fn(*args)
         except _RecompileLimit as e:  # raised before anything ran: the eager chain is safe, even in a capture

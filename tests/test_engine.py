@@ -534,3 +534,46 @@ def test_kept_workspaces_stay_within_the_memory_budget(monkeypatch):
     assert list(model.__dict__["_pass_ext_workspaces"]) == ["a", "b", "c"]
     G._keep_workspace(model, make("d", 10))  # besides d: 590 > 100, drop a (530), then b (500), then c
     assert list(model.__dict__["_pass_ext_workspaces"]) == ["d"]
+
+
+# ---------------------------------------------------------------- the fused end of a step
+
+def _advance_state(B, m, seed, eos, accepted, device):
+    g = torch.Generator().manual_seed(seed)
+    max_new = 7
+    acc = torch.randint(0, m, (B,), generator=g)
+    args = [torch.randint(0, 60, (B,), generator=g).int(),                 # cache lens
+            torch.full((B, max_new + 1), 99, dtype=torch.long),           # out (last column: the dump)
+            torch.randint(0, 6, (B,), generator=g),                        # tokens emitted so far
+            torch.rand(B, generator=g) < 0.3,                              # done
+            torch.zeros(B, dtype=torch.long),                              # reason
+            torch.tensor([3, 4][:eos]) if eos else None,                   # EOS ids
+            torch.zeros(B, dtype=torch.long), torch.zeros(m, dtype=torch.long),   # active forwards, histogram
+            torch.randint(0, 5, (B, m), generator=g), acc + 1]             # tokens, count
+    args.append(args[3].clone())                                           # done before the step
+    args.append(acc if accepted else None)
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    return args + [max_new, 1, m, 64, True]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[CUDA, pytest.mark.cuda])])
+def test_compiled_step_end_matches_eager(device):
+    """The end of a step (count, commit, emit with EOS and max_new_tokens, capacity stop, parking) compiled by
+    torch.compile, as CUDA steps run it, writes exactly what the eager code writes: one compiled copy per pattern
+    (EOS ids or none, accepted counts or none, one row or more, one token or more), rows that are done, hit an EOS,
+    fill up or pass the capacity."""
+    from pass_ext import engine as E
+    from pass_ext.model import _Fused
+    fused = _Fused("advance_test", E._advance, key=E._fused_advance().key)
+    cases = [(1, 1, 0, False), (3, 4, 1, True)] if device == "cpu" else [
+        (B, m, eos, acc) for B in (1, 5) for m in (1, 4) for eos in (0, 1, 2) for acc in (False, True)]
+    for i, (B, m, eos, acc) in enumerate(cases):
+        for seed in (i, i + 100):   # a second shape of the same pattern reuses its copy
+            want = _advance_state(B + seed // 100, m, seed, eos, acc, device)
+            got = _advance_state(B + seed // 100, m, seed, eos, acc, device)
+            E._advance(*want)
+            fused(*got)
+            for a, b in zip(want, got):
+                if isinstance(a, torch.Tensor):
+                    assert torch.equal(a, b), (B, m, eos, acc, a, b)
+    assert fused.copies and all(state == "ok" for _, state in fused.copies.values())
