@@ -518,7 +518,9 @@ class TreePassEngine(Engine):
     def start(self, c: torch.Tensor) -> StepState:
         """No forward: the first step checks placeholder drafts (each node's token is its rank, so siblings
         differ); checking is sampling, so any drafts leave the output unchanged."""
-        drafts = self.layout.rank[1:].to(self.device)[None].expand(c.shape[0], -1).contiguous()
+        # A tensor of its own, not a view: the captured step's inputs are not views either, and a compiled walk
+        # that saw a view here would have to recompile inside the capture.
+        drafts = self.layout.rank[1:].to(self.device)[None].expand(c.shape[0], -1).clone()
         return StepState(c=c, drafts=drafts)
 
     def step(self, s: StepState) -> StepState:

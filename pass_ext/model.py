@@ -209,12 +209,29 @@ class _Fused:
         fn, state = entry
         if state == "eager":
             return self.fn(*args)
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         try:
-            out = fn(*args)
+            if capturing and state == "ok" and hasattr(torch.compiler, "set_stance"):
+                # Compiling inside a CUDA graph capture fails (Inductor runs work on the device while it compiles):
+                # should these arguments miss every compiled graph, this call runs eagerly instead.
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    out = fn(*args)
+            else:
+                out = fn(*args)
         except _RecompileLimit as e:  # raised before anything ran: the eager chain is safe, even in a capture
             return self._eager(entry, e, *args)
+        except RuntimeError as e:
+            if capturing and "fail_on_recompile" in str(e):   # raised at the guards, before anything ran
+                if not entry[2:]:
+                    entry.append(True)
+                    warnings.warn(f"pass_ext: the fused {self.name} chain would recompile inside a CUDA graph "
+                                  "capture; that capture runs it eagerly", RuntimeWarning)
+                return self.fn(*args)
+            if state == "ok" or capturing:
+                raise
+            return self._eager(entry, e, *args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the same math, eagerly
-            if state == "ok" or torch.cuda.is_current_stream_capturing():
+            if state == "ok" or capturing:
                 raise
             return self._eager(entry, e, *args)
         entry[1] = "ok"
