@@ -57,9 +57,22 @@ def timed_calls(model, ids, args, graphs: bool) -> float:
     return statistics.median(per)
 
 
+def replayed_step(model, args) -> float:
+    """Seconds per step of the captured step replayed on a scratch cache holding --prompt tokens per row, timed
+    with CUDA events (`autotune.measure_step`): the device's time alone, without the host's share of a call."""
+    from pass_ext import autotune, masks
+    k = 0 if args.method == "ar" else args.k
+    tree = masks.default_tree(k, args.tree) if args.method == "pass-tree" else None
+    return autotune.measure_step(model, args.method, args.batch, args.prompt, args.temperature > 0, k, reps=20,
+                                 tree=tree)
+
+
 def compare(model, ids, args, graphs: bool) -> None:
     """Default settings against args.ab's, alternating in one process (so that the machine's state, which varies
-    from process to process, is the same for both), each recaptured from scratch."""
+    from process to process, is the same for both), each recaptured from scratch, in the order ABBA (round r
+    starts with the default when r is even) so that neither setting always runs first. Two times per setting and
+    round: whole calls (a long call minus a short one, host included: noisy on a step of ~0.5 ms) and the captured
+    step replayed (`replayed_step`)."""
     alt = {}
     for item in args.ab.split(","):
         name, sep, value = item.partition("=")
@@ -68,8 +81,10 @@ def compare(model, ids, args, graphs: bool) -> None:
         alt[name] = value
     base = {name: os.environ.get(name) for name in alt}
     times: dict = {"default": [], args.ab: []}
+    replays: dict = {"default": [], args.ab: []}
     for r in range(args.rounds):
-        for label, env in (("default", base), (args.ab, alt)):
+        order = (("default", base), (args.ab, alt))
+        for label, env in order if r % 2 == 0 else order[::-1]:
             for name, value in env.items():
                 if value is None:
                     os.environ.pop(name, None)
@@ -78,11 +93,20 @@ def compare(model, ids, args, graphs: bool) -> None:
             pass_ext.release_workspace(model)
             per_step(model, ids, args, graphs, args.short)  # captures with these settings
             times[label].append(timed_calls(model, ids, args, graphs))
-            print(f"round {r}: {label:<40} {1e3 * times[label][-1]:.3f} ms/forward", flush=True)
+            replays[label].append(replayed_step(model, args))
+            print(f"round {r}: {label:<40} {1e3 * times[label][-1]:.3f} ms/forward, "
+                  f"{1e3 * replays[label][-1]:.3f} ms/step replayed", flush=True)
+    for name, value in base.items():  # the environment as it was
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     med = {label: statistics.median(t) for label, t in times.items()}
+    rep = {label: statistics.median(t) for label, t in replays.items()}
     print(f"{args.model} {args.method} B={args.batch} k={args.k if args.method != 'ar' else 0}, medians of "
           f"{args.rounds} rounds: default {1e3 * med['default']:.3f} ms/forward, {args.ab} "
-          f"{1e3 * med[args.ab]:.3f} ({med[args.ab] / med['default']:.3f}x)")
+          f"{1e3 * med[args.ab]:.3f} ({med[args.ab] / med['default']:.3f}x); replayed step: default "
+          f"{1e3 * rep['default']:.3f} ms, {args.ab} {1e3 * rep[args.ab]:.3f} ({rep[args.ab] / rep['default']:.3f}x)")
 
 
 def main() -> None:
@@ -105,7 +129,8 @@ def main() -> None:
     ap.add_argument("--ab", default=None, metavar="NAME=VALUE[,NAME=VALUE]",
                     help="A/B in this process: alternate the default settings with these environment settings "
                          "(only those read per forward, e.g. PASS_EXT_PREFETCH, PASS_EXT_LINEAR_MAX_ROWS), "
-                         "recapturing each time, --rounds times; prints each round and the medians")
+                         "recapturing each time, --rounds times (ABBA order); prints each round and the medians of "
+                         "whole calls and of the replayed step (an unused PASS_EXT_ variable gives an A/A control)")
     ap.add_argument("--rounds", type=int, default=4, help="rounds of --ab")
     args = ap.parse_args()
     dev = torch.device(args.device)
