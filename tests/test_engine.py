@@ -577,3 +577,35 @@ def test_compiled_step_end_matches_eager(device):
                 if isinstance(a, torch.Tensor):
                     assert torch.equal(a, b), (B, m, eos, acc, a, b)
     assert fused.copies and all(state == "ok" for _, state in fused.copies.values())
+
+
+@CUDA
+@pytest.mark.cuda
+def test_compiled_chain_never_compiles_inside_a_capture():
+    """A compiled chain whose arguments would miss its compiled graphs during a CUDA graph capture (here: compiled
+    for a view, captured with a tensor of its own, which torch.compile guards on) runs eagerly in that capture,
+    warned once, and the graph replays the right result; compiling there would break the capture."""
+    from pass_ext.model import _Fused
+
+    def double_plus_one(x):
+        return x * 2 + 1
+
+    fused = _Fused("capture_test", double_plus_one, key=lambda x: "one")
+    base = torch.arange(8, device="cuda", dtype=torch.float32)
+    assert torch.equal(fused(base[:4]), base[:4] * 2 + 1)                     # compiled for a view
+    src = torch.arange(4, device="cuda", dtype=torch.float32) + 10               # not a view
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), pytest.warns(RuntimeWarning, match="would recompile inside a CUDA graph"):
+        graph.capture_begin()
+        try:
+            out = fused(src)
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    src.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0], device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert out.tolist() == [3.0, 5.0, 7.0, 9.0]
+    assert fused.copies["one"][1] == "ok"   # the compiled copy stays in use outside captures
