@@ -81,18 +81,14 @@ class Rows:
         if self.eos is not None:
             self.eos.copy_(torch.tensor(eos_ids, dtype=torch.long))
 
-    def emit(self, tokens: torch.Tensor, count: torch.Tensor) -> None:
-        """tokens [B, m] int64, the first count[b] valid: append them to each running row, up to and
-        including an EOS and up to max_new tokens."""
-        _emit_rows(self.out, self.n, self.done, self.reason, self.eos, self.max_new, tokens, count)
-
     def stop_for_length(self, lens: torch.Tensor, q_next: int, capacity: int) -> None:
         """Rows whose next step would write at or past the cache capacity stop with reason "length"."""
         _stop_for_length(lens, self.done, self.reason, q_next, capacity)
 
 
 def _emit_rows(out, n_out, done, reason, eos, max_new: int, tokens, count) -> None:
-    """Rows.emit on its buffers (in place: a captured step must write the buffers the next replay reads)."""
+    """tokens [B, m] int64, the first count[b] valid: append them to each running row of `out`, up to and including
+    an EOS and up to max_new tokens; in place (a captured step must write the buffers the next replay reads)."""
     m = tokens.shape[1]
     j = torch.arange(m, device=tokens.device)
     valid = j[None, :] < count[:, None]
@@ -174,13 +170,6 @@ class Stats:
         self.active_forwards.zero_()
         self.forward_passes = self.draft_forward_passes = 0
 
-    def forward(self, done: torch.Tensor, passes: int = 1) -> None:
-        self.forward_passes += passes
-        self.active_forwards += (~done).long() * passes
-
-    def accepted(self, accepted: torch.Tensor, done: torch.Tensor) -> None:
-        self.hist.index_add_(0, accepted.long().clamp(0, self.k), (~done).long())
-
     def host_counters(self) -> tuple:
         return self.forward_passes, self.draft_forward_passes
 
@@ -239,19 +228,16 @@ class Engine:
         return out, accepted
 
     def advance(self, tokens: torch.Tensor, count: torch.Tensor, done_before: torch.Tensor,
-                accepted: Optional[torch.Tensor] = None, passes: int = 1) -> None:
+                accepted: Optional[torch.Tensor] = None, passes: int = 1, check: bool = True) -> None:
         """The end of a step: count `passes` forwards (and the accepted drafts) of the rows not done before it,
-        commit and emit the first count[b] of tokens [B, m] per row, then check the capacity for the next step
-        (`check_capacity`). On CUDA one compiled function (`step_fusion_enabled`), else the same math eagerly."""
+        commit and emit the first count[b] of tokens [B, m] per row, then (`check`) check the capacity for the next
+        step (`check_capacity`, of the target cache only). On CUDA one compiled function (`step_fusion_enabled`),
+        else the same math eagerly."""
         self.stats.forward_passes += passes
         r, st = self.rows, self.stats
         args = (self.cache.lens, r.out, r.n, r.done, r.reason, r.eos, st.active_forwards, st.hist, tokens, count,
-                done_before, accepted, r.max_new, passes, self.q_step, self.cache.capacity, True)
+                done_before, accepted, r.max_new, passes, self.q_step, self.cache.capacity, check)
         (_fused_advance() if self.device.type == "cuda" and step_fusion_enabled() else _advance)(*args)
-
-    def commit(self, count: torch.Tensor, done_before: torch.Tensor) -> None:
-        """The accepted tokens are a prefix of the new ones: commit (and roll back the rest) by a length update."""
-        self.cache.lens += torch.where(done_before, 0, count).to(torch.int32)
 
     def lookahead_embeds(self, ids: torch.Tensor, la_slots: torch.Tensor, la_index: torch.Tensor):
         """Input vectors for ids [B, Q] with the look-ahead embedding LA_{la_index[j]+1} at slots la_slots[j]."""
@@ -620,12 +606,9 @@ class DraftModelEngine(Engine):
         draft_probs = torch.stack(probs, 1) if self.want_probs else None
         ids = torch.cat([s.c[:, None], drafts], 1)
         logits = self.model(ids, positions=self.positions(self.offsets), cache=self.cache)
-        self.stats.forward(done)
         out, accepted = self.verify(logits, drafts, draft_probs)
-        self.stats.accepted(accepted, done)
-        count = accepted.long() + 1
-        self.commit(count, done)
-        self.rows.emit(out, count)
+        # The capacity check comes after the draft cache's rollback below (parking sets both caches' lengths).
+        self.advance(out, accepted.long() + 1, done, accepted, check=False)
         # The last committed token is c (a = 0) or draft a; the draft cache rolls back to hold all but it.
         last = torch.cat([s.c[:, None], drafts], 1).gather(1, accepted.long()[:, None]).squeeze(1)
         self.set_last(last)
