@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     _add_model_args(b)
     b.add_argument("--methods", default="ar,pass,pass-paper,pass-auto",
                    help="comma-separated, from ar, pass, pass-paper, pass-auto (pass with lookahead='auto'), "
-                        "pass-tree, draft")
+                        "pass-tree, pass-tree-auto (pass-tree with lookahead='auto'), draft")
     b.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeatable; default: two code prompts and one English prompt)")
     b.add_argument("--batch", type=int, default=None, help="rows per call (the prompts repeated to fill them)")

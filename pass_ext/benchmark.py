@@ -21,8 +21,9 @@ DEFAULT_PROMPTS = [
     "import json\n\ndef load_config(path):\n    \"\"\"Read a JSON config file and return it as a dict.\"\"\"\n",
     "The three most important ideas in thermodynamics are",
 ]
-# "pass-auto" is method="pass" with lookahead="auto".
-BENCH_METHODS = ("ar", "pass", "pass-paper", "pass-auto", "pass-tree", "draft")
+# "pass-auto" is method="pass" with lookahead="auto"; "pass-tree-auto" method="pass-tree" with lookahead="auto".
+BENCH_METHODS = ("ar", "pass", "pass-paper", "pass-auto", "pass-tree", "pass-tree-auto", "draft")
+_AUTO = {"pass-auto": "pass", "pass-tree-auto": "pass-tree"}
 
 
 def check_methods(methods: Sequence[str], has_draft_model: bool) -> None:
@@ -46,14 +47,15 @@ def compare_methods(model, prompts: Sequence, methods: Sequence[str] = ("ar", "p
     """Runs each method on the same prompts (token-id lists or strings, one row each): one warm-up call (which
     captures the CUDA graphs), then `repeats` timed calls, EOS ignored so every call makes max_new_tokens per row.
 
-    Returns one dict per method: method, k (what ran; auto's pick for "pass-auto"), tokens_per_s and
+    Returns one dict per method: method, k (what ran; auto's pick for "pass-auto"), draft_tree (the tree a
+    "pass-tree" row ran, auto's pick for "pass-tree-auto"; else None), tokens_per_s and
     decode_tokens_per_s (medians over the repeats: all rows' new tokens over the call, and over the call without
     its prefill), tokens_per_forward, acceptance (per draft position), speedup (decode tokens/s over "ar"'s, when
     "ar" ran first) and same_tokens_as_ar (greedy only: every row's tokens equal "ar"'s; None when sampled or
     without an "ar" row)."""
     check_methods(methods, draft_model is not None)
     if any(m.startswith("pass") for m in methods) and model.lookahead is None:
-        raise ValueError("methods pass, pass-paper, pass-auto and pass-tree need look-ahead embeddings on the model "
+        raise ValueError("methods pass, pass-paper, pass-auto, pass-tree and pass-tree-auto need look-ahead embeddings on the model "
                          "(pass_ext.load_lookahead or the CLI's --lookahead-file, or a model that ships them)")
     if int(repeats) < 1 or int(max_new_tokens) < 1:
         raise ValueError(f"repeats and max_new_tokens must be >= 1, got {repeats}, {max_new_tokens}")
@@ -65,9 +67,9 @@ def compare_methods(model, prompts: Sequence, methods: Sequence[str] = ("ar", "p
     rows, reference = [], None
     try:
         for method in methods:
-            kw = dict(method="pass" if method == "pass-auto" else method, max_new_tokens=int(max_new_tokens),
+            kw = dict(method=_AUTO.get(method, method), max_new_tokens=int(max_new_tokens),
                       eos_token_id=False, temperature=temperature, top_k=top_k, seed=seed)
-            if method == "pass-auto":
+            if method in _AUTO:
                 kw["lookahead"] = "auto"
             elif method != "ar":
                 kw["lookahead"] = lookahead  # None: generate's default (the embeddings' k; 4 for draft)
@@ -88,7 +90,8 @@ def compare_methods(model, prompts: Sequence, methods: Sequence[str] = ("ar", "p
             walls = [w for w, _ in runs]
             decode = [max(w - o.stats.prefill_s, 1e-9) for w, o in runs]
             out = runs[-1][1]
-            row = dict(method=method, k=out.stats.k, tokens_per_s=new / statistics.median(walls),
+            row = dict(method=method, k=out.stats.k, draft_tree=out.stats.draft_tree,
+                       tokens_per_s=new / statistics.median(walls),
                        decode_tokens_per_s=new / statistics.median(decode),
                        tokens_per_forward=out.stats.tokens_per_forward, acceptance=out.stats.acceptance_by_position,
                        speedup=None, same_tokens_as_ar=None)
@@ -112,10 +115,12 @@ def compare_methods(model, prompts: Sequence, methods: Sequence[str] = ("ar", "p
 
 def format_rows(rows: list) -> str:
     """The rows as a text table."""
-    lines = [f"{'method':11s} {'k':>2s} {'tok/s':>9s} {'decode tok/s':>13s} {'x ar':>6s} {'tok/fwd':>8s}  same as ar"]
+    lines = [f"{'method':14s} {'k':>2s} {'tok/s':>9s} {'decode tok/s':>13s} {'x ar':>6s} {'tok/fwd':>8s}  same as ar"]
     for r in rows:
         speed = f"{r['speedup']:.2f}" if r["speedup"] is not None else "-"
         same = {True: "yes", False: "no", None: "-"}[r["same_tokens_as_ar"]]
-        lines.append(f"{r['method']:11s} {r['k']:2d} {r['tokens_per_s']:9.1f} {r['decode_tokens_per_s']:13.1f} "
-                     f"{speed:>6s} {r['tokens_per_forward']:8.2f}  {same}")
+        tree = r.get("draft_tree")
+        lines.append(f"{r['method']:14s} {r['k']:2d} {r['tokens_per_s']:9.1f} {r['decode_tokens_per_s']:13.1f} "
+                     f"{speed:>6s} {r['tokens_per_forward']:8.2f}  {same}"
+                     + (f"  tree: {len(tree)} nodes" if tree else ""))
     return "\n".join(lines)

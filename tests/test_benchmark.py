@@ -28,18 +28,22 @@ def tiny():
 def test_compare_methods_rows(tiny):
     model, draft = tiny
     prompts = [[2, 5, 7, 9], [3, 4]]
-    rows = compare_methods(model, prompts, ["ar", "pass", "pass-paper", "pass-auto", "draft"], max_new_tokens=6,
-                           repeats=2, draft_model=draft, progress=False)
+    methods = ["ar", "pass", "pass-paper", "pass-auto", "pass-tree", "pass-tree-auto", "draft"]
+    rows = compare_methods(model, prompts, methods, max_new_tokens=6, repeats=2, draft_model=draft, progress=False)
     by = {r["method"]: r for r in rows}
-    assert list(by) == ["ar", "pass", "pass-paper", "pass-auto", "draft"]
+    assert list(by) == methods
     assert by["ar"]["k"] == 0 and by["ar"]["speedup"] == 1.0 and by["ar"]["tokens_per_forward"] == 1.0
     assert by["pass"]["k"] == 3 and by["draft"]["k"] == 4
+    assert by["pass-tree"]["k"] == 1 and by["pass-tree"]["draft_tree"] and by["pass"]["draft_tree"] is None
+    auto = by["pass-tree-auto"]   # a tree, or plain decoding (k = 0, no tree)
+    assert (auto["k"] == 0) == (auto["draft_tree"] is None)
     for r in rows:  # float32 greedy: every method is lossless
         assert r["same_tokens_as_ar"] is True, r
         assert r["tokens_per_s"] > 0 and r["decode_tokens_per_s"] >= r["tokens_per_s"] and r["speedup"] > 0
     assert by["draft"]["tokens_per_forward"] > 2  # the draft is the target itself
     text = format_rows(rows)
-    assert text.splitlines()[0].split()[:2] == ["method", "k"] and len(text.splitlines()) == 6
+    assert text.splitlines()[0].split()[:2] == ["method", "k"] and len(text.splitlines()) == 1 + len(methods)
+    assert "tree: 3 nodes" in text
 
 
 def test_compare_methods_sampled_has_no_equality_check(tiny):
