@@ -174,7 +174,15 @@ def main(argv=None) -> dict:
                 repeats=args.repeats, date=time.strftime("%Y-%m-%d"), command="python bench/bench_tree.py "
                 + " ".join(argv if argv is not None else sys.argv[1:]))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    res = dict(meta=meta, rows=rows)
+    # What the auto rows decided from: the step costs measured per bucket, the rank profile and batch efficiencies
+    # after the run (for reading a pick afterwards).
+    costs = [dict(method=m, batch=b, context=c, sampled=smp, option=list(o) if isinstance(o, tuple) else o,
+                  seconds=t) for (m, b, c, smp, o), t in model.__dict__.get("step_costs", {}).items()]
+    auto = dict(step_costs=costs, rank_profile=model.lookahead.meta.get("rank_profile"),
+                acceptance=model.lookahead.meta.get("acceptance"),
+                batch_efficiency=[dict(setting=st, batch=b, efficiency=e)
+                                  for (st, b), e in model.__dict__.get("auto_efficiency", {}).items()])
+    res = dict(meta=meta, rows=rows, auto=auto)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     plot(res, os.path.splitext(args.out)[0] + ".png")

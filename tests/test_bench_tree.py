@@ -42,6 +42,9 @@ def test_bench_tree_rows_json_and_plot(fetched, tmp_path, capsys):
     assert (tmp_path / "tree.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "tree k=2 n=3" in printed and "picks " in printed
+    saved = json.loads(out.read_text())["auto"]   # what auto decided from
+    assert any(c["method"] == "pass-tree" and len(c["option"]) == 2 for c in saved["step_costs"])
+    assert all(c["seconds"] > 0 for c in saved["step_costs"])
     auto = [r for r in res["rows"] if r["config"] == "tree auto"]
     assert all(len(r["trees"]) == len(r["k"]) for r in auto)   # what auto ran, call by call
 
