@@ -171,10 +171,10 @@ _CHAINS = {"norm": _rms_norm, "add_norm": _add_norm_chain, "rope": _rope_chain, 
 
 class _Fused:
     """A chain compiled on first use, one compiled copy per input dtype (or per `key` of the arguments). If
-    compiling fails the first time (no
-    Triton, an unsupported GPU), that copy warns once and stays eager; after one success, errors propagate,
-    except torch.compile's recompile limit (a process that runs many shapes, dtypes and models), after which
-    that copy stays eager too.
+    compiling fails the first time (no Triton, an unsupported GPU), that copy warns once and stays eager; after one
+    success, errors propagate, except torch.compile's recompile limit (a process that runs many shapes, dtypes and
+    models), after which that copy stays eager too. Inside a CUDA graph capture a call never compiles: arguments
+    that miss every compiled graph run eagerly in that capture (warned once).
 
     Each copy has a code object of its own: torch.compile keeps its compiled graphs, and counts recompiles
     against its limit, per code object, so one dtype's shapes do not use up another's."""
@@ -186,6 +186,7 @@ class _Fused:
         self.switch = switch                              # the variable that skips compiling (for the warning)
         self.key = key or (lambda *args: args[0].dtype)   # which compiled copy serves these arguments
         self.copies: dict = {}  # key -> [compiled fn, state: "new" | "ok" | "eager"]
+        self.warned_capture = False
 
     def _copy(self, key):
         entry = self.copies.get(key)
@@ -220,17 +221,13 @@ class _Fused:
                 out = fn(*args)
         except _RecompileLimit as e:  # raised before anything ran: the eager chain is safe, even in a capture
             return self._eager(entry, e, *args)
-        except RuntimeError as e:
+        except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the same math, eagerly
             if capturing and "fail_on_recompile" in str(e):   # raised at the guards, before anything ran
-                if not entry[2:]:
-                    entry.append(True)
+                if not self.warned_capture:
+                    self.warned_capture = True
                     warnings.warn(f"pass_ext: the fused {self.name} chain would recompile inside a CUDA graph "
                                   "capture; that capture runs it eagerly", RuntimeWarning)
                 return self.fn(*args)
-            if state == "ok" or capturing:
-                raise
-            return self._eager(entry, e, *args)
-        except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the same math, eagerly
             if state == "ok" or capturing:
                 raise
             return self._eager(entry, e, *args)

@@ -564,7 +564,7 @@ def test_compiled_step_end_matches_eager(device):
     fill up or pass the capacity."""
     from pass_ext import engine as E
     from pass_ext.model import _Fused
-    fused = _Fused("advance_test", E._advance, key=E._fused_advance().key)
+    fused = _Fused("advance_test", E._advance, key=E._ADVANCE.key)
     cases = [(1, 1, 0, False), (3, 4, 1, True)] if device == "cpu" else [
         (B, m, eos, acc) for B in (1, 5) for m in (1, 4) for eos in (0, 1, 2) for acc in (False, True)]
     for i, (B, m, eos, acc) in enumerate(cases):
