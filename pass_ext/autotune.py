@@ -113,16 +113,24 @@ def choose_k(costs: dict, acceptance: Optional[list], base: int, max_k: int, pre
     if acceptance is None:
         best = max((k for k in costs if k > 0 and k <= max_k and (k + base) / costs[k] > 1.0 / ar), default=0)
         return best
-    def gain(k):
-        return batch_tokens(acceptance, k, base, efficiency)
+    score = _scores({k: c for k, c in costs.items() if k <= max_k},
+                    lambda k: batch_tokens(acceptance, k, base, efficiency), new_tokens, sync_every)
+    return _settle(score, max(score, key=lambda k: (score[k], -k)), previous, 0)
+
+
+def _scores(costs: dict, gain, new_tokens: Optional[int], sync_every: int) -> dict:
+    """Tokens per second of every option {option: seconds per step}, with gain(option) tokens per step: per step,
+    or with `new_tokens` per whole call (`call_steps`)."""
     if new_tokens is None:
-        score = {k: gain(k) / c for k, c in costs.items() if k <= max_k}
-    else:
-        score = {k: 1.0 / (call_steps(new_tokens, gain(k), sync_every) * c) for k, c in costs.items() if k <= max_k}
-    best = max(score, key=lambda k: (score[k], -k))
-    # Never keep a k that scores below plain decoding: the hysteresis only spares near-ties between winners.
+        return {o: gain(o) / c for o, c in costs.items()}
+    return {o: 1.0 / (call_steps(new_tokens, gain(o), sync_every) * c) for o, c in costs.items()}
+
+
+def _settle(score: dict, best, previous, plain):
+    """`previous` when it scores within HYSTERESIS of `best` and not below plain decoding (`plain`, its option):
+    the hysteresis only spares near-ties between winners; else `best`."""
     if previous in score and score[previous] * (1 + HYSTERESIS) >= score[best] and (
-            previous == 0 or 0 not in score or score[previous] >= score[0]):
+            previous == plain or plain not in score or score[previous] >= score[plain]):
         return previous
     return best
 
@@ -163,17 +171,18 @@ def context_bucket(n: int) -> int:
 
 def step_costs(model, method: str, batch: int, context: int, sampled: bool, max_k: int) -> dict:
     """{k: seconds per decode step} for k in CANDIDATES up to max_k, measured once per bucket."""
-    table = model.__dict__.setdefault("step_costs", {})
     ctx = context_bucket(context)
-    out = {}
-    for k in CANDIDATES:
-        if k > max_k:
-            break
-        key = ("ar" if k == 0 else method, batch, ctx, sampled, k)
-        if key not in table:
-            table[key] = measure_step(model, key[0], batch, ctx, sampled, k)
-        out[k] = table[key]
-    return out
+    return {k: _measured(model, method, batch, ctx, sampled, k, k) for k in CANDIDATES if k <= max_k}
+
+
+def _measured(model, method: str, batch: int, ctx: int, sampled: bool, k: int, option, tree=None) -> float:
+    """Seconds per step of `method` at k (k = 0: plain decoding) for `option`, the table's last key field (k, or a
+    tree's (depth, nodes)), measured once per bucket and kept in `model.step_costs`."""
+    table = model.__dict__.setdefault("step_costs", {})
+    key = ("ar", batch, ctx, sampled, 0) if k == 0 else (method, batch, ctx, sampled, option)
+    if key not in table:
+        table[key] = measure_step(model, key[0], batch, ctx, sampled, k, tree=tree)
+    return table[key]
 
 
 def measure_step(model, method: str, batch: int, context: int, sampled: bool, k: int, reps: int = 8,
@@ -279,17 +288,9 @@ def record_tree_acceptance(la, sampled: bool, paths: list, histogram: list) -> N
 def tree_step_costs(model, batch: int, context: int, sampled: bool, options: list) -> dict:
     """{(depth, nodes): seconds per tree step} for the options, and (0, 0): plain decoding's step, measured once
     per bucket (a step's cost depends on the tree's shape, not on which ranks its nodes hold)."""
-    table = model.__dict__.setdefault("step_costs", {})
     ctx = context_bucket(context)
-    out = {}
-    for opt in [(0, 0)] + list(options):
-        k, n = opt
-        key = ("ar", batch, ctx, sampled, 0) if k == 0 else ("pass-tree", batch, ctx, sampled, opt)
-        if key not in table:
-            tree = None if k == 0 else masks.default_tree(k, n)
-            table[key] = measure_step(model, key[0], batch, ctx, sampled, k, tree=tree)
-        out[opt] = table[key]
-    return out
+    return {(k, n): _measured(model, "pass-tree", batch, ctx, sampled, k, (k, n),
+                              tree=masks.default_tree(k, n) if k else None) for k, n in [(0, 0)] + list(options)}
 
 
 def choose_tree(costs: dict, profile: list, previous=None, new_tokens: Optional[int] = None, sync_every: int = 1,
@@ -303,13 +304,5 @@ def choose_tree(costs: dict, profile: list, previous=None, new_tokens: Optional[
         if k == 0:
             return 1.0
         return 1.0 + efficiency * (masks.expected_tree_tokens(masks.default_tree(k, n, profile), profile) - 1.0)
-    if new_tokens is None:
-        score = {o: gain(o) / c for o, c in costs.items()}
-    else:
-        score = {o: 1.0 / (call_steps(new_tokens, gain(o), sync_every) * c) for o, c in costs.items()}
-    best = max(score, key=lambda o: (score[o], -costs[o]))
-    base = score.get((0, 0))
-    if previous in score and score[previous] * (1 + HYSTERESIS) >= score[best] and (
-            base is None or previous == (0, 0) or score[previous] >= base):
-        return previous
-    return best
+    score = _scores(costs, gain, new_tokens, sync_every)
+    return _settle(score, max(score, key=lambda o: (score[o], -costs[o])), previous, (0, 0))

@@ -333,9 +333,10 @@ def generate(
         max_workspaces()  # a bad PASS_EXT_WORKSPACES fails before any work
     sampled = not sampling.greedy
     engine_method = method
-    if k == "auto" and method == "pass-tree":
+    if k == "auto":
         from . import autotune
-        context = max(len(r) for r in rows) + max_new_tokens // 2
+        context = max(len(r) for r in rows) + max_new_tokens // 2  # the middle of the call: its bucket
+    if k == "auto" and method == "pass-tree":
         max_rows = ops.CUDA_MAX_Q if dev.type == "cuda" else None
         costs = autotune.tree_step_costs(model, B, context, sampled, autotune.tree_options(model.lookahead.k, max_rows))
         profile = autotune.rank_profile(model.lookahead, sampled)
@@ -354,9 +355,6 @@ def generate(
             k = pick[0]
         chosen[bucket] = (pick, tree)
     elif k == "auto":
-        from . import autotune
-        longest_prompt = max(len(r) for r in rows)
-        context = longest_prompt + max_new_tokens // 2
         costs = autotune.step_costs(model, method, B, context, sampled, model.lookahead.k)
         chosen = model.__dict__.setdefault("auto_k", {})
         bucket = (method, B, autotune.context_bucket(context), sampled)
