@@ -25,11 +25,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pass_ext  # noqa: E402
-from bench_generate import NEAR_TIE_ULPS, divergence_ulps, timed  # noqa: E402
+from bench_generate import NEAR_TIE_ULPS, SETTINGS, divergence_ulps, timed  # noqa: E402
 from pass_ext import corpora, masks  # noqa: E402
 
-SETTINGS = {"greedy": dict(temperature=0.0), "T0.8/top-k10": dict(temperature=0.8, top_k=10),
-            "T0.8": dict(temperature=0.8, top_k=0)}
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tree.json")
 
 

@@ -67,6 +67,15 @@ def replayed_step(model, args) -> float:
                                  tree=tree)
 
 
+def set_env(env: dict) -> None:
+    """Set the variables of `env`; None unsets one."""
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def compare(model, ids, args, graphs: bool) -> None:
     """Default settings against args.ab's, alternating in one process (so that the machine's state, which varies
     from process to process, is the same for both), each recaptured from scratch, in the order ABBA (round r
@@ -85,22 +94,14 @@ def compare(model, ids, args, graphs: bool) -> None:
     for r in range(args.rounds):
         order = (("default", base), (args.ab, alt))
         for label, env in order if r % 2 == 0 else order[::-1]:
-            for name, value in env.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+            set_env(env)
             pass_ext.release_workspace(model)
             per_step(model, ids, args, graphs, args.short)  # captures with these settings
             times[label].append(timed_calls(model, ids, args, graphs))
             replays[label].append(replayed_step(model, args))
             print(f"round {r}: {label:<40} {1e3 * times[label][-1]:.3f} ms/forward, "
                   f"{1e3 * replays[label][-1]:.3f} ms/step replayed", flush=True)
-    for name, value in base.items():  # the environment as it was
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    set_env(base)  # the environment as it was
     med = {label: statistics.median(t) for label, t in times.items()}
     rep = {label: statistics.median(t) for label, t in replays.items()}
     print(f"{args.model} {args.method} B={args.batch} k={args.k if args.method != 'ar' else 0}, medians of "
