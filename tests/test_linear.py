@@ -136,13 +136,16 @@ def test_cuda_graph_replay():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
 @pytest.mark.parametrize("Hq", [4, 8], ids=["cuda-core-attention", "tensor-core-attention"])
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
-def test_cuda_dependent_calls_match_one_at_a_time(Hq, prefetch):
+@pytest.mark.parametrize("bulk", [False, True], ids=["", "bulk"])
+def test_cuda_dependent_calls_match_one_at_a_time(monkeypatch, Hq, prefetch, bulk):
     """On sm_90 each projection and attention kernel may start before the kernel before it has finished
     (programmatic dependent launch) and must wait for it before reading its output. A chain of decoder layers,
     each call reading the one before, gives the same bits launched back to back, replayed from a CUDA graph,
     and with a device sync after every call (where nothing can overlap). With prefetch_weights and
     prefetch_cache the weights, cache lengths and cached keys are read before that wait (as the model does)."""
     dt, dev = torch.bfloat16, "cuda"
+    if bulk:  # every plain and SwiGLU projection through the bulk kernel (its producer streams before the wait)
+        force_bulk(monkeypatch)
     g = torch.Generator().manual_seed(3)
     d, Hkv, D, ffn, S, B, layers = 256, 2, 64, 2048, 96, 2, 12
     rnd = lambda *shape, s=1.0: (s * torch.randn(*shape, generator=g)).to(dt).to(dev)  # noqa: E731
@@ -504,6 +507,106 @@ def test_cuda_staged_norm_gives_the_same_bits(monkeypatch, mode, M, N, K):
         ref = reference(xn, w.cpu(), b.cpu(), mode == "swiglu")
         atol, rtol = TOL[dt]
         torch.testing.assert_close(staged.cpu().double(), ref.double(), atol=3 * atol, rtol=3 * rtol)
+
+
+def force_bulk(monkeypatch):
+    """Every plain and SwiGLU call through the bulk kernel, whatever its size, row length and rows (by default it
+    takes one row, K >= 1024 and weights of 16 MiB and more)."""
+    for name, value in (("PASS_EXT_LINEAR_BULK_MIN_MB", "0"), ("PASS_EXT_LINEAR_BULK_MIN_K", "0"),
+                        ("PASS_EXT_LINEAR_BULK_MAX_ROWS", "16")):
+        monkeypatch.setenv(name, value)
+
+
+# The bulk kernel (force_bulk sends every size there): one row to
+# two n-tiles, a partial tile (N), K past one 512-column stage with a ragged last stage and a partial 32-chunk,
+# more tiles than the GPU has blocks (each block loops; its ring runs across tiles), the 1.5B's down shape.
+BULK_SHAPES = [(1, 16, 64), (5, 40, 520), (8, 4000, 1536), (9, 300, 1544), (16, 1024, 4104), (3, 1536, 8960)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("fusion", ["plain", "bias", "residual", "swiglu", "norm-swiglu", "norm-residual"])
+@pytest.mark.parametrize("M,N,K", BULK_SHAPES)
+def test_cuda_bulk_matches_reference_and_rows_do_not_depend_on_the_batch(monkeypatch, fusion, M, N, K):
+    """The bulk kernel against the float64 reference for every fusion the model uses on it, and each row bit for
+    bit the row computed alone (a one-token forward projects a token as a multi-token forward does)."""
+    force_bulk(monkeypatch)
+    dt, g = torch.bfloat16, torch.Generator().manual_seed(M * N + K)
+    x, w, b = make(M, N, K, dt, "cuda", fusion == "bias", seed=M + N + K)
+    swiglu = "swiglu" in fusion
+    norm = (1 + 0.2 * torch.randn(K, generator=g)).to(dt).cuda() if fusion.startswith("norm") else None
+    res = torch.randn(M, N, generator=g).to(dt).cuda() if "residual" in fusion else None
+    kw = dict(swiglu=swiglu, norm_weight=norm, eps=1e-5, prefetch_weights=True)
+    out = ops.decode_linear(x, w, b, residual=res, **kw)
+    xn = rms_norm(x.cpu(), norm.cpu(), 1e-5) if norm is not None else x.cpu()
+    ref = reference(xn, w.cpu(), None if b is None else b.cpu(), swiglu)
+    if res is not None:
+        ref = (res.cpu().double() + ref.double()).to(dt)
+    atol, rtol = TOL[dt]
+    torch.testing.assert_close(out.cpu().double(), ref.double(), atol=3 * atol, rtol=3 * rtol)
+    for m in range(M):
+        one = ops.decode_linear(x[m:m + 1], w, b, residual=None if res is None else res[m:m + 1].contiguous(), **kw)
+        assert torch.equal(one, out[m:m + 1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("M", [1, 8, 13])
+@pytest.mark.parametrize("fusion", ["residual", "norm-swiglu"])
+def test_cuda_bulk_gives_the_tile_kernels_bits(monkeypatch, M, fusion):
+    """Where decode_linear_kernel does not split K (tiles past two waves of blocks) the bulk kernel adds every
+    product in the same order: the same bits with PASS_EXT_LINEAR_BULK=0 (bulk off) as with the bulk kernel,
+    with the default size limits, which send this 1.5B gate/up-shaped weight (55 MB) to it."""
+    N, K, dt = 2 * 8960, 1536, torch.bfloat16
+    x, w, b = make(M, N, K, dt, "cuda", True, seed=M)
+    g = torch.Generator().manual_seed(M)
+    kw = (dict(swiglu=True, norm_weight=(1 + 0.2 * torch.randn(K, generator=g)).to(dt).cuda(), eps=1e-5)
+          if fusion == "norm-swiglu" else dict(residual=torch.randn(M, N, generator=g).to(dt).cuda()))
+    monkeypatch.delenv("PASS_EXT_LINEAR_BULK_MIN_MB", raising=False)
+    monkeypatch.setenv("PASS_EXT_LINEAR_BULK_MAX_ROWS", "16")  # the default is one row
+    bulk = ops.decode_linear(x, w, b, prefetch_weights=True, **kw)
+    monkeypatch.setenv("PASS_EXT_LINEAR_BULK", "0")
+    tiles = ops.decode_linear(x, w, b, prefetch_weights=True, **kw)
+    assert bulk.abs().sum() > 0
+    assert torch.equal(bulk, tiles)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("M,K", [(1, 1536), (3, 4104), (7, 1544), (12, 8960)],
+                         ids=["one-row", "ragged-stage", "staged-7", "over-the-stage-budget"])
+@pytest.mark.parametrize("fusion", ["residual", "norm-swiglu", "norm"])
+def test_cuda_bulk_staging_gives_the_same_bits(monkeypatch, M, K, fusion):
+    """x staged once per block (normalised, with the norm) or read from L1 per tile (PASS_EXT_LINEAR_STAGE_X=0):
+    the same order of additions, so the same bits."""
+    force_bulk(monkeypatch)
+    N, dt, g = 2 * 4 * 132, torch.bfloat16, torch.Generator().manual_seed(M * K)
+    x, w, b = make(M, N, K, dt, "cuda", True, seed=K)
+    norm = (1 + 0.2 * torch.randn(K, generator=g)).to(dt).cuda() if "norm" in fusion else None
+    res = torch.randn(M, N, generator=g).to(dt).cuda() if fusion == "residual" else None
+    kw = dict(swiglu="swiglu" in fusion, norm_weight=norm, eps=1e-5, residual=res, prefetch_weights=True)
+    default = ops.decode_linear(x, w, b, **kw)
+    monkeypatch.setenv("PASS_EXT_LINEAR_STAGE_X", "0")
+    assert torch.equal(ops.decode_linear(x, w, b, **kw), default)
+    assert default.abs().sum() > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+def test_cuda_bulk_graph_replay(monkeypatch):
+    """A captured bulk call replays with new inputs (its barriers start over in every launch)."""
+    force_bulk(monkeypatch)
+    x, w, b = make(4, 2 * 2048, 1032, torch.bfloat16, "cuda", True)
+    static_x, out = x.clone(), torch.empty(4, 2048, dtype=torch.bfloat16, device="cuda")
+    ops.decode_linear(static_x, w, b, swiglu=True, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.decode_linear(static_x, w, b, swiglu=True, out=out)
+    for _ in range(3):
+        new = torch.randn_like(x)
+        static_x.copy_(new)
+        graph.replay()
+        assert torch.equal(out, ops.decode_linear(new, w, b, swiglu=True))
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #include "kernels/linear.cuh"
+#include "kernels/linear_bulk.cuh"
 #include "launch.h"
 
 namespace pass_ext::linear_launch {
@@ -67,7 +68,7 @@ int resident_blocks_per_sm(Kernel* kernel, int device, size_t smem) {
 // PASS_EXT_LINEAR_ONE_WAVE=0: one block per tile, however many waves that makes;
 // PASS_EXT_LINEAR_STAGE_X=0: with the RMSNorm, every tile normalises x as it loads it (no staged x);
 // PASS_EXT_LINEAR_NORM_ROWS=n (1..kLinearNormRows, default kLinearNormRows): rows of x per round trip of the row
-// norms (4 was the only value before).
+// norms (4 was the only value before). (PASS_EXT_LINEAR_BULK and PASS_EXT_LINEAR_BULK_MIN_MB: see bulk_wanted.)
 template <typename T, int MT, int kMode, int U, bool kStageX>
 void launch_kernel(LinearParams p, int tiles, cudaStream_t stream) {
   p.norm_rows = static_cast<int>(env_int("PASS_EXT_LINEAR_NORM_ROWS", kLinearNormRows, 1, kLinearNormRows));
@@ -98,8 +99,89 @@ void launch_mt(const LinearParams& p, int tiles, cudaStream_t stream) {
     launch_kernel<T, MT, kMode, U, false>(p, tiles, stream);
 }
 
+// The bulk kernel (kernels/linear_bulk.cuh) by default: weights of at least kLinearBulkMinMB MiB (smaller ones are
+// bound by the launch and the first round trip, where decode_linear_kernel's weights-before-the-wait prefetch
+// wins), rows of at least kLinearBulkMinK elements (a shorter row makes tiles of a stage or two, whose sums and
+// stores the stream cannot hide), and one row of x. Measured on the H200 (bench/NOTES.md, eighteenth session):
+// the random Qwen2.5-1.5B `ar` step 1.484 against 1.651 ms with its gate/up and down projections on it, but the
+// 4-row PaSS step 1.632 against 1.607 and the 8-row tree step 1.812 against 1.753, so multi-row forwards keep
+// decode_linear_kernel for now.
+constexpr int64_t kLinearBulkMinMB = 16;
+constexpr int64_t kLinearBulkMinK = 1024;
+constexpr int64_t kLinearBulkMaxRows = 1;
+
+// Whether a call goes to the bulk kernel: plain or SwiGLU, and the limits above, each an A/B switch read per call:
+// PASS_EXT_LINEAR_BULK=0 (never), PASS_EXT_LINEAR_BULK_MIN_MB, PASS_EXT_LINEAR_BULK_MIN_K and
+// PASS_EXT_LINEAR_BULK_MAX_ROWS (up to 16). Where decode_linear_kernel splits K (few tiles: the 1.5B's down
+// projection) the two kernels add in different orders, so with the default one-row limit such a projection of a
+// token differs in the last bits between a one-row and a multi-row forward (as the lm_head does on cuBLAS); where
+// it does not split (the 1.5B's gate/up) they give the same bits (tests/test_linear.py).
+inline bool bulk_wanted(const LinearParams& p, int mode) {
+  if (mode == kLinearRope || env_is("PASS_EXT_LINEAR_BULK", "0")) return false;
+  if (p.M > env_int("PASS_EXT_LINEAR_BULK_MAX_ROWS", kLinearBulkMaxRows, 0, 16)) return false;
+  if (p.K < env_int("PASS_EXT_LINEAR_BULK_MIN_K", kLinearBulkMinK, 0, INT32_MAX)) return false;
+  const int64_t min_mb = env_int("PASS_EXT_LINEAR_BULK_MIN_MB", kLinearBulkMinMB, 0, int64_t(1) << 20);
+  return int64_t(p.N) * p.K * 2 >= (min_mb << 20);
+}
+
+// Bytes of staged x the bulk kernel takes at most (on top of its ring, two blocks per SM): x is staged where
+// linear_stage_bytes(M, K) fits (Llama-8B's gate/up: up to 3 rows; its down projection: 1 row), else read from L1.
+constexpr int kBulkStageMaxBytes = 30 * 1024;
+
+// Launches the bulk kernel over one block per resident slot (at most one per tile); false where it cannot run
+// (not sm_90 code, or the GPU refuses its shared memory), and the caller launches decode_linear_kernel. The
+// residency is counted with the largest staged x, so the grid never depends on M (nor, then, a row's bits: a
+// tile's sums do not depend on which block takes it anyway).
+template <typename T, int MT, int kMode, typename Ring, bool kStageX>
+bool launch_bulk_ring(const LinearParams& p, int tiles, cudaStream_t stream) {
+  auto* kernel = decode_linear_bulk_kernel<T, MT, kMode, Ring, kStageX>;
+  const int device = c10::cuda::current_device();
+  if (!runs_sm90(kernel, device)) return false;
+  constexpr int kMaxSmem = Ring::kBytes + kBulkStageMaxBytes;
+  const int resident = once_per_kernel(kernel, device, [&] {
+    int blocks = 0;
+    cudaFuncAttributes attr{};
+    const bool ok =
+        cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
+        attr.sharedSizeBytes + kMaxSmem <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem) == cudaSuccess &&
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kBulkThreads, kMaxSmem) == cudaSuccess;
+    (void)cudaGetLastError();
+    return ok ? blocks : 0;
+  });
+  if (resident <= 0) return false;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  LinearParams q = p;
+  q.tiles = tiles;
+  const int blocks = std::min(tiles, resident * sms);
+  const size_t smem = size_t(Ring::kBytes) + (kStageX ? size_t(linear_stage_bytes(p.M, p.K)) : 0);
+  launch_kernel_ex(kernel, dim3(unsigned(blocks)), dim3(kBulkThreads), smem, stream, dim3(1),
+                   launches_dependent(kernel, device), q);
+  return true;
+}
+
+template <typename T, int MT, int kMode, typename Ring>
+bool launch_bulk_stage(const LinearParams& p, int tiles, cudaStream_t stream) {
+  if (linear_stage_bytes(p.M, p.K) <= kBulkStageMaxBytes && !env_is("PASS_EXT_LINEAR_STAGE_X", "0"))
+    return launch_bulk_ring<T, MT, kMode, Ring, true>(p, tiles, stream);
+  return launch_bulk_ring<T, MT, kMode, Ring, false>(p, tiles, stream);
+}
+
+// The ring: 512 K elements per stage and row (a 1 KB bulk copy per row), 4 stages, so that two blocks fit an SM
+// with a staged x. Measured against 512 x 6 (one block per SM) and 1024 x 3 on the 1.5B's and Llama-8B's
+// projections (bench_linear, bench/NOTES.md): the fastest overall; one block per SM starves the consumers.
+template <typename T, int MT, int kMode>
+bool launch_bulk(const LinearParams& p, int tiles, cudaStream_t stream) {
+  return launch_bulk_stage<T, MT, kMode, BulkRing<512, 4>>(p, tiles, stream);
+}
+
 template <typename T, int kMode>
 void launch(const LinearParams& p, int tiles, cudaStream_t stream) {
+  if constexpr (kMode != kLinearRope) {
+    if (bulk_wanted(p, kMode) &&
+        (p.M <= 8 ? launch_bulk<T, 1, kMode>(p, tiles, stream) : launch_bulk<T, 2, kMode>(p, tiles, stream)))
+      return;
+  }
   switch ((p.M + 7) / 8) {
     case 1: launch_mt<T, 1, kMode, 3>(p, tiles, stream); break;
     case 2: launch_mt<T, 2, kMode, 2>(p, tiles, stream); break;
