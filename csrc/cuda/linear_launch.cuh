@@ -102,10 +102,10 @@ void launch_mt(const LinearParams& p, int tiles, cudaStream_t stream) {
 // The bulk kernel (kernels/linear_bulk.cuh) by default: weights of at least kLinearBulkMinMB MiB (smaller ones are
 // bound by the launch and the first round trip, where decode_linear_kernel's weights-before-the-wait prefetch
 // wins), rows of at least kLinearBulkMinK elements (a shorter row makes tiles of a stage or two, whose sums and
-// stores the stream cannot hide), and one row of x. Measured on the H200 (bench/NOTES.md, seventeenth H200 session):
-// the random Qwen2.5-1.5B `ar` step 1.484 against 1.651 ms with its gate/up and down projections on it, but the
-// 4-row PaSS step 1.632 against 1.607 and the 8-row tree step 1.812 against 1.753, so multi-row forwards keep
-// decode_linear_kernel for now.
+// stores the stream cannot hide), and one row of x. Measured on the H200 (bench/NOTES.md, seventeenth H200
+// session): the random Qwen2.5-1.5B `ar` step 1.484 against 1.651 ms with its gate/up and down projections on
+// it, but the 4-row PaSS step 1.632 against 1.607 and the 8-row tree step 1.812 against 1.753, so multi-row
+// forwards keep decode_linear_kernel for now.
 constexpr int64_t kLinearBulkMinMB = 16;
 constexpr int64_t kLinearBulkMinK = 1024;
 constexpr int64_t kLinearBulkMaxRows = 1;

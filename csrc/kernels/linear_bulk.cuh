@@ -73,8 +73,8 @@ __device__ __forceinline__ void bulk_mbar_wait(uint64_t* bar, uint32_t parity) {
 // weight is read once, so it is marked first to leave L2.
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar, uint64_t policy) {
   asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::"r"(
-          smem_addr(dst)),
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1], %2, [%3], %4;\n" ::"r"(smem_addr(dst)),
       "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
       : "memory");
 }
@@ -147,7 +147,8 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
         const uint32_t bytes = uint32_t(min(kBulkStageCols, p.K - col0)) * 2u;
         if (lane == 0) bulk_mbar_expect_tx(&full[slot], bytes * uint32_t(valid));
         __syncwarp();
-        if (mine) bulk_copy(ring + slot * kBulkStageBytes + lane * kBulkRowPitch, src + col0, bytes, &full[slot], policy);
+        if (mine)
+          bulk_copy(ring + slot * kBulkStageBytes + lane * kBulkRowPitch, src + col0, bytes, &full[slot], policy);
       }
     }
     return;
@@ -212,7 +213,8 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
 #pragma unroll 4
     for (int i = int(threadIdx.x); i < p.M * per_row; i += kBulkConsumerWarps * 32) {
       const int m = i / per_row, q = i % per_row;
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + int64_t(m) * p.x_stride + q * 8));
+      const T* xq = static_cast<const T*>(p.x) + int64_t(m) * p.x_stride + q * 8;
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(xq));
       staged_x[m * stage_stride + q] =
           norm_w ? rms_normalize<T>(v, rinv[m], __ldg(reinterpret_cast<const uint4*>(norm_w + q * 8))) : v;
     }
