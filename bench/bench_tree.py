@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pass_ext  # noqa: E402
 from bench_generate import NEAR_TIE_ULPS, SETTINGS, divergence_ulps, timed  # noqa: E402
-from pass_ext import corpora, masks  # noqa: E402
+from pass_ext import autotune, corpora, masks  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tree.json")
 
@@ -178,8 +178,9 @@ def main(argv=None) -> dict:
                   seconds=t) for (m, b, c, smp, o), t in model.__dict__.get("step_costs", {}).items()]
     auto = dict(step_costs=costs, rank_profile=model.lookahead.meta.get("rank_profile"),
                 acceptance=model.lookahead.meta.get("acceptance"),
-                batch_efficiency=[dict(setting=st, batch=b, efficiency=e)
-                                  for (st, b), e in model.__dict__.get("auto_efficiency", {}).items()])
+                batch_efficiency=[dict(kind=kind, setting=st, batch=b, efficiency=e)
+                                  for kind, table in autotune.EFFICIENCY_TABLES.items()
+                                  for (st, b), e in model.__dict__.get(table, {}).items()])
     res = dict(meta=meta, rows=rows, auto=auto)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

@@ -14,7 +14,8 @@ decoding, 2 for paper mode, whose drafting pass also emits a token). Auto picks 
 - A batch finishes with its slowest row, and the host looks at the rows only every `sync_every` steps, so a
   call runs ceil_to(sync_every, max_new_tokens / E_batch) steps, not max_new_tokens / E(k): E_batch is the gain
   of the slowest row. Auto scores whole calls that way: E_batch(k) = base + e (E(k) - base), with e, the batch
-  efficiency, measured per (batch size, setting) after every PaSS call (`record_efficiency`; 1 at B = 1).
+  efficiency, measured per (batch size, setting) after every PaSS call (`record_efficiency`; 1 at B = 1), for
+  chains and trees apart.
 - For method="pass-tree" auto picks a draft tree, (depth, nodes) from TREE_CANDIDATES or plain decoding, the same
   way: E(tree) = 1 + the sum over its nodes of the probability that the node's path is accepted, under a rank
   profile (`rank_profile`: how likely the model's token is each rank of each look-ahead position's drafts),
@@ -135,13 +136,26 @@ def _settle(score: dict, best, previous, plain):
     return best
 
 
+# The batch efficiencies, per kind of draft: a chain of k look-ahead drafts, or a draft tree (its rows' accepted
+# lengths spread differently, so a chain's stragglers say little about a tree's; bench/NOTES.md, sixteenth session:
+# at B = 8 a tree auto sharing the chain's efficiency picked one node where three ran faster).
+EFFICIENCY_TABLES = {"chain": "auto_efficiency", "tree": "auto_tree_efficiency"}
+
+
+def _efficiency_table(kind: str) -> str:
+    if kind not in EFFICIENCY_TABLES:
+        raise ValueError(f"kind must be one of {sorted(EFFICIENCY_TABLES)}, got {kind!r}")
+    return EFFICIENCY_TABLES[kind]
+
+
 def record_efficiency(model, sampled: bool, batch: int, new_tokens: list, active_forwards: list,
-                      passes_per_step: int = 1, base: int = 1, min_gain: float = 0.05) -> None:
+                      passes_per_step: int = 1, base: int = 1, min_gain: float = 0.05, kind: str = "chain") -> None:
     """Fold one PaSS call into the batch efficiency e of (setting, batch). Per step (passes_per_step
     forwards), the batch got G = max_b tokens_b / max_b steps_b (it ran until its slowest row was done); the
     acceptance predicts the mean over rows, E = mean_b tokens_b / steps_b; e = (G - base) / (E - base),
     clipped to [0, 1] (base: the tokens a step yields with no draft accepted). Calls whose rows gained less
-    than `min_gain` over base say nothing about e and are skipped."""
+    than `min_gain` over base say nothing about e and are skipped. `kind`: 'chain' or 'tree', kept apart."""
+    name = _efficiency_table(kind)
     rows = [(n, a / passes_per_step) for n, a in zip(new_tokens, active_forwards) if a > 0]
     if not rows:
         return
@@ -150,18 +164,21 @@ def record_efficiency(model, sampled: bool, batch: int, new_tokens: list, active
         return
     batch_gain = max(n for n, _ in rows) / max(a for _, a in rows)
     e = min(max((batch_gain - base) / (mean_gain - base), 0.0), 1.0)
-    table = model.__dict__.setdefault("auto_efficiency", {})
+    table = model.__dict__.setdefault(name, {})
     key = (_setting(sampled), batch)
     table[key] = e if key not in table else (1 - EMA) * table[key] + EMA * e
 
 
-def efficiency_of(model, sampled: bool, batch: int) -> float:
-    """The batch efficiency for (setting, batch): measured, else that of the largest smaller batch measured
-    (stragglers only get worse with more rows), else 1 (a single row is its own slowest row)."""
-    table = model.__dict__.get("auto_efficiency", {})
+def efficiency_of(model, sampled: bool, batch: int, kind: str = "chain") -> float:
+    """The batch efficiency for (setting, batch) of this kind of draft: measured, else that of the largest smaller
+    batch measured (stragglers only get worse with more rows); a tree with none measured takes the chain's (the
+    best guess before its first call); else 1 (a single row is its own slowest row)."""
+    table = model.__dict__.get(_efficiency_table(kind), {})
     setting = _setting(sampled)
     known = sorted(b for s, b in table if s == setting and b <= batch)
-    return table[(setting, known[-1])] if known else 1.0
+    if known:
+        return table[(setting, known[-1])]
+    return efficiency_of(model, sampled, batch) if kind == "tree" else 1.0
 
 
 def context_bucket(n: int) -> int:

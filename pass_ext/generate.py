@@ -345,7 +345,7 @@ def generate(
         before = chosen.get(bucket)
         pick = autotune.choose_tree(costs, profile, previous=None if before is None else before[0],
                                     new_tokens=max_new_tokens, sync_every=sync_every,
-                                    efficiency=autotune.efficiency_of(model, sampled, B))
+                                    efficiency=autotune.efficiency_of(model, sampled, B, kind="tree"))
         if pick == (0, 0):
             k, tree, engine_method = 0, None, "ar"
         else:
@@ -429,7 +429,8 @@ def generate(
     if engine_method == "pass-tree":
         from . import autotune
         autotune.record_tree_acceptance(model.lookahead, sampled, tree, stats.hist.tolist())
-        autotune.record_efficiency(model, sampled, B, out.num_new_tokens.tolist(), stats.active_forwards.tolist())
+        autotune.record_efficiency(model, sampled, B, out.num_new_tokens.tolist(), stats.active_forwards.tolist(),
+                                   kind="tree")
     if engine_method in ("pass", "pass-paper"):
         from . import autotune
         autotune.record_acceptance(model.lookahead, sampled, stats.hist.tolist())

@@ -421,6 +421,17 @@ def test_autotune_scores_whole_calls_with_the_batch_efficiency():
     # paper mode: two forwards a step, base 2 tokens a step
     autotune.record_efficiency(model, False, 1, [60], [40], passes_per_step=2, base=2)
     assert autotune.efficiency_of(model, False, 1) == 1.0
+    # trees keep their own: the chain's until a tree call is measured, then the tree's, and the chain's unmoved
+    chain = autotune.efficiency_of(model, False, 8)
+    assert autotune.efficiency_of(model, False, 8, kind="tree") == pytest.approx(chain)
+    autotune.record_efficiency(model, False, 8, [64] * 2, [32, 40], kind="tree")
+    tree_e = (64 / 40 - 1) / ((64 / 32 + 64 / 40) / 2 - 1)
+    assert autotune.efficiency_of(model, False, 8, kind="tree") == pytest.approx(tree_e)
+    assert autotune.efficiency_of(model, False, 16, kind="tree") == pytest.approx(tree_e)
+    assert autotune.efficiency_of(model, False, 8) == pytest.approx(chain)
+    assert autotune.efficiency_of(model, True, 8, kind="tree") == 1.0
+    with pytest.raises(ValueError, match="kind must be one of"):
+        autotune.efficiency_of(model, False, 8, kind="star")
 
     class LA:
         meta = {}
