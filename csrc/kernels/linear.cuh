@@ -108,6 +108,51 @@ __device__ __forceinline__ uint4 rms_normalize(uint4 v, float rinv, uint4 w) {
   return make_uint4(res[0], res[1], res[2], res[3]);
 }
 
+// 1 / rms of every row of x (rinv[m], m < p.M), computed by the block's first kLinearWarps warps: their threads
+// split each row's K (one 16-byte load per thread and 2048 elements), kRows rows at a time (at_once of them, at most
+// kRows) so that their loads are in flight together; then per row the warps' sums in warp order. An order fixed by
+// K, so a row's norm depends neither on M nor on at_once, and every kernel that calls this gets the same bits.
+// sync() is a barrier over those warps; part is the warps' scratch.
+template <typename T, int kRows, typename Sync>
+__device__ __forceinline__ void rms_row_inverses(const LinearParams& p, int at_once,
+                                                 float (&part)[kLinearWarps][kLinearMaxRows],
+                                                 float (&rinv)[kLinearMaxRows], Sync sync) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  for (int m0 = 0; m0 < p.M; m0 += at_once) {
+    float ss[kRows] = {};
+    for (int k = int(threadIdx.x) * 8; k < p.K; k += kLinearWarps * 32 * 8) {
+      uint4 v[kRows];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i)
+        v[i] = i < at_once && m0 + i < p.M
+                   ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + int64_t(m0 + i) * p.x_stride +
+                                                          k))
+                   : zero;
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const T* e = reinterpret_cast<const T*>(&v[i]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) ss[i] += float(e[j]) * float(e[j]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) ss[i] += __shfl_xor_sync(0xffffffffu, ss[i], o);
+      if (lane == 0 && i < at_once && m0 + i < p.M) part[warp][m0 + i] = ss[i];
+    }
+  }
+  sync();
+  if (int(threadIdx.x) < p.M) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kLinearWarps; ++w) total += part[w][threadIdx.x];
+    rinv[threadIdx.x] = rsqrtf(total / float(p.K) + p.eps);
+  }
+  sync();
+}
+
 // What the epilogue makes of the product: the product (+ bias); silu(gate) * up; the product (+ bias) with the
 // rotary embedding applied to its q and k heads.
 enum LinearMode : int { kLinearPlain = 0, kLinearSwiglu = 1, kLinearRope = 2 };
@@ -304,44 +349,10 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
   if constexpr (kMode == kLinearRope)
     if (!p.prefetch_weights) load_rope_angles(tile);
   if (norm_w) {
-    // 1 / rms of every row of x, in every block: all threads split each row's K (one 16-byte load per thread
-    // and 2048 elements), p.norm_rows rows at a time (up to kLinearNormRows) so that their loads are in flight
-    // together; then per row the warps' sums in warp order (an order fixed by K, so a row's norm does not depend
-    // on M or on p.norm_rows).
+    // 1 / rms of every row of x, in every block, p.norm_rows rows per round trip (up to kLinearNormRows).
     __shared__ float part[kLinearWarps][kLinearMaxRows];
     constexpr int kNormRows = MT == 1 && kStageX ? kLinearNormRows : 4;
-    const int at_once = min(max(p.norm_rows, 1), kNormRows);
-    for (int m0 = 0; m0 < p.M; m0 += at_once) {
-      float ss[kNormRows] = {};
-      for (int k = int(threadIdx.x) * 8; k < p.K; k += kLinearWarps * 32 * 8) {
-        uint4 v[kNormRows];
-#pragma unroll
-        for (int i = 0; i < kNormRows; ++i)
-          v[i] = i < at_once && m0 + i < p.M
-                     ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + int64_t(m0 + i) * p.x_stride + k))
-                     : zero;
-#pragma unroll
-        for (int i = 0; i < kNormRows; ++i) {
-          const T* e = reinterpret_cast<const T*>(&v[i]);
-#pragma unroll
-          for (int j = 0; j < 8; ++j) ss[i] += float(e[j]) * float(e[j]);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kNormRows; ++i) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss[i] += __shfl_xor_sync(0xffffffffu, ss[i], o);
-        if (lane == 0 && i < at_once && m0 + i < p.M) part[warp][m0 + i] = ss[i];
-      }
-    }
-    __syncthreads();
-    if (int(threadIdx.x) < p.M) {
-      float total = 0.f;
-#pragma unroll
-      for (int w = 0; w < kLinearWarps; ++w) total += part[w][threadIdx.x];
-      rinv[threadIdx.x] = rsqrtf(total / float(p.K) + p.eps);
-    }
-    __syncthreads();
+    rms_row_inverses<T, kNormRows>(p, min(max(p.norm_rows, 1), kNormRows), part, rinv, [] { __syncthreads(); });
     if constexpr (!kStageX) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) rx[mt] = xok[mt] ? rinv[mt * 8 + g] : 0.f;

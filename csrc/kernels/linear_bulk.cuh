@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
   extern __shared__ __align__(128) unsigned char ring[];
   __shared__ __align__(8) uint64_t full[kBulkStages], empty[kBulkStages];
   __shared__ float red[kBulkConsumerWarps][MT][4][32];
-  __shared__ float part[kBulkConsumerWarps][kLinearMaxRows];
+  __shared__ float part[kLinearWarps][kLinearMaxRows];
   __shared__ float rinv[kLinearMaxRows];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -169,40 +169,8 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
   float rx[MT] = {};
   if (norm_w) {
-    // 1 / rms of every row of x: decode_linear_kernel's order (threads stride K, a warp's lanes by xor shuffles,
-    // the warps in order), so the same bits.
-    // kLinearNormRows rows per round trip to L2 (one row at a time cost a round trip per row: ~5 us at 8 rows).
-    for (int m0 = 0; m0 < p.M; m0 += kLinearNormRows) {
-      float ss[kLinearNormRows] = {};
-      for (int k = int(threadIdx.x) * 8; k < p.K; k += kBulkConsumerWarps * 32 * 8) {
-        uint4 v[kLinearNormRows];
-#pragma unroll
-        for (int i = 0; i < kLinearNormRows; ++i)
-          v[i] = m0 + i < p.M ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) +
-                                                                     int64_t(m0 + i) * p.x_stride + k))
-                              : zero;
-#pragma unroll
-        for (int i = 0; i < kLinearNormRows; ++i) {
-          const T* e = reinterpret_cast<const T*>(&v[i]);
-#pragma unroll
-          for (int j = 0; j < 8; ++j) ss[i] += float(e[j]) * float(e[j]);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kLinearNormRows; ++i) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss[i] += __shfl_xor_sync(0xffffffffu, ss[i], o);
-        if (lane == 0 && m0 + i < p.M) part[warp][m0 + i] = ss[i];
-      }
-    }
-    consumers_sync();
-    if (int(threadIdx.x) < p.M) {
-      float total = 0.f;
-#pragma unroll
-      for (int v = 0; v < kBulkConsumerWarps; ++v) total += part[v][threadIdx.x];
-      rinv[threadIdx.x] = rsqrtf(total / float(p.K) + p.eps);
-    }
-    consumers_sync();
+    // 1 / rms of every row of x, kLinearNormRows rows per round trip: decode_linear_kernel's code, so its bits.
+    rms_row_inverses<T, kLinearNormRows>(p, kLinearNormRows, part, rinv, [] { consumers_sync(); });
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) rx[mt] = xok[mt] ? rinv[mt * 8 + g] : 0.f;
   }
@@ -261,16 +229,16 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
             xv[u][mt] = in[u] && xok[mt] ? staged_x[(mt * 8 + g) * stage_stride + c * 4 + t] : zero;
-          continue;
-        }
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-          xv[u][mt] = in[u] && xok[mt] ? __ldg(reinterpret_cast<const uint4*>(xr[mt] + c * 32)) : zero;
-        if (norm_w && in[u]) {
-          const uint4 nw = __ldg(reinterpret_cast<const uint4*>(norm_w + c * 32 + t * 8));
+        } else {
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
-            if (xok[mt]) xv[u][mt] = rms_normalize<T>(xv[u][mt], rx[mt], nw);
+            xv[u][mt] = in[u] && xok[mt] ? __ldg(reinterpret_cast<const uint4*>(xr[mt] + c * 32)) : zero;
+          if (norm_w && in[u]) {
+            const uint4 nw = __ldg(reinterpret_cast<const uint4*>(norm_w + c * 32 + t * 8));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+              if (xok[mt]) xv[u][mt] = rms_normalize<T>(xv[u][mt], rx[mt], nw);
+          }
         }
       }
     };
