@@ -32,30 +32,32 @@ inline int pick_splits(int tiles, int K, int sms) {
   return splits;
 }
 
-// Whether `kernel` may take kLinearStageMaxBytes of dynamic shared memory for a staged x (more than the 48 KB a
-// launch gets without asking), once per kernel and device: only where a block can have that on top of the
-// kernel's static shared memory (227 KB on sm_90) and the GPU takes the attribute; otherwise x is never staged.
+// Whether `kernel` may take `bytes` of dynamic shared memory (more than the 48 KB a launch gets without asking),
+// once per kernel and device: only where a block can have that on top of the kernel's static shared memory
+// (227 KB on sm_90) and the GPU takes the attribute. decode_linear_kernel asks for kLinearStageMaxBytes to stage x
+// (otherwise x is never staged); the bulk kernel for its ring and staged x (otherwise it is not used). Each kernel
+// asks for one size (the answer is cached per kernel).
 template <typename Kernel>
-bool stages_x(Kernel* kernel, int device) {
+bool takes_smem(Kernel* kernel, int device, int bytes) {
   return once_per_kernel(kernel, device, [&] {
     cudaFuncAttributes attr{};
     const bool ok =
         cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
-        attr.sharedSizeBytes + kLinearStageMaxBytes <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin &&
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kLinearStageMaxBytes) == cudaSuccess;
+        attr.sharedSizeBytes + bytes <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) == cudaSuccess;
     (void)cudaGetLastError();
     return ok;
   });
 }
 
-// Blocks of `kernel` one SM holds at once (two by its launch bounds, unless its shared memory says fewer), once
-// per kernel and device; a kernel that stages x is counted with the largest staged x (smem), so that its one-wave
-// grid is resident whatever M and K.
+// Blocks of `kernel` (of `threads` threads) one SM holds at once (two by its launch bounds, unless its shared
+// memory says fewer), once per kernel and device; a kernel that stages x is counted with the largest staged x
+// (smem), so that its one-wave grid is resident whatever M and K.
 template <typename Kernel>
-int resident_blocks_per_sm(Kernel* kernel, int device, size_t smem) {
+int resident_blocks_per_sm(Kernel* kernel, int device, size_t smem, int threads = kLinearWarps * 32) {
   return once_per_kernel(kernel, device, [&] {
     int blocks = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kLinearWarps * 32, smem) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) != cudaSuccess) {
       (void)cudaGetLastError();
       blocks = 1;
     }
@@ -68,7 +70,7 @@ int resident_blocks_per_sm(Kernel* kernel, int device, size_t smem) {
 // PASS_EXT_LINEAR_ONE_WAVE=0: one block per tile, however many waves that makes;
 // PASS_EXT_LINEAR_STAGE_X=0: with the RMSNorm, every tile normalises x as it loads it (no staged x);
 // PASS_EXT_LINEAR_NORM_ROWS=n (1..kLinearNormRows, default kLinearNormRows): rows of x per round trip of the row
-// norms (4 was the only value before). (PASS_EXT_LINEAR_BULK and PASS_EXT_LINEAR_BULK_MIN_MB: see bulk_wanted.)
+// norms (4 was the only value before). (The PASS_EXT_LINEAR_BULK switches: see bulk_wanted.)
 template <typename T, int MT, int kMode, int U, bool kStageX>
 void launch_kernel(LinearParams p, int tiles, cudaStream_t stream) {
   p.norm_rows = static_cast<int>(env_int("PASS_EXT_LINEAR_NORM_ROWS", kLinearNormRows, 1, kLinearNormRows));
@@ -93,7 +95,7 @@ template <typename T, int MT, int kMode, int U>
 void launch_mt(const LinearParams& p, int tiles, cudaStream_t stream) {
   if (p.norm_w != nullptr && linear_stage_bytes(p.M, p.K) <= kLinearStageMaxBytes &&
       !env_is("PASS_EXT_LINEAR_STAGE_X", "0") &&
-      stages_x(decode_linear_kernel<T, MT, kMode, U, true>, c10::cuda::current_device()))
+      takes_smem(decode_linear_kernel<T, MT, kMode, U, true>, c10::cuda::current_device(), kLinearStageMaxBytes))
     launch_kernel<T, MT, kMode, U, true>(p, tiles, stream);
   else
     launch_kernel<T, MT, kMode, U, false>(p, tiles, stream);
@@ -110,14 +112,14 @@ constexpr int64_t kLinearBulkMinMB = 16;
 constexpr int64_t kLinearBulkMinK = 1024;
 constexpr int64_t kLinearBulkMaxRows = 1;
 
-// Whether a call goes to the bulk kernel: plain or SwiGLU, and the limits above, each an A/B switch read per call:
-// PASS_EXT_LINEAR_BULK=0 (never), PASS_EXT_LINEAR_BULK_MIN_MB, PASS_EXT_LINEAR_BULK_MIN_K and
+// Whether a plain or SwiGLU call (the caller checks the mode) goes to the bulk kernel: the limits above, each an A/B
+// switch read per call: PASS_EXT_LINEAR_BULK=0 (never), PASS_EXT_LINEAR_BULK_MIN_MB, PASS_EXT_LINEAR_BULK_MIN_K and
 // PASS_EXT_LINEAR_BULK_MAX_ROWS (up to 16). Where decode_linear_kernel splits K (few tiles: the 1.5B's down
 // projection) the two kernels add in different orders, so with the default one-row limit such a projection of a
 // token differs in the last bits between a one-row and a multi-row forward (as the lm_head does on cuBLAS); where
 // it does not split (the 1.5B's gate/up) they give the same bits (tests/test_linear.py).
-inline bool bulk_wanted(const LinearParams& p, int mode) {
-  if (mode == kLinearRope || env_is("PASS_EXT_LINEAR_BULK", "0")) return false;
+inline bool bulk_wanted(const LinearParams& p) {
+  if (env_is("PASS_EXT_LINEAR_BULK", "0")) return false;
   if (p.M > env_int("PASS_EXT_LINEAR_BULK_MAX_ROWS", kLinearBulkMaxRows, 0, 16)) return false;
   if (p.K < env_int("PASS_EXT_LINEAR_BULK_MIN_K", kLinearBulkMinK, 0, INT32_MAX)) return false;
   const int64_t min_mb = env_int("PASS_EXT_LINEAR_BULK_MIN_MB", kLinearBulkMinMB, 0, int64_t(1) << 20);
@@ -138,18 +140,8 @@ bool launch_bulk_ring(const LinearParams& p, int tiles, cudaStream_t stream) {
   const int device = c10::cuda::current_device();
   if (!runs_sm90(kernel, device)) return false;
   constexpr int kMaxSmem = Ring::kBytes + kBulkStageMaxBytes;
-  const int resident = once_per_kernel(kernel, device, [&] {
-    int blocks = 0;
-    cudaFuncAttributes attr{};
-    const bool ok =
-        cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
-        attr.sharedSizeBytes + kMaxSmem <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin &&
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem) == cudaSuccess &&
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kBulkThreads, kMaxSmem) == cudaSuccess;
-    (void)cudaGetLastError();
-    return ok ? blocks : 0;
-  });
-  if (resident <= 0) return false;
+  if (!takes_smem(kernel, device, kMaxSmem)) return false;
+  const int resident = resident_blocks_per_sm(kernel, device, kMaxSmem, kBulkThreads);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   LinearParams q = p;
   q.tiles = tiles;
@@ -178,7 +170,7 @@ bool launch_bulk(const LinearParams& p, int tiles, cudaStream_t stream) {
 template <typename T, int kMode>
 void launch(const LinearParams& p, int tiles, cudaStream_t stream) {
   if constexpr (kMode != kLinearRope) {
-    if (bulk_wanted(p, kMode) &&
+    if (bulk_wanted(p) &&
         (p.M <= 8 ? launch_bulk<T, 1, kMode>(p, tiles, stream) : launch_bulk<T, 2, kMode>(p, tiles, stream)))
       return;
   }
