@@ -511,7 +511,7 @@ def test_cuda_staged_norm_gives_the_same_bits(monkeypatch, mode, M, N, K):
 
 def force_bulk(monkeypatch):
     """Every plain and SwiGLU call through the bulk kernel, whatever its size, row length and rows (by default it
-    takes one row, K >= 1024 and weights of 16 MiB and more)."""
+    takes up to 8 rows, K >= 1024 and weights of 16 MiB and more)."""
     for name, value in (("PASS_EXT_LINEAR_BULK_MIN_MB", "0"), ("PASS_EXT_LINEAR_BULK_MIN_K", "0"),
                         ("PASS_EXT_LINEAR_BULK_MAX_ROWS", "16")):
         monkeypatch.setenv(name, value)
@@ -563,7 +563,7 @@ def test_cuda_bulk_gives_the_tile_kernels_bits(monkeypatch, M, fusion):
     kw = (dict(swiglu=True, norm_weight=(1 + 0.2 * torch.randn(K, generator=g)).to(dt).cuda(), eps=1e-5)
           if fusion == "norm-swiglu" else dict(residual=torch.randn(M, N, generator=g).to(dt).cuda()))
     monkeypatch.delenv("PASS_EXT_LINEAR_BULK_MIN_MB", raising=False)
-    monkeypatch.setenv("PASS_EXT_LINEAR_BULK_MAX_ROWS", "16")  # the default is one row
+    monkeypatch.setenv("PASS_EXT_LINEAR_BULK_MAX_ROWS", "16")  # the default is 8 rows
     bulk = ops.decode_linear(x, w, b, prefetch_weights=True, **kw)
     monkeypatch.setenv("PASS_EXT_LINEAR_BULK", "0")
     tiles = ops.decode_linear(x, w, b, prefetch_weights=True, **kw)
@@ -589,6 +589,43 @@ def test_cuda_bulk_staging_gives_the_same_bits(monkeypatch, M, K, fusion):
     monkeypatch.setenv("PASS_EXT_LINEAR_STAGE_X", "0")
     assert torch.equal(ops.decode_linear(x, w, b, **kw), default)
     assert default.abs().sum() > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("fusion", ["residual", "norm-swiglu"])
+def test_cuda_bulk_splits_k_over_a_cluster(monkeypatch, M, fusion):
+    """Few tiles and a long K: the bulk kernel splits K over a cluster per tile, as decode_linear_kernel does.
+    With the same splits (32 tiles, K = 8192: 8 each) the same bits as that kernel; with fewer (the 1.5B's down
+    shape: 2 against 4) and without splits (PASS_EXT_LINEAR_BULK_SPLITS=0) near the reference, rows independent."""
+    force_bulk(monkeypatch)
+    dt = torch.bfloat16
+    for N, K, same in ((16 * 32, 8192, True), (1536, 8960, False)):
+        g = torch.Generator().manual_seed(N + K + M)
+        n = N  # weight rows (SwiGLU: N / 2 outputs), so that both fusions make N / 16 tiles
+        x, w, b = make(M, n, K, dt, "cuda", True, seed=M + K)
+        kw = (dict(swiglu=True, norm_weight=(1 + 0.2 * torch.randn(K, generator=g)).to(dt).cuda(), eps=1e-5)
+              if fusion == "norm-swiglu" else dict(residual=torch.randn(M, n, generator=g).to(dt).cuda()))
+        split = ops.decode_linear(x, w, b, prefetch_weights=True, **kw)
+        for m in range(M):
+            one = {k: (v[m:m + 1].contiguous() if k == "residual" else v) for k, v in kw.items()}
+            assert torch.equal(ops.decode_linear(x[m:m + 1], w, b, prefetch_weights=True, **one), split[m:m + 1])
+        monkeypatch.setenv("PASS_EXT_LINEAR_BULK_SPLITS", "0")
+        whole = ops.decode_linear(x, w, b, prefetch_weights=True, **kw)
+        monkeypatch.delenv("PASS_EXT_LINEAR_BULK_SPLITS")
+        monkeypatch.setenv("PASS_EXT_LINEAR_BULK", "0")
+        tiles = ops.decode_linear(x, w, b, prefetch_weights=True, **kw)
+        monkeypatch.delenv("PASS_EXT_LINEAR_BULK")
+        if same:
+            assert torch.equal(split, tiles)
+        xn = rms_norm(x.cpu(), kw["norm_weight"].cpu(), 1e-5) if "norm_weight" in kw else x.cpu()
+        ref = reference(xn, w.cpu(), b.cpu(), "swiglu" in kw)
+        if "residual" in kw:
+            ref = (kw["residual"].cpu().double() + ref.double()).to(dt)
+        atol, rtol = TOL[dt]
+        for out in (split, whole):
+            torch.testing.assert_close(out.cpu().double(), ref.double(), atol=3 * atol, rtol=3 * rtol)
 
 
 @pytest.mark.cuda

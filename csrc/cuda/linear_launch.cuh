@@ -104,20 +104,21 @@ void launch_mt(const LinearParams& p, int tiles, cudaStream_t stream) {
 // The bulk kernel (kernels/linear_bulk.cuh) by default: weights of at least kLinearBulkMinMB MiB (smaller ones are
 // bound by the launch and the first round trip, where decode_linear_kernel's weights-before-the-wait prefetch
 // wins), rows of at least kLinearBulkMinK elements (a shorter row makes tiles of a stage or two, whose sums and
-// stores the stream cannot hide), and one row of x. Measured on the H200 (bench/NOTES.md, seventeenth H200
-// session): the random Qwen2.5-1.5B `ar` step 1.484 against 1.651 ms with its gate/up and down projections on
-// it, but the 4-row PaSS step 1.632 against 1.607 and the 8-row tree step 1.812 against 1.753, so multi-row
-// forwards keep decode_linear_kernel for now.
+// stores the stream cannot hide), and at most 8 rows of x. Measured on the H200 (bench/NOTES.md, eighteenth H200
+// session, with K split over a cluster where the tiles are few), the random Qwen2.5-1.5B's replayed steps against
+// decode_linear_kernel: `ar` 1.372 against 1.674 ms at B = 1 and 1.494 against 1.889 at B = 8, the 4-row PaSS step
+// 1.517 against 1.610, the 8-row tree step 1.695 against 1.747; but 9 to 16 rows (two n-tiles of x, read from L1
+// rather than staged) ran 1.09x (9 rows) and 1.29x (15 rows) the time.
 constexpr int64_t kLinearBulkMinMB = 16;
 constexpr int64_t kLinearBulkMinK = 1024;
-constexpr int64_t kLinearBulkMaxRows = 1;
+constexpr int64_t kLinearBulkMaxRows = 8;
 
 // Whether a plain or SwiGLU call (the caller checks the mode) goes to the bulk kernel: the limits above, each an A/B
 // switch read per call: PASS_EXT_LINEAR_BULK=0 (never), PASS_EXT_LINEAR_BULK_MIN_MB, PASS_EXT_LINEAR_BULK_MIN_K and
-// PASS_EXT_LINEAR_BULK_MAX_ROWS (up to 16). Where decode_linear_kernel splits K (few tiles: the 1.5B's down
-// projection) the two kernels add in different orders, so with the default one-row limit such a projection of a
-// token differs in the last bits between a one-row and a multi-row forward (as the lm_head does on cuBLAS); where
-// it does not split (the 1.5B's gate/up) they give the same bits (tests/test_linear.py).
+// PASS_EXT_LINEAR_BULK_MAX_ROWS (up to 16). Where the two kernels split K alike (or neither splits: the 1.5B's
+// gate/up) they give the same bits (tests/test_linear.py); where decode_linear_kernel splits K further (the 1.5B's
+// down projection: 4 splits, the bulk kernel 2) a token's projection differs in the last bits between a forward of
+// at most 8 rows and a longer one (as the lm_head's does on cuBLAS).
 inline bool bulk_wanted(const LinearParams& p) {
   if (env_is("PASS_EXT_LINEAR_BULK", "0")) return false;
   if (p.M > env_int("PASS_EXT_LINEAR_BULK_MAX_ROWS", kLinearBulkMaxRows, 0, 16)) return false;
@@ -130,10 +131,10 @@ inline bool bulk_wanted(const LinearParams& p) {
 // linear_stage_bytes(M, K) fits (Llama-8B's gate/up: up to 3 rows; its down projection: 1 row), else read from L1.
 constexpr int kBulkStageMaxBytes = 30 * 1024;
 
-// Launches the bulk kernel over one block per resident slot (at most one per tile); false where it cannot run
-// (not sm_90 code, or the GPU refuses its shared memory), and the caller launches decode_linear_kernel. The
-// residency is counted with the largest staged x, so the grid never depends on M (nor, then, a row's bits: a
-// tile's sums do not depend on which block takes it anyway).
+// Launches the bulk kernel; false where it cannot run (not sm_90 code, or the GPU refuses its shared memory), and
+// the caller launches decode_linear_kernel. Without splits, one block per resident slot (at most one per tile),
+// each taking tiles in turn; with them, one cluster per tile. Neither the grid nor the splits depend on M (the
+// residency is counted with the largest staged x, the splits with two blocks per SM), nor, then, a row's bits.
 template <typename T, int MT, int kMode, typename Ring, bool kStageX>
 bool launch_bulk_ring(const LinearParams& p, int tiles, cudaStream_t stream) {
   auto* kernel = decode_linear_bulk_kernel<T, MT, kMode, Ring, kStageX>;
@@ -145,10 +146,20 @@ bool launch_bulk_ring(const LinearParams& p, int tiles, cudaStream_t stream) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   LinearParams q = p;
   q.tiles = tiles;
-  const int blocks = std::min(tiles, resident * sms);
+  // K split over a cluster where decode_linear_kernel would split it (pick_splits: from N, K and the GPU), as far
+  // as the tiles' clusters stay within two blocks per SM; the same splits give decode_linear_kernel's bits. Two per
+  // SM whatever this instance's residency (it differs with MT and staging: counted from it, a 16-row call took
+  // other splits than a one-row call). The 1.5B's down projection: 96 tiles, 2 splits (192 blocks), 15.2 us per
+  // call at one row, 18.8 without. PASS_EXT_LINEAR_BULK_SPLITS=0: never.
+  const int slots = 2 * sms;
+  int splits = 1;
+  if (!env_is("PASS_EXT_LINEAR_BULK_SPLITS", "0"))
+    for (const int want = pick_splits(tiles, p.K, sms); splits < want && int64_t(tiles) * splits * 2 <= slots;)
+      splits *= 2;
+  const int blocks = splits > 1 ? tiles : std::min(tiles, resident * sms);
   const size_t smem = size_t(Ring::kBytes) + (kStageX ? size_t(linear_stage_bytes(p.M, p.K)) : 0);
-  launch_kernel_ex(kernel, dim3(unsigned(blocks)), dim3(kBulkThreads), smem, stream, dim3(1),
-                   launches_dependent(kernel, device), q);
+  launch_kernel_ex(kernel, dim3(unsigned(splits), unsigned(blocks)), dim3(kBulkThreads), smem, stream,
+                   dim3(unsigned(splits)), launches_dependent(kernel, device), q);
   return true;
 }
 

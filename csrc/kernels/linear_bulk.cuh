@@ -8,15 +8,16 @@
 // Here a producer warp (lane e copies tile row e) runs ahead of the consumers by up to Ring::kStages stages,
 // across tile boundaries, so the stream does not stop for a tile's sums and stores.
 //
-// The arithmetic is decode_linear_kernel's without K splits: the same tiles (16 weight rows; SwiGLU 8 gate rows
-// and their 8 up rows), the same mma operand layout (lane (g, t) takes k = 8t..8t+7 of a 32-wide chunk, lo half
-// to the first mma, hi half to the second), warp w adds chunks w, w + 8, w + 16, ... in order, the warps' sums are
-// added in warp order, the same RMSNorm prologue and epilogues. So where decode_linear_kernel does not split K
-// either (tiles past two waves of blocks) the two kernels give the same bits, and a row's result never depends on
-// M or the other rows. Stage s holds columns [KC s, KC s + KC) of the tile's rows, one slot of 2 KC + 64 bytes
-// per row (the padding puts the two rows one 16-byte load phase touches in different banks). A block takes tiles
-// blockIdx.x, + gridDim.x, ...; two blocks share an SM (bench/NOTES.md: with one, eight consumer warps could not
-// keep up with the ring).
+// The arithmetic is decode_linear_kernel's: the same tiles (16 weight rows; SwiGLU 8 gate rows and their 8 up
+// rows), the same mma operand layout (lane (g, t) takes k = 8t..8t+7 of a 32-wide chunk, lo half to the first mma,
+// hi half to the second), warp w adds chunks w, w + 8, w + 16, ... in order, the warps' sums are added in warp
+// order, the same RMSNorm prologue and epilogues, and where the tiles are few the same split of K over a cluster
+// (chunk_range), whose ranks rank 0 adds in order through distributed shared memory. So with the same splits
+// (none, or as many) the two kernels give the same bits, and a row's result never depends on M or the other rows.
+// Stage s holds columns [KC s, KC s + KC) of the tile's rows (of the block's split), one slot of 2 KC + 64 bytes
+// per row (the padding puts the two rows one 16-byte load phase touches in different banks). Without splits a
+// block takes tiles blockIdx.y, + gridDim.y, ...; with them, one tile per cluster. Two blocks share an SM
+// (bench/NOTES.md: with one, eight consumer warps could not keep up with the ring).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -84,7 +85,8 @@ __device__ __forceinline__ void consumers_sync() {
 }
 #endif
 
-// Grid (blocks): block b takes tiles b, b + gridDim.x, ... (p.tiles in all). M <= 8 * MT rows of x; kMode plain
+// Grid (splits, blocks): block (r, b) takes split r of the K of tiles b, b + gridDim.y, ... (p.tiles in all; with
+// splits, one tile per cluster). M <= 8 * MT rows of x; kMode plain
 // (with bias and residual) or SwiGLU; p.norm_w: the RMSNorm of x before the product (x normalised as it is
 // loaded, through row norms every block computes). Dynamic shared memory: Ring::kBytes, then with kStageX
 // linear_stage_bytes(M, K) for x (normalised, with the norm) staged once per block, which every tile's loads read
@@ -104,7 +106,12 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   constexpr bool kSwiglu = kMode == kLinearSwiglu;
-  const int stages = (p.K + kBulkStageCols - 1) / kBulkStageCols;
+  // This block's columns: K split over a cluster of gridDim.x blocks (chunk_range, as decode_linear_kernel) where
+  // the tiles are too few for the GPU; then each cluster takes one tile (the launcher's grid), since a block's
+  // producer warp joins the cluster's barriers only once, after its last copy.
+  const ChunkRange range = chunk_range(p.K, int(blockIdx.x), int(gridDim.x));
+  const int col_begin = range.begin * 32, col_end = min(range.end * 32, p.K);
+  const int stages = (max(col_end - col_begin, 0) + kBulkStageCols - 1) / kBulkStageCols;
   auto weight_row = [&](int tl, int e, bool& ok) {
     int r;
     if constexpr (kSwiglu) {
@@ -134,7 +141,7 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
     const T* w = static_cast<const T*>(p.w);
     int it = 0;
-    for (int tl = int(blockIdx.x); tl < p.tiles; tl += int(gridDim.x)) {
+    for (int tl = int(blockIdx.y); tl < p.tiles; tl += int(gridDim.y)) {
       bool ok;
       const int row = weight_row(tl, lane & 15, ok);
       const bool mine = lane < 16 && ok;
@@ -143,13 +150,20 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
       for (int s = 0; s < stages; ++s, ++it) {
         const int slot = it % kBulkStages, use = it / kBulkStages;
         if (use > 0) bulk_mbar_wait(&empty[slot], uint32_t(use - 1) & 1u);
-        const int col0 = s * kBulkStageCols;
-        const uint32_t bytes = uint32_t(min(kBulkStageCols, p.K - col0)) * 2u;
+        const int col0 = col_begin + s * kBulkStageCols;
+        const uint32_t bytes = uint32_t(min(kBulkStageCols, col_end - col0)) * 2u;
         if (lane == 0) bulk_mbar_expect_tx(&full[slot], bytes * uint32_t(valid));
         __syncwarp();
         if (mine)
           bulk_copy(ring + slot * kBulkStageBytes + lane * kBulkRowPitch, src + col0, bytes, &full[slot], policy);
       }
+    }
+    if (gridDim.x > 1) {  // the consumers' two cluster barriers of the block's one tile (see the epilogue)
+      namespace cg = cooperative_groups;
+      __syncwarp();
+      cg::this_cluster().sync();
+      asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+      cg::this_cluster().barrier_wait();
     }
     return;
   }
@@ -193,7 +207,7 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
   const int mt_out = active ? warp : 0;
   T* out = static_cast<T*>(p.out);
   int it = 0;
-  for (int tl = int(blockIdx.x); tl < p.tiles; tl += int(gridDim.x)) {
+  for (int tl = int(blockIdx.y); tl < p.tiles; tl += int(gridDim.y)) {
     bool ok0, ok1;
     const int r0 = weight_row(tl, g, ok0), r1 = weight_row(tl, g + 8, ok1);
     // The epilogue's bias and residual, read now so that their round trip overlaps the tile.
@@ -223,8 +237,8 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
     auto load_x = [&](int s) {
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
-        const int c = s * kBulkChunksPerStage + warp + u * kBulkConsumerWarps;
-        in[u] = s < stages && c * 32 + t * 8 < p.K;
+        const int c = range.begin + s * kBulkChunksPerStage + warp + u * kBulkConsumerWarps;
+        in[u] = s < stages && c < range.end && c * 32 + t * 8 < p.K;
         if constexpr (kStageX) {
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
@@ -278,15 +292,39 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
 #pragma unroll
       for (int j = 0; j < 4; ++j) red[warp][mt][j][lane] = acc[mt][j];
     consumers_sync();
+    // s[j]: tile row g (j < 2) or g + 8, x row mt * 8 + 2t + (j & 1); the warps in order.
+    float s[4] = {};
     if (active) {
-      // s[j]: tile row g (j < 2) or g + 8, x row mt * 8 + 2t + (j & 1); the warps in order.
-      float s[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         s[j] = 0.f;
 #pragma unroll
         for (int v = 0; v < kBulkConsumerWarps; ++v) s[j] += red[v][mt_out][j][lane];
       }
+    }
+    bool lead = true;
+    if (gridDim.x > 1) {
+      // The splits of the tile: rank 0 adds every rank's sums, in rank order, through distributed shared memory
+      // (decode_linear_kernel's merge, so the same bits for the same splits).
+      namespace cg = cooperative_groups;
+      const cg::cluster_group cluster = cg::this_cluster();
+      consumers_sync();  // every warp has read red: slot [0] takes the block's sums
+      if (active)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) red[0][mt_out][j][lane] = s[j];
+      cluster.sync();
+      lead = cluster.block_rank() == 0;
+      if (lead && active) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          s[j] = 0.f;
+          for (int r = 0; r < int(gridDim.x); ++r) s[j] += *cluster.map_shared_rank(&red[0][mt_out][j][lane], r);
+        }
+      }
+      asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+      cluster.barrier_wait();
+    }
+    if (active && lead) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int m = mt_out * 8 + 2 * t + i;
