@@ -178,6 +178,36 @@ __device__ __forceinline__ ChunkRange chunk_range(int K, int split, int splits) 
   return {int(int64_t(chunks) * split / splits), int(int64_t(chunks) * (split + 1) / splits)};
 }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// The splits of a tile (a cluster of gridDim.x blocks, each holding its sums s of n-tile mt): rank 0 adds every
+// rank's sums in rank order through distributed shared memory (slot red[0][mt] of each block) and returns true,
+// the other ranks false. The block's multiplying warps call it once they have all read red (the caller's barrier);
+// any other warp of the block joins its two cluster barriers.
+template <int W, int MT>
+__device__ __forceinline__ bool merge_splits(float (&red)[W][MT][4][32], int mt, bool active, int lane,
+                                             float (&s)[4]) {
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  if (active)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) red[0][mt][j][lane] = s[j];
+  cluster.sync();
+  const bool lead = cluster.block_rank() == 0;
+  if (lead && active) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      s[j] = 0.f;
+      for (int r = 0; r < int(gridDim.x); ++r) s[j] += *cluster.map_shared_rank(&red[0][mt][j][lane], r);
+    }
+  }
+  // Keeps every block's shared memory alive until rank 0 has read it (and slot [0] unwritten by the next tile);
+  // only reads to order, so relaxed.
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  cluster.barrier_wait();
+  return lead;
+}
+#endif
+
 // Grid (splits, blocks): a tile is 16 weight rows, p.tiles of them: one per ceil(N / 16) (SwiGLU: 8 gate rows
 // and their 8 up rows, one per ceil(N / 2 / 8); rope: channels j..j+7 and j+D/2..j+D/2+7 of one head, the pairs
 // the rotation mixes). blockIdx.x is the split of K (cluster rank); block y takes tiles y, y + gridDim.y, ...
@@ -423,26 +453,8 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
     bool lead = true;
     if (gridDim.x > 1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      // The splits of the tile: rank 0 adds every rank's sums, in rank order, through distributed shared memory.
-      namespace cg = cooperative_groups;
-      const cg::cluster_group cluster = cg::this_cluster();
       __syncthreads();  // every warp has read red: slot [0] is reused for the block's sums
-      if (active)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) red[0][mt][j][lane] = s[j];
-      cluster.sync();
-      lead = cluster.block_rank() == 0;
-      if (lead && active) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          s[j] = 0.f;
-          for (int r = 0; r < int(gridDim.x); ++r) s[j] += *cluster.map_shared_rank(&red[0][mt][j][lane], r);
-        }
-      }
-      // Keeps every block's shared memory alive until rank 0 has read it (and slot [0] unwritten by the next
-      // tile); only reads to order, so relaxed.
-      asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-      cluster.barrier_wait();
+      lead = merge_splits(red, mt, active, lane, s);
 #else
       __trap();  // never launched: the launcher splits only for sm_90 code
 #endif

@@ -304,25 +304,9 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
     }
     bool lead = true;
     if (gridDim.x > 1) {
-      // The splits of the tile: rank 0 adds every rank's sums, in rank order, through distributed shared memory
-      // (decode_linear_kernel's merge, so the same bits for the same splits).
-      namespace cg = cooperative_groups;
-      const cg::cluster_group cluster = cg::this_cluster();
+      // The splits of the tile, merged as decode_linear_kernel merges them (the same bits for the same splits).
       consumers_sync();  // every warp has read red: slot [0] takes the block's sums
-      if (active)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) red[0][mt_out][j][lane] = s[j];
-      cluster.sync();
-      lead = cluster.block_rank() == 0;
-      if (lead && active) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          s[j] = 0.f;
-          for (int r = 0; r < int(gridDim.x); ++r) s[j] += *cluster.map_shared_rank(&red[0][mt_out][j][lane], r);
-        }
-      }
-      asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-      cluster.barrier_wait();
+      lead = merge_splits(red, mt_out, active, lane, s);
     }
     if (active && lead) {
 #pragma unroll
