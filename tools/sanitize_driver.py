@@ -321,7 +321,8 @@ def run_graph(dev, dtypes, g, fails) -> int:
 # ---- decode_linear ------------------------------------------------------------------------------------------------
 # (name, M, N, K, options): one tile and one split; ragged N and K (partial tile, partial chunk); four n-tiles with
 # a strided x; a K split over a cluster (sm_90: few tiles, long K); SwiGLU; the rotary embedding with a v part; the
-# RMSNorm with SwiGLU; the residual add with the RMSNorm.
+# RMSNorm with SwiGLU; the residual add with the RMSNorm. "bulk": the bulk-copy kernel (sm_90) whatever the size:
+# a partial tile and a ragged last stage, K split over a cluster, x staged with the norm, x past the staging budget.
 LINEAR_CASES = [
     ("plain-one-tile", 1, 16, 64, {}),
     ("ragged-n-k-bias", 5, 24, 40, {"bias": True}),
@@ -335,7 +336,14 @@ LINEAR_CASES = [
     ("rope-prefetch", 2, 3 * 64, 64, {"rope": 2 * 64, "prefetch": True}),
     # x normalised once per block into 54 KB of shared memory: two n-tiles, strided rows, K split over a cluster
     ("norm-staged-m13-strided", 13, 32, 2056, {"norm": True, "strided": True}),
+    ("bulk-ragged-bias", 5, 40, 520, {"bulk": True, "bias": True}),
+    ("bulk-split-cluster-residual", 3, 32, 8192, {"bulk": True, "residual": True}),
+    ("bulk-norm-swiglu-staged", 8, 64, 1544, {"bulk": True, "norm": True, "swiglu": True}),
+    ("bulk-norm-m13-unstaged", 13, 48, 2056, {"bulk": True, "norm": True}),
 ]
+# The bulk kernel's size and row limits, lifted for the "bulk" cases (read by the op at every call).
+BULK_ENV = {"PASS_EXT_LINEAR_BULK_MIN_MB": "0", "PASS_EXT_LINEAR_BULK_MIN_K": "0",
+            "PASS_EXT_LINEAR_BULK_MAX_ROWS": "16"}
 
 
 def run_linear(dev, dtypes, g, fails) -> int:
@@ -361,10 +369,20 @@ def run_linear(dev, dtypes, g, fails) -> int:
                 kw["residual"] = rand(g, M, N, dtype=dtype)
             w = rand(g, N, K, dtype=dtype, scale=K ** -0.5)
             ref = ops.decode_linear(x, w, **kw)
-            out = ops.decode_linear(x_dev.to(dev), w.to(dev),
-                                    **{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            saved = {k: os.environ.get(k) for k in BULK_ENV}
+            if o.get("bulk"):
+                os.environ.update(BULK_ENV)
+            try:
+                out = ops.decode_linear(x_dev.to(dev), w.to(dev),
+                                        **{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
             diff = (out.cpu().float() - ref.float()).abs().max().item()
             fails.check(diff <= 0.1 * max(1.0, ref.float().abs().max().item()), f"{tag}: max |cuda - cpu| {diff:.3g}")
             n += 1
