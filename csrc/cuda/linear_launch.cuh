@@ -107,8 +107,9 @@ void launch_mt(const LinearParams& p, int tiles, cudaStream_t stream) {
 // stores the stream cannot hide), and at most 8 rows of x. Measured on the H200 (bench/NOTES.md, eighteenth H200
 // session, with K split over a cluster where the tiles are few), the random Qwen2.5-1.5B's replayed steps against
 // decode_linear_kernel: `ar` 1.372 against 1.674 ms at B = 1 and 1.494 against 1.889 at B = 8, the 4-row PaSS step
-// 1.517 against 1.610, the 8-row tree step 1.695 against 1.747; but 9 to 16 rows (two n-tiles of x, read from L1
-// rather than staged) ran 1.09x (9 rows) and 1.29x (15 rows) the time.
+// 1.517 against 1.610, the 8-row tree step 1.695 against 1.747; but 9 to 16 rows (two n-tiles of x; the down
+// projection's x, and from 10 rows gate/up's, past the staging budget, so read again by every tile) ran 1.09x
+// (9 rows) and 1.29x (15 rows) the time.
 constexpr int64_t kLinearBulkMinMB = 16;
 constexpr int64_t kLinearBulkMinK = 1024;
 constexpr int64_t kLinearBulkMaxRows = 8;
