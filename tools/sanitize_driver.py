@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import traceback
+from unittest import mock
 
 import torch
 
@@ -369,20 +370,11 @@ def run_linear(dev, dtypes, g, fails) -> int:
                 kw["residual"] = rand(g, M, N, dtype=dtype)
             w = rand(g, N, K, dtype=dtype, scale=K ** -0.5)
             ref = ops.decode_linear(x, w, **kw)
-            saved = {k: os.environ.get(k) for k in BULK_ENV}
-            if o.get("bulk"):
-                os.environ.update(BULK_ENV)
-            try:
+            with mock.patch.dict(os.environ, BULK_ENV if o.get("bulk") else {}):
                 out = ops.decode_linear(x_dev.to(dev), w.to(dev),
                                         **{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
             diff = (out.cpu().float() - ref.float()).abs().max().item()
             fails.check(diff <= 0.1 * max(1.0, ref.float().abs().max().item()), f"{tag}: max |cuda - cpu| {diff:.3g}")
             n += 1
