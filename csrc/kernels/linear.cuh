@@ -178,6 +178,27 @@ __device__ __forceinline__ ChunkRange chunk_range(int K, int split, int splits) 
   return {int(int64_t(chunks) * split / splits), int(int64_t(chunks) * (split + 1) / splits)};
 }
 
+// A tile's sums over the block's warps, in two halves around the caller's barrier: every warp stores its
+// accumulators (store_warp_sums), then a thread adds those of n-tile mt in warp order (add_warp_sums; s[j]: tile
+// row g (j < 2) or g + 8, x row mt * 8 + 2t + (j & 1)).
+template <int W, int MT>
+__device__ __forceinline__ void store_warp_sums(float (&red)[W][MT][4][32], const float (&acc)[MT][4], int warp,
+                                                int lane) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) red[warp][mt][j][lane] = acc[mt][j];
+}
+template <int W, int MT>
+__device__ __forceinline__ void add_warp_sums(const float (&red)[W][MT][4][32], int mt, int lane, float (&s)[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    s[j] = 0.f;
+#pragma unroll
+    for (int v = 0; v < W; ++v) s[j] += red[v][mt][j][lane];
+  }
+}
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 // The splits of a tile (a cluster of gridDim.x blocks, each holding its sums s of n-tile mt): rank 0 adds every
 // rank's sums in rank order through distributed shared memory (slot red[0][mt] of each block) and returns true,
@@ -434,22 +455,13 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
       if (c_first + kStep < range.end) load_w(B, c_first + kStep);
     }
 
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) red[warp][mt][j][lane] = acc[mt][j];
+    store_warp_sums(red, acc, warp, lane);
     __syncthreads();
-    // Warp mt adds up n-tile mt over the warps, in warp order. s[j]: tile row g (j < 2) or g + 8, x row
-    // mt * 8 + 2t + (j & 1).
+    // Warp mt adds up n-tile mt over the warps, in warp order.
     const bool active = warp < MT;
     const int mt = active ? warp : 0;
     float s[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      s[j] = 0.f;
-#pragma unroll
-      for (int v = 0; v < kLinearWarps; ++v) s[j] += red[v][mt][j][lane];
-    }
+    add_warp_sums(red, mt, lane, s);
     bool lead = true;
     if (gridDim.x > 1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -287,21 +287,10 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
       if (lane == 0) bulk_mbar_arrive(&empty[slot]);  // this warp is done with the slot
     }
 
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) red[warp][mt][j][lane] = acc[mt][j];
+    store_warp_sums(red, acc, warp, lane);
     consumers_sync();
-    // s[j]: tile row g (j < 2) or g + 8, x row mt * 8 + 2t + (j & 1); the warps in order.
     float s[4] = {};
-    if (active) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        s[j] = 0.f;
-#pragma unroll
-        for (int v = 0; v < kBulkConsumerWarps; ++v) s[j] += red[v][mt_out][j][lane];
-      }
-    }
+    if (active) add_warp_sums(red, mt_out, lane, s);
     bool lead = true;
     if (gridDim.x > 1) {
       // The splits of the tile, merged as decode_linear_kernel merges them (the same bits for the same splits).
