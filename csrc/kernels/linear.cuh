@@ -199,6 +199,25 @@ __device__ __forceinline__ void add_warp_sums(const float (&red)[W][MT][4][32], 
   }
 }
 
+// x row m's outputs of a tile's rows r0 (sums s0) and r1 (s1), with their biases, for the plain and SwiGLU modes:
+// silu(gate r0) * up r1, the residual res(0), res(1) (read only where stored) added, or plain.
+template <typename T, bool kSwiglu, typename Res>
+__device__ __forceinline__ void store_row_outputs(T* row, int r0, int r1, bool ok0, bool ok1, float s0, float s1,
+                                                  float b0, float b1, bool residual, Res res) {
+  if constexpr (kSwiglu) {
+    if (!ok0) return;
+    // The eager chain's roundings: gate and up in T, then silu(gate) * up in float, rounded once.
+    const float gate = round_to<T>(s0 + b0), up = round_to<T>(s1 + b1);
+    row[r0] = T(gate / (1.f + __expf(-gate)) * up);
+  } else if (residual) {  // the eager residual add: the product rounded to T, the sum rounded once
+    if (ok0) row[r0] = T(res(0) + round_to<T>(s0 + b0));
+    if (ok1) row[r1] = T(res(1) + round_to<T>(s1 + b1));
+  } else {
+    if (ok0) row[r0] = T(s0 + b0);
+    if (ok1) row[r1] = T(s1 + b1);
+  }
+}
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 // The splits of a tile (a cluster of gridDim.x blocks, each holding its sums s of n-tile mt): rank 0 adds every
 // rank's sums in rank order through distributed shared memory (slot red[0][mt] of each block) and returns true,
@@ -479,12 +498,7 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
         const int m = mt * 8 + 2 * t + i;
         if (m >= p.M) continue;
         T* row = out + int64_t(m) * p.out_stride;
-        if constexpr (kSwiglu) {
-          if (!ok0) continue;
-          // The eager chain's roundings: gate and up in T, then silu(gate) * up in float, rounded once.
-          const float gate = round_to<T>(s[i] + b0), up = round_to<T>(s[2 + i] + b1);
-          row[r0] = T(gate / (1.f + __expf(-gate)) * up);
-        } else if constexpr (kMode == kLinearRope) {
+        if constexpr (kMode == kLinearRope) {
           if (!ok0) continue;
           // The projection rounded to T, as the fused rope chain reads it; cos/sin rounded to T, as the model
           // hands them to that chain; the rotation in float, rounded once.
@@ -498,13 +512,8 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
           row[r0] = T(lo * cs[g] - hi * cs[8 + g]);
           row[r1] = T(hi * cs[16 + g] + lo * cs[24 + g]);
         } else {
-          if (p.residual) {  // the eager residual add: the product rounded to T, the sum rounded once
-            if (ok0) row[r0] = T(pre[m][g] + round_to<T>(s[i] + b0));
-            if (ok1) row[r1] = T(pre[m][g + 8] + round_to<T>(s[2 + i] + b1));
-            continue;
-          }
-          if (ok0) row[r0] = T(s[i] + b0);
-          if (ok1) row[r1] = T(s[2 + i] + b1);
+          store_row_outputs<T, kSwiglu>(row, r0, r1, ok0, ok1, s[i], s[2 + i], b0, b1, p.residual != nullptr,
+                                        [&](int h) { return pre[m][g + 8 * h]; });
         }
       }
     }

@@ -303,17 +303,8 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
         const int m = mt_out * 8 + 2 * t + i;
         if (m >= p.M) continue;
         T* row = out + int64_t(m) * p.out_stride;
-        if constexpr (kSwiglu) {
-          if (!ok0) continue;
-          const float gate = round_to<T>(s[i] + b0), up = round_to<T>(s[2 + i] + b1);
-          row[r0] = T(gate / (1.f + __expf(-gate)) * up);
-        } else if (p.residual) {
-          if (ok0) row[r0] = T(res[i][0] + round_to<T>(s[i] + b0));
-          if (ok1) row[r1] = T(res[i][1] + round_to<T>(s[2 + i] + b1));
-        } else {
-          if (ok0) row[r0] = T(s[i] + b0);
-          if (ok1) row[r1] = T(s[2 + i] + b1);
-        }
+        store_row_outputs<T, kSwiglu>(row, r0, r1, ok0, ok1, s[i], s[2 + i], b0, b1, p.residual != nullptr,
+                                      [&](int h) { return res[i][h]; });
       }
     }
     consumers_sync();  // red is free for the next tile
