@@ -178,6 +178,26 @@ __device__ __forceinline__ ChunkRange chunk_range(int K, int split, int splits) 
   return {int(int64_t(chunks) * split / splits), int(int64_t(chunks) * (split + 1) / splits)};
 }
 
+// The weight row of row e (0..15) of tile tl, and whether it exists (the tiles: see decode_linear_kernel).
+template <int kMode>
+__device__ __forceinline__ int tile_weight_row(const LinearParams& p, int tl, int e, bool& ok) {
+  int r;
+  if constexpr (kMode == kLinearSwiglu) {
+    const int half = p.N / 2;
+    r = tl * 8 + (e & 7);
+    ok = r < half;
+    r += e >= 8 ? half : 0;
+  } else if constexpr (kMode == kLinearRope) {
+    const int per_head = p.rope_dim / 16;  // tiles per head (N is a multiple of rope_dim)
+    r = (tl / per_head) * p.rope_dim + (tl % per_head) * 8 + (e & 7) + (e >= 8 ? p.rope_dim / 2 : 0);
+    ok = r < p.N;
+  } else {
+    r = tl * 16 + e;
+    ok = r < p.N;
+  }
+  return r;
+}
+
 // A tile's sums over the block's warps, in two halves around the caller's barrier: every warp stores its
 // accumulators (store_warp_sums), then a thread adds those of n-tile mt in warp order (add_warp_sums; s[j]: tile
 // row g (j < 2) or g + 8, x row mt * 8 + 2t + (j & 1)).
@@ -269,24 +289,7 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   constexpr bool kSwiglu = kMode == kLinearSwiglu;
-  // The weight row of row e (0..15) of tile tl, and whether it exists.
-  auto weight_row = [&](int tl, int e, bool& ok) {
-    int r;
-    if constexpr (kSwiglu) {
-      const int half = p.N / 2;
-      r = tl * 8 + (e & 7);
-      ok = r < half;
-      r += e >= 8 ? half : 0;
-    } else if constexpr (kMode == kLinearRope) {
-      const int per_head = p.rope_dim / 16;  // tiles per head (N is a multiple of rope_dim)
-      r = (tl / per_head) * p.rope_dim + (tl % per_head) * 8 + (e & 7) + (e >= 8 ? p.rope_dim / 2 : 0);
-      ok = r < p.N;
-    } else {
-      r = tl * 16 + e;
-      ok = r < p.N;
-    }
-    return r;
-  };
+  auto weight_row = [&](int tl, int e, bool& ok) { return tile_weight_row<kMode>(p, tl, e, ok); };
   const T* w = static_cast<const T*>(p.w);
   // This lane's weight rows g and g + 8 of the tile being loaded (w0, w1; wok: they exist) and of the tile being
   // summed and stored (r0, r1, ok0, ok1): different tiles between a tile's last mma and its stores.

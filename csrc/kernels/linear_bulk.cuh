@@ -112,19 +112,7 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
   const ChunkRange range = chunk_range(p.K, int(blockIdx.x), int(gridDim.x));
   const int col_begin = range.begin * 32, col_end = min(range.end * 32, p.K);
   const int stages = (max(col_end - col_begin, 0) + kBulkStageCols - 1) / kBulkStageCols;
-  auto weight_row = [&](int tl, int e, bool& ok) {
-    int r;
-    if constexpr (kSwiglu) {
-      const int half = p.N / 2;
-      r = tl * 8 + (e & 7);
-      ok = r < half;
-      r += e >= 8 ? half : 0;
-    } else {
-      r = tl * 16 + e;
-      ok = r < p.N;
-    }
-    return r;
-  };
+  auto weight_row = [&](int tl, int e, bool& ok) { return tile_weight_row<kMode>(p, tl, e, ok); };
   if (threadIdx.x == 0) {
     for (int s = 0; s < kBulkStages; ++s) {
       bulk_mbar_init(&full[s], 1);
