@@ -198,6 +198,18 @@ __device__ __forceinline__ int tile_weight_row(const LinearParams& p, int tl, in
   return r;
 }
 
+// Lane (g, t)'s rows of x, one per n-tile mt (row mt * 8 + g, from column 8t), and whether each exists (a missing
+// row points at row 0, so that its loads stay in bounds).
+template <typename T, int MT>
+__device__ __forceinline__ void aim_x_rows(const LinearParams& p, int g, int t, const T* (&xr)[MT], bool (&xok)[MT]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int m = mt * 8 + g;
+    xok[mt] = m < p.M;
+    xr[mt] = static_cast<const T*>(p.x) + int64_t(xok[mt] ? m : 0) * p.x_stride + t * 8;
+  }
+}
+
 // A tile's sums over the block's warps, in two halves around the caller's barrier: every warp stores its
 // accumulators (store_warp_sums), then a thread adds those of n-tile mt in warp order (add_warp_sums; s[j]: tile
 // row g (j < 2) or g + 8, x row mt * 8 + 2t + (j & 1)).
@@ -307,12 +319,7 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
   aim_loads(tile);
   const T* xr[MT];
   bool xok[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int m = mt * 8 + g;
-    xok[mt] = m < p.M;
-    xr[mt] = static_cast<const T*>(p.x) + int64_t(xok[mt] ? m : 0) * p.x_stride + t * 8;
-  }
+  aim_x_rows(p, g, t, xr, xok);
   const ChunkRange range = chunk_range(p.K, int(blockIdx.x), int(gridDim.x));
   const T* norm_w = static_cast<const T*>(p.norm_w);
   extern __shared__ uint4 staged_x[];  // kStageX: [M][K / 8 + kLinearStagePad] 16-byte chunks of normalised x

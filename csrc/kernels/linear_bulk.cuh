@@ -161,12 +161,7 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
   release_dependents();
   const T* xr[MT];
   bool xok[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int m = mt * 8 + g;
-    xok[mt] = m < p.M;
-    xr[mt] = static_cast<const T*>(p.x) + int64_t(xok[mt] ? m : 0) * p.x_stride + t * 8;
-  }
+  aim_x_rows(p, g, t, xr, xok);
   const T* norm_w = static_cast<const T*>(p.norm_w);
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
   float rx[MT] = {};
