@@ -646,6 +646,87 @@ def test_cuda_bulk_graph_replay(monkeypatch):
         assert torch.equal(out, ops.decode_linear(new, w, b, swiglu=True))
 
 
+# (M, heads q/k/v, D, K) through the bulk kernel's rotary epilogue: one head pair per tile row group, a ragged last
+# stage (K 520) with rope on every head, Qwen2.5-1.5B's layout, Llama-8B's qkv (384 tiles, K 4096: the 1024-column
+# ring), a row past a block's tiles at 8 rows.
+BULK_ROPE_SHAPES = [(1, (1, 1, 0), 16, 64), (5, (4, 2, 0), 32, 520), (3, (12, 2, 2), 128, 1536),
+                    (1, (32, 8, 8), 128, 4096), (8, (32, 8, 8), 128, 4096)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("norm", [False, True], ids=["rope", "norm-rope"])
+@pytest.mark.parametrize("M,heads,D,K", BULK_ROPE_SHAPES)
+def test_cuda_bulk_rope_matches_reference_and_rows_do_not_depend_on_the_batch(monkeypatch, norm, M, heads, D, K):
+    """The fused q/k/v projection with its rotary embedding on the bulk kernel: near the float64 reference, each
+    row bit for bit the row alone, and x staged or not the same bits."""
+    force_bulk(monkeypatch)
+    hq, hk, hv = heads
+    N, rope_rows, dt = (hq + hk + hv) * D, (hq + hk) * D, torch.bfloat16
+    x, w, b = make(M, N, K, dt, "cuda", True, seed=M + K)
+    g = torch.Generator().manual_seed(D + K)
+    cos, sin = rope_tables(4096, D)
+    positions = torch.randint(0, 4096, (M,), generator=g)
+    nw = (1 + 0.2 * torch.randn(K, generator=g)).to(dt).cuda() if norm else None
+    kw = dict(rope_cos=cos.cuda(), rope_sin=sin.cuda(), rope_rows=rope_rows, norm_weight=nw, eps=1e-5,
+              prefetch_weights=True)
+    out = ops.decode_linear(x, w, b, positions=positions.cuda(), **kw)
+    xn = rms_norm(x.cpu(), nw.cpu(), 1e-5) if norm else x.cpu()
+    ref = rope_reference(xn, w.cpu(), b.cpu(), cos, sin, positions, rope_rows)
+    atol, rtol = TOL[dt]
+    torch.testing.assert_close(out.cpu().double(), ref.double(), atol=3 * atol, rtol=3 * rtol)
+    for m in range(M):
+        one = ops.decode_linear(x[m:m + 1], w, b, positions=positions[m:m + 1].cuda(), **kw)
+        assert torch.equal(one, out[m:m + 1])
+    monkeypatch.setenv("PASS_EXT_LINEAR_STAGE_X", "0")
+    assert torch.equal(ops.decode_linear(x, w, b, positions=positions.cuda(), **kw), out)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("M,N,K", [(1, 4000, 4096), (8, 300, 1544), (5, 40, 520), (3, 16 * 32, 8192),
+                                   (2, 1536, 8960)],
+                         ids=["whole-stages", "ragged-stage", "one-stage", "split-8", "split-2-ragged"])
+@pytest.mark.parametrize("fusion", ["residual", "norm-swiglu", "norm-rope"])
+def test_cuda_bulk_rings_give_the_same_bits(monkeypatch, M, N, K, fusion):
+    """The bulk kernel's two rings (512 x 4 and 1024 x 2 columns x stages, PASS_EXT_LINEAR_BULK_RING) feed each
+    warp the same chunks in the same order: the same bits, with whole and ragged stages and K split over a
+    cluster; and the default (the 1024 ring only where K is a multiple of 1024) gives them too."""
+    force_bulk(monkeypatch)
+    dt, g = torch.bfloat16, torch.Generator().manual_seed(M * K)
+    D = 16
+    x, w, b = make(M, N if fusion != "norm-rope" else N // D * D, K, dt, "cuda", True, seed=N + K)
+    n = w.shape[0]
+    kw = dict(prefetch_weights=True)
+    if fusion == "residual":
+        kw["residual"] = torch.randn(M, n, generator=g).to(dt).cuda()
+    else:
+        kw.update(norm_weight=(1 + 0.2 * torch.randn(K, generator=g)).to(dt).cuda(), eps=1e-5)
+        if fusion == "norm-swiglu":
+            kw["swiglu"] = True
+        else:
+            cos, sin = rope_tables(64, D)
+            kw.update(rope_cos=cos.cuda(), rope_sin=sin.cuda(), rope_rows=n - D,
+                      positions=torch.randint(0, 64, (M,), generator=g).cuda())
+    outs = {}
+    for ring in ("512", "1024", "0"):
+        monkeypatch.setenv("PASS_EXT_LINEAR_BULK_RING", ring)
+        outs[ring] = ops.decode_linear(x, w, b, **kw)
+    assert outs["512"].abs().sum() > 0
+    assert torch.equal(outs["1024"], outs["512"]) and torch.equal(outs["0"], outs["512"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+def test_cuda_bulk_ring_setting_is_checked(monkeypatch):
+    force_bulk(monkeypatch)
+    x, w, _ = make(1, 64, 1024, torch.bfloat16, "cuda", False)
+    for bad in ("700", "2048", "-1", "wide"):
+        monkeypatch.setenv("PASS_EXT_LINEAR_BULK_RING", bad)
+        with pytest.raises(RuntimeError, match="PASS_EXT_LINEAR_BULK_RING must be"):
+            ops.decode_linear(x, w)
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_norm_and_residual_bad_arguments(device):
     bf = dict(dtype=torch.bfloat16, device=device)

@@ -323,7 +323,8 @@ def run_graph(dev, dtypes, g, fails) -> int:
 # (name, M, N, K, options): one tile and one split; ragged N and K (partial tile, partial chunk); four n-tiles with
 # a strided x; a K split over a cluster (sm_90: few tiles, long K); SwiGLU; the rotary embedding with a v part; the
 # RMSNorm with SwiGLU; the residual add with the RMSNorm. "bulk": the bulk-copy kernel (sm_90) whatever the size:
-# a partial tile and a ragged last stage, K split over a cluster, x staged with the norm, x past the staging budget.
+# a partial tile and a ragged last stage, K split over a cluster, x staged with the norm, x past the staging budget,
+# the rotary embedding on its 1024-column ring (K a multiple of 1024), that ring forced ("ring") on a ragged K.
 LINEAR_CASES = [
     ("plain-one-tile", 1, 16, 64, {}),
     ("ragged-n-k-bias", 5, 24, 40, {"bias": True}),
@@ -341,6 +342,8 @@ LINEAR_CASES = [
     ("bulk-split-cluster-residual", 3, 32, 8192, {"bulk": True, "residual": True}),
     ("bulk-norm-swiglu-staged", 8, 64, 1544, {"bulk": True, "norm": True, "swiglu": True}),
     ("bulk-norm-m13-unstaged", 13, 48, 2056, {"bulk": True, "norm": True}),
+    ("bulk-rope-norm-ring1024", 3, 5 * 64, 2048, {"bulk": True, "rope": 4 * 64, "norm": True, "bias": True}),
+    ("bulk-ring1024-ragged-residual", 6, 48, 1544, {"bulk": True, "residual": True, "ring": "1024"}),
 ]
 # The bulk kernel's size and row limits, lifted for the "bulk" cases (read by the op at every call).
 BULK_ENV = {"PASS_EXT_LINEAR_BULK_MIN_MB": "0", "PASS_EXT_LINEAR_BULK_MIN_K": "0",
@@ -370,7 +373,10 @@ def run_linear(dev, dtypes, g, fails) -> int:
                 kw["residual"] = rand(g, M, N, dtype=dtype)
             w = rand(g, N, K, dtype=dtype, scale=K ** -0.5)
             ref = ops.decode_linear(x, w, **kw)
-            with mock.patch.dict(os.environ, BULK_ENV if o.get("bulk") else {}):
+            env = dict(BULK_ENV) if o.get("bulk") else {}
+            if o.get("ring"):
+                env["PASS_EXT_LINEAR_BULK_RING"] = o["ring"]
+            with mock.patch.dict(os.environ, env):
                 out = ops.decode_linear(x_dev.to(dev), w.to(dev),
                                         **{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
                 if dev.type == "cuda":

@@ -114,12 +114,12 @@ constexpr int64_t kLinearBulkMinMB = 16;
 constexpr int64_t kLinearBulkMinK = 1024;
 constexpr int64_t kLinearBulkMaxRows = 8;
 
-// Whether a plain or SwiGLU call (the caller checks the mode) goes to the bulk kernel: the limits above, each an A/B
-// switch read per call: PASS_EXT_LINEAR_BULK=0 (never), PASS_EXT_LINEAR_BULK_MIN_MB, PASS_EXT_LINEAR_BULK_MIN_K and
-// PASS_EXT_LINEAR_BULK_MAX_ROWS (up to 16). Where the two kernels split K alike (or neither splits: the 1.5B's
-// gate/up) they give the same bits (tests/test_linear.py); where decode_linear_kernel splits K further (the 1.5B's
-// down projection: 4 splits, the bulk kernel 2) a token's projection differs in the last bits between a forward of
-// at most 8 rows and a longer one (as the lm_head's does on cuBLAS).
+// Whether a call goes to the bulk kernel: the limits above, each an A/B switch read per call: PASS_EXT_LINEAR_BULK=0
+// (never), PASS_EXT_LINEAR_BULK_MIN_MB, PASS_EXT_LINEAR_BULK_MIN_K and PASS_EXT_LINEAR_BULK_MAX_ROWS (up to 16). Where
+// the two kernels split K alike (or neither splits: the 1.5B's gate/up) they give the same bits (tests/test_linear.py);
+// where decode_linear_kernel splits K further (the 1.5B's down projection: 4 splits, the bulk kernel 2) a token's
+// projection differs in the last bits between a forward of at most 8 rows and a longer one (as the lm_head's does on
+// cuBLAS).
 inline bool bulk_wanted(const LinearParams& p) {
   if (env_is("PASS_EXT_LINEAR_BULK", "0")) return false;
   if (p.M > env_int("PASS_EXT_LINEAR_BULK_MAX_ROWS", kLinearBulkMaxRows, 0, 16)) return false;
@@ -171,21 +171,31 @@ bool launch_bulk_stage(const LinearParams& p, int tiles, cudaStream_t stream) {
   return launch_bulk_ring<T, MT, kMode, Ring, false>(p, tiles, stream);
 }
 
-// The ring: 512 K elements per stage and row (a 1 KB bulk copy per row), 4 stages, so that two blocks fit an SM
-// with a staged x. Measured against 512 x 6 (one block per SM) and 1024 x 3 on the 1.5B's and Llama-8B's
-// projections (bench_linear, bench/NOTES.md): the fastest overall; one block per SM starves the consumers.
+// The ring, two blocks per SM with a staged x: 512 K elements per stage and row (a 1 KB bulk copy per row) and 4
+// stages, or where K is a multiple of 1024 (no ragged stage) and at most 8 rows, 1024 elements (2 KB copies) and 2
+// stages. Measured per call at one row on the H200 (bench_linear, bench/NOTES.md, nineteenth H200 session): Llama-8B's
+// gate/up 62.7 us with 1024 x 2 against 68.5 with 512 x 4 (cuBLAS 70.3), its layer's projections 117.2 against 127.3
+// (cuBLAS 131.3); 1024 x 3 and 512 x 6 (room for one staged row, or none) and 2048 x 2 (one block per SM) slower per
+// layer. On the 1.5B (K 1536 and 8960: ragged stages, and 2 splits of 4480 on the down projection) 1024 x 2 lost:
+// gate/up 23.3 against 19.3, down 19.0 against 15.2, its `ar` step 1.15x the time. The stage width does not change the
+// order of a warp's additions, so not the bits. PASS_EXT_LINEAR_BULK_RING=512 or 1024 forces one (an A/B and test
+// switch), 0 (default) picks by K.
 template <typename T, int MT, int kMode>
 bool launch_bulk(const LinearParams& p, int tiles, cudaStream_t stream) {
+  const int64_t ring = env_int("PASS_EXT_LINEAR_BULK_RING", 0, 0, 1024);
+  TORCH_CHECK(ring == 0 || ring == 512 || ring == 1024,
+              "PASS_EXT_LINEAR_BULK_RING must be 0 (by K), 512 or 1024, got ", ring);
+  if constexpr (MT == 1)
+    if (ring == 1024 || (ring == 0 && p.K % 1024 == 0))
+      return launch_bulk_stage<T, MT, kMode, BulkRing<1024, 2>>(p, tiles, stream);
   return launch_bulk_stage<T, MT, kMode, BulkRing<512, 4>>(p, tiles, stream);
 }
 
 template <typename T, int kMode>
 void launch(const LinearParams& p, int tiles, cudaStream_t stream) {
-  if constexpr (kMode != kLinearRope) {
-    if (bulk_wanted(p) &&
-        (p.M <= 8 ? launch_bulk<T, 1, kMode>(p, tiles, stream) : launch_bulk<T, 2, kMode>(p, tiles, stream)))
-      return;
-  }
+  if (bulk_wanted(p) &&
+      (p.M <= 8 ? launch_bulk<T, 1, kMode>(p, tiles, stream) : launch_bulk<T, 2, kMode>(p, tiles, stream)))
+    return;
   switch ((p.M + 7) / 8) {
     case 1: launch_mt<T, 1, kMode, 3>(p, tiles, stream); break;
     case 2: launch_mt<T, 2, kMode, 2>(p, tiles, stream); break;

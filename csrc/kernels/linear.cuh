@@ -250,6 +250,24 @@ __device__ __forceinline__ void store_row_outputs(T* row, int r0, int r1, bool o
   }
 }
 
+// x row m's outputs of a rope tile's rows r0 (channel j of a head, sums s0) and r1 (channel j + D/2, s1): the
+// projection rounded to T, as the fused rope chain reads it; cos/sin (cs: cos j, sin j, cos j + D/2, sin j + D/2)
+// rounded to T, as the model hands them to that chain; the rotation in float, rounded once. Rows from rope_rows
+// on (v) are stored unrotated.
+template <typename T>
+__device__ __forceinline__ void store_rope_outputs(T* row, int r0, int r1, bool ok, int rope_rows, float s0,
+                                                   float s1, float b0, float b1, const float (&cs)[4]) {
+  if (!ok) return;
+  const float lo = round_to<T>(s0 + b0), hi = round_to<T>(s1 + b1);
+  if (r0 >= rope_rows) {
+    row[r0] = T(lo);
+    row[r1] = T(hi);
+    return;
+  }
+  row[r0] = T(lo * cs[0] - hi * cs[1]);
+  row[r1] = T(hi * cs[2] + lo * cs[3]);
+}
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 // The splits of a tile (a cluster of gridDim.x blocks, each holding its sums s of n-tile mt): rank 0 adds every
 // rank's sums in rank order through distributed shared memory (slot red[0][mt] of each block) and returns true,
@@ -509,18 +527,8 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
         if (m >= p.M) continue;
         T* row = out + int64_t(m) * p.out_stride;
         if constexpr (kMode == kLinearRope) {
-          if (!ok0) continue;
-          // The projection rounded to T, as the fused rope chain reads it; cos/sin rounded to T, as the model
-          // hands them to that chain; the rotation in float, rounded once.
-          const float lo = round_to<T>(s[i] + b0), hi = round_to<T>(s[2 + i] + b1);
-          if (r0 >= p.rope_rows) {
-            row[r0] = T(lo);
-            row[r1] = T(hi);
-            continue;
-          }
-          const float* cs = pre[m];  // cos j, sin j, cos j + D/2, sin j + D/2 of tile row g
-          row[r0] = T(lo * cs[g] - hi * cs[8 + g]);
-          row[r1] = T(hi * cs[16 + g] + lo * cs[24 + g]);
+          const float cs[4] = {pre[m][g], pre[m][8 + g], pre[m][16 + g], pre[m][24 + g]};  // of tile row g
+          store_rope_outputs<T>(row, r0, r1, ok0, p.rope_rows, s[i], s[2 + i], b0, b1, cs);
         } else {
           store_row_outputs<T, kSwiglu>(row, r0, r1, ok0, ok1, s[i], s[2 + i], b0, b1, p.residual != nullptr,
                                         [&](int h) { return pre[m][g + 8 * h]; });

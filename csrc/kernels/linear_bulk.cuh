@@ -1,6 +1,6 @@
 // decode_linear for large weights (sm_90): the weight streams through a ring of shared-memory stages that the
-// copy engine fills (cp.async.bulk, one 1 KB copy per weight row and stage), and eight consumer warps multiply
-// from shared memory.
+// copy engine fills (cp.async.bulk, one copy of 1 or 2 KB per weight row and stage), and eight consumer warps
+// multiply from shared memory.
 //
 // Why: a decode projection reads its weight once, so on a large weight it is bound by DRAM bandwidth, and that
 // needs many bytes in flight per SM and long contiguous reads. decode_linear_kernel's warps load 64-byte pieces
@@ -8,16 +8,17 @@
 // Here a producer warp (lane e copies tile row e) runs ahead of the consumers by up to Ring::kStages stages,
 // across tile boundaries, so the stream does not stop for a tile's sums and stores.
 //
-// The arithmetic is decode_linear_kernel's: the same tiles (16 weight rows; SwiGLU 8 gate rows and their 8 up
-// rows), the same mma operand layout (lane (g, t) takes k = 8t..8t+7 of a 32-wide chunk, lo half to the first mma,
-// hi half to the second), warp w adds chunks w, w + 8, w + 16, ... in order, the warps' sums are added in warp
-// order, the same RMSNorm prologue and epilogues, and where the tiles are few the same split of K over a cluster
-// (chunk_range), whose ranks rank 0 adds in order through distributed shared memory. So with the same splits
-// (none, or as many) the two kernels give the same bits, and a row's result never depends on M or the other rows.
-// Stage s holds columns [KC s, KC s + KC) of the tile's rows (of the block's split), one slot of 2 KC + 64 bytes
-// per row (the padding puts the two rows one 16-byte load phase touches in different banks). Without splits a
-// block takes tiles blockIdx.y, + gridDim.y, ...; with them, one tile per cluster. Two blocks share an SM
-// (bench/NOTES.md: with one, eight consumer warps could not keep up with the ring).
+// The arithmetic is decode_linear_kernel's: the same tiles (16 weight rows; SwiGLU 8 gate rows and their 8 up rows;
+// rope 8 channels of a head and their 8 partners D/2 on), the same mma operand layout (lane (g, t) takes k = 8t..8t+7
+// of a 32-wide chunk, lo half to the first mma, hi half to the second), warp w adds chunks w, w + 8, w + 16, ... in
+// order, the warps' sums are added in warp order (whatever the ring's stage width), the same RMSNorm prologue and
+// epilogues, and where the tiles are few the same split of K over a cluster (chunk_range), whose ranks rank 0 adds in
+// order through distributed shared memory. So with the same splits (none, or as many) the two kernels give the same
+// bits, and a row's result never depends on M or the other rows. Stage s holds columns [KC s, KC s + KC) of the tile's
+// rows (of the block's split), one slot of 2 KC + 64 bytes per row (the padding puts the two rows one 16-byte load
+// phase touches in different banks). Without splits a block takes tiles blockIdx.y, + gridDim.y, ...; with them, one
+// tile per cluster. Two blocks share an SM (bench/NOTES.md: with one, eight consumer warps could not keep up with the
+// ring).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -86,18 +87,18 @@ __device__ __forceinline__ void consumers_sync() {
 #endif
 
 // Grid (splits, blocks): block (r, b) takes split r of the K of tiles b, b + gridDim.y, ... (p.tiles in all; with
-// splits, one tile per cluster). M <= 8 * MT rows of x; kMode plain
-// (with bias and residual) or SwiGLU; p.norm_w: the RMSNorm of x before the product (x normalised as it is
-// loaded, through row norms every block computes). Dynamic shared memory: Ring::kBytes, then with kStageX
-// linear_stage_bytes(M, K) for x (normalised, with the norm) staged once per block, which every tile's loads read
-// instead of x in L1 (and the norm's arithmetic per tile). The same roundings either way, so the same bits.
+// splits, one tile per cluster). M <= 8 * MT rows of x; kMode plain (with bias and residual), SwiGLU or rope
+// (decode_linear_kernel's tiles of channel pairs and its epilogue, store_rope_outputs); p.norm_w: the RMSNorm of x
+// before the product (x normalised as it is loaded, through row norms every block computes). Dynamic shared memory:
+// Ring::kBytes, then with kStageX linear_stage_bytes(M, K) for x (normalised, with the norm) staged once per block,
+// which every tile's loads read instead of x in L1 (and the norm's arithmetic per tile). The same roundings either way,
+// so the same bits.
 template <typename T, int MT, int kMode, typename Ring, bool kStageX>
 __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(const LinearParams p) {
   constexpr int kBulkStages = Ring::kStages, kBulkStageCols = Ring::kCols, kBulkChunksPerStage = Ring::kChunks;
   constexpr int kBulkRowPitch = Ring::kPitch, kBulkStageBytes = Ring::kStageBytes, kU = Ring::kU;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   static_assert(sizeof(T) == 2, "16-bit types only");
-  static_assert(kMode != kLinearRope, "the rotary epilogue is decode_linear_kernel's");
   extern __shared__ __align__(128) unsigned char ring[];
   __shared__ __align__(8) uint64_t full[kBulkStages], empty[kBulkStages];
   __shared__ float red[kBulkConsumerWarps][MT][4][32];
@@ -193,14 +194,14 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
   for (int tl = int(blockIdx.y); tl < p.tiles; tl += int(gridDim.y)) {
     bool ok0, ok1;
     const int r0 = weight_row(tl, g, ok0), r1 = weight_row(tl, g + 8, ok1);
-    // The epilogue's bias and residual, read now so that their round trip overlaps the tile.
-    float b0 = 0.f, b1 = 0.f, res[2][2] = {};
+    // The epilogue's bias, residual and rotary angles, read now so that their round trip overlaps the tile.
+    float b0 = 0.f, b1 = 0.f, res[2][2] = {}, cs[2][4] = {};
     if (active) {
       if (p.bias) {
         b0 = ok0 ? float(static_cast<const T*>(p.bias)[r0]) : 0.f;
         b1 = ok1 ? float(static_cast<const T*>(p.bias)[r1]) : 0.f;
       }
-      if (!kSwiglu && p.residual) {
+      if (kMode == kLinearPlain && p.residual) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int m = mt_out * 8 + 2 * t + i;
@@ -208,6 +209,23 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
           const T* row = static_cast<const T*>(p.residual) + int64_t(m) * p.out_stride;
           res[i][0] = ok0 ? float(row[r0]) : 0.f;
           res[i][1] = ok1 ? float(row[r1]) : 0.f;
+        }
+      }
+      if constexpr (kMode == kLinearRope) {
+        // cos and sin of channels j (tile row g) and j + D/2 (g + 8) at each x row's position, rounded to T
+        // (decode_linear_kernel's load_rope_angles).
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int m = mt_out * 8 + 2 * t + i;
+          if (m >= p.M || !ok0 || r0 >= p.rope_rows) continue;
+          const int64_t pos = min(max(p.positions[m], int64_t(0)), int64_t(p.rope_positions - 1));
+          const float* c = p.rope_cos + pos * p.rope_dim;
+          const float* sn = p.rope_sin + pos * p.rope_dim;
+          const int j0 = r0 % p.rope_dim, j1 = r1 % p.rope_dim;
+          cs[i][0] = round_to<T>(c[j0]);
+          cs[i][1] = round_to<T>(sn[j0]);
+          cs[i][2] = round_to<T>(c[j1]);
+          cs[i][3] = round_to<T>(sn[j1]);
         }
       }
     }
@@ -286,8 +304,11 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
         const int m = mt_out * 8 + 2 * t + i;
         if (m >= p.M) continue;
         T* row = out + int64_t(m) * p.out_stride;
-        store_row_outputs<T, kSwiglu>(row, r0, r1, ok0, ok1, s[i], s[2 + i], b0, b1, p.residual != nullptr,
-                                      [&](int h) { return res[i][h]; });
+        if constexpr (kMode == kLinearRope)
+          store_rope_outputs<T>(row, r0, r1, ok0, p.rope_rows, s[i], s[2 + i], b0, b1, cs[i]);
+        else
+          store_row_outputs<T, kSwiglu>(row, r0, r1, ok0, ok1, s[i], s[2 + i], b0, b1, p.residual != nullptr,
+                                        [&](int h) { return res[i][h]; });
       }
     }
     consumers_sync();  // red is free for the next tile
