@@ -864,6 +864,7 @@ def main(argv=None) -> dict:
             transformers=importlib.import_module("transformers").__version__, build=pass_ext.build_info(),
             fused_chains=pass_ext.model.fusion_enabled(),
             decode_linear=dict(max_rows=pass_ext.ops.linear_max_rows(), max_mib=pass_ext.ops.linear_max_bytes() >> 20,
+                               one_row_max_mib=pass_ext.ops.linear_one_row_max_bytes() >> 20,
                                fuse_norm=pass_ext.ops.linear_fuses_norm())))
     finalize(res)
     if not args.report_only or args.merge:

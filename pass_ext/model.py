@@ -321,7 +321,7 @@ class Model(nn.Module):
         self.lm_head = None if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
         self._rope_cos: Optional[torch.Tensor] = None  # [P, D] float32, built lazily
         self._rope_sin: Optional[torch.Tensor] = None
-        self._linear_plan: Optional[tuple] = None  # (size limit, which projections use decode_linear), lazily
+        self._linear_plans: dict = {}  # (size limits, one row) -> which projections use decode_linear, lazily
         self.fingerprint = self._compute_fingerprint()
 
     # ---- properties -------------------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ class Model(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to()/.cuda() move the weights; rebuild the rope tables on the new device on next use.
         self._rope_cos = self._rope_sin = None
-        self._linear_plan = None
+        self._linear_plans = {}
         return super()._apply(fn, recurse)
 
     # ---- cache and positions ----------------------------------------------------------------------------------
@@ -393,21 +393,24 @@ class Model(nn.Module):
     def _linear_ops(self, x: torch.Tensor) -> dict:
         """Which projections of this forward (x [..., d], or the final hidden states) run as `decode_linear`:
         {'qkv' | 'o' | 'gate_up' | 'down' | 'lm_head': bool}, empty for none. On CUDA without autograd, for at
-        most `ops.linear_max_rows()` rows, the projections whose weights fit the kernel in every layer and are
-        no larger than `ops.linear_max_bytes()` (checked once per device, dtype and limit)."""
-        if x.device.type != "cuda" or torch.is_grad_enabled() or x.numel() // x.shape[-1] > ops.linear_max_rows():
+        most `ops.linear_max_rows()` rows, the projections whose weights fit the kernel in every layer and pay
+        (`ops.decode_linear_pays`: the size limits, a larger one for one-row forwards; checked once per device,
+        dtype, limits and one row or more)."""
+        rows = x.numel() // x.shape[-1]
+        if x.device.type != "cuda" or torch.is_grad_enabled() or rows > ops.linear_max_rows():
             return {}
-        limit = ops.linear_max_bytes()
-        if self._linear_plan is None or self._linear_plan[0] != limit:
+        one = rows == 1
+        key = (ops.linear_max_bytes(), ops.linear_one_row_max_bytes(), one)
+        if key not in self._linear_plans:
             kinds = {"lm_head": [self.head_weight],
                      "qkv": [layer.wqkv for layer in self.layers], "o": [layer.wo for layer in self.layers],
                      "gate_up": [layer.w_gate_up for layer in self.layers],
                      "down": [layer.w_down for layer in self.layers]}
             probe = x.new_empty(1, 8)
-            self._linear_plan = (limit, {kind: bool(ws) and ops.decode_linear_applies(probe, *ws)
-                                         and all(ops.decode_linear_pays(w) for w in ws)
-                                         for kind, ws in kinds.items()})
-        return self._linear_plan[1]
+            self._linear_plans[key] = {kind: bool(ws) and ops.decode_linear_applies(probe, *ws)
+                                       and all(ops.decode_linear_pays(w, 1 if one else 2) for w in ws)
+                                       for kind, ws in kinds.items()}
+        return self._linear_plans[key]
 
     def forward(self, input_ids: Optional[torch.Tensor], positions: torch.Tensor, cache: KVCache,
                 tree_mask: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,

@@ -751,11 +751,22 @@ def test_norm_and_residual_bad_arguments(device):
 
 
 def test_linear_settings(monkeypatch):
-    for name in ("PASS_EXT_LINEAR", "PASS_EXT_LINEAR_MAX_ROWS", "PASS_EXT_LINEAR_MAX_MB"):
+    for name in ("PASS_EXT_LINEAR", "PASS_EXT_LINEAR_MAX_ROWS", "PASS_EXT_LINEAR_MAX_MB",
+                 "PASS_EXT_LINEAR_ONE_ROW_MAX_MB"):
         monkeypatch.delenv(name, raising=False)
     assert ops.linear_max_rows() == 16 and ops.linear_max_bytes() == 64 << 20
     assert ops.decode_linear_pays(torch.empty(16384, 2048, dtype=torch.bfloat16))
     assert not ops.decode_linear_pays(torch.empty(16385, 2048, dtype=torch.bfloat16))
+    # One-row forwards: up to 256 MiB where K is a multiple of 1024 (Llama-8B's gate/up and down; not its lm_head,
+    # a ragged K or more rows).
+    meta = lambda n, k: torch.empty(n, k, dtype=torch.bfloat16, device="meta")  # noqa: E731
+    assert ops.linear_one_row_max_bytes() == 256 << 20
+    assert ops.decode_linear_pays(meta(28672, 4096), rows=1) and ops.decode_linear_pays(meta(4096, 14336), rows=1)
+    assert not ops.decode_linear_pays(meta(28672, 4096), rows=2)
+    assert not ops.decode_linear_pays(meta(128256, 4096), rows=1)
+    assert not ops.decode_linear_pays(meta(5120, 13824), rows=1)  # K = 13.5 x 1024
+    monkeypatch.setenv("PASS_EXT_LINEAR_ONE_ROW_MAX_MB", "0")
+    assert not ops.decode_linear_pays(meta(28672, 4096), rows=1)
     monkeypatch.setenv("PASS_EXT_LINEAR_MAX_ROWS", "32")
     monkeypatch.setenv("PASS_EXT_LINEAR_MAX_MB", "1024")
     assert ops.linear_max_rows() == 32 and ops.linear_max_bytes() == 1 << 30
