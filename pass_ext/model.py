@@ -408,7 +408,7 @@ class Model(nn.Module):
                      "down": [layer.w_down for layer in self.layers]}
             probe = x.new_empty(1, 8)
             self._linear_plans[key] = {kind: bool(ws) and ops.decode_linear_applies(probe, *ws)
-                                       and all(ops.decode_linear_pays(w, 1 if one else 2) for w in ws)
+                                       and all(ops.decode_linear_pays(w, one) for w in ws)
                                        for kind, ws in kinds.items()}
         return self._linear_plans[key]
 

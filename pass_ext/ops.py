@@ -14,8 +14,8 @@ import torch
 from . import _C  # noqa: F401  (loads the native library, which registers torch.ops.pass_ext.*)
 
 __all__ = ["attention_with_kv_cache", "speculative_verify", "sample", "decode_linear", "decode_linear_applies",
-           "decode_linear_pays", "linear_max_rows", "linear_max_bytes", "linear_one_row_max_bytes", "linear_fuses_norm", "prefetch_allowed",
-           "build_info", "has_cuda_kernels", "attention_uses_tensor_cores"]
+           "decode_linear_pays", "linear_max_rows", "linear_max_bytes", "linear_one_row_max_bytes", "linear_fuses_norm",
+           "prefetch_allowed", "build_info", "has_cuda_kernels", "attention_uses_tensor_cores"]
 
 
 CUDA_MAX_Q = 128  # new tokens per row one CUDA attention_with_kv_cache call takes (kMaxQ in the launcher)
@@ -254,18 +254,19 @@ def linear_one_row_max_bytes() -> int:
     """Weight size up to which a one-row forward (`ar` at B = 1) also projects with `decode_linear` where the
     weight's rows are a multiple of 1024 elements: PASS_EXT_LINEAR_ONE_ROW_MAX_MB (MiB), default 256. Such a weight
     streams through the bulk kernel's 1024-column ring (sm_90), faster than cuBLAS at one row: the Llama-8B `ar`
-    step 4.20 ms with its gate/up and down weights there against 4.45 on cuBLAS (90% of the weight roofline). With
-    a 512-column ring (ragged K), or at 4 rows and more, cuBLAS was as fast or faster (bench/NOTES.md)."""
+    step 4.205 ms with its gate/up and down weights there against 4.599 on cuBLAS (84% of the weight roofline in
+    bench_generate). With a 512-column ring (ragged K), or at 4 rows and more, cuBLAS was as fast or faster
+    (bench/NOTES.md)."""
     return _env_int("PASS_EXT_LINEAR_ONE_ROW_MAX_MB", 256, 0, 1 << 20) << 20
 
 
-def decode_linear_pays(weight: torch.Tensor, rows: int = 2) -> bool:
-    """Whether the model's default is to project `rows` rows of x through decode_linear for this weight: up to
-    `linear_max_bytes`, and in a one-row forward up to `linear_one_row_max_bytes` where K is a multiple of 1024."""
+def decode_linear_pays(weight: torch.Tensor, one_row: bool = False) -> bool:
+    """Whether the model's default is to project through decode_linear for this weight: up to `linear_max_bytes`,
+    and in a one-row forward (`one_row`) up to `linear_one_row_max_bytes` where K is a multiple of 1024."""
     size = weight.numel() * weight.element_size()
     if size <= linear_max_bytes():
         return True
-    return rows == 1 and weight.shape[-1] % 1024 == 0 and size <= linear_one_row_max_bytes()
+    return one_row and weight.shape[-1] % 1024 == 0 and size <= linear_one_row_max_bytes()
 
 
 def decode_linear(

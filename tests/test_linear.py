@@ -761,12 +761,13 @@ def test_linear_settings(monkeypatch):
     # a ragged K or more rows).
     meta = lambda n, k: torch.empty(n, k, dtype=torch.bfloat16, device="meta")  # noqa: E731
     assert ops.linear_one_row_max_bytes() == 256 << 20
-    assert ops.decode_linear_pays(meta(28672, 4096), rows=1) and ops.decode_linear_pays(meta(4096, 14336), rows=1)
-    assert not ops.decode_linear_pays(meta(28672, 4096), rows=2)
-    assert not ops.decode_linear_pays(meta(128256, 4096), rows=1)
-    assert not ops.decode_linear_pays(meta(5120, 13824), rows=1)  # K = 13.5 x 1024
+    assert ops.decode_linear_pays(meta(28672, 4096), one_row=True)
+    assert ops.decode_linear_pays(meta(4096, 14336), one_row=True)
+    assert not ops.decode_linear_pays(meta(28672, 4096), one_row=False)
+    assert not ops.decode_linear_pays(meta(128256, 4096), one_row=True)
+    assert not ops.decode_linear_pays(meta(5120, 13824), one_row=True)  # K = 13.5 x 1024
     monkeypatch.setenv("PASS_EXT_LINEAR_ONE_ROW_MAX_MB", "0")
-    assert not ops.decode_linear_pays(meta(28672, 4096), rows=1)
+    assert not ops.decode_linear_pays(meta(28672, 4096), one_row=True)
     monkeypatch.setenv("PASS_EXT_LINEAR_MAX_ROWS", "32")
     monkeypatch.setenv("PASS_EXT_LINEAR_MAX_MB", "1024")
     assert ops.linear_max_rows() == 32 and ops.linear_max_bytes() == 1 << 30
