@@ -14,6 +14,7 @@ Two measurements per (model, rows M):
 
     python bench/bench_linear.py [--models smollm2-135m,qwen2.5-1.5b,llama3-8b] [--rows 1,4,8,16,25,32]
                                  [--iters N] [--tag T] [--norm]
+--models also takes qwen2.5-14b (a 14B shape: 48 layers of distinct weights, about 29 GB on the GPU).
 --norm: the per-call qkv and gate_up fuse the RMSNorm of x, as the model's forward does when every projection of a
 layer runs as decode_linear (baselines: the model's compiled norm chain, then the same as without).
 Writes bench/results/linear[_tag].json; prints the table last. bf16, random weights.
@@ -39,6 +40,7 @@ MODELS = {
     "smollm2-135m": (576, 9, 3, 64, 1536, 30, 49152),
     "qwen2.5-1.5b": (1536, 12, 2, 128, 8960, 28, 151936),
     "llama3-8b": (4096, 32, 8, 128, 14336, 32, 128256),
+    "qwen2.5-14b": (5120, 40, 8, 128, 13824, 48, 152064),
 }
 
 
@@ -96,7 +98,8 @@ def graph_us(fn, iters: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    ap.add_argument("--models", default="smollm2-135m,qwen2.5-1.5b,llama3-8b",
+                    help=f"comma-separated, from {', '.join(MODELS)}")
     ap.add_argument("--rows", default="1,4,8,16,25,32", help="rows of x (B x Q), at most 32")
     ap.add_argument("--iters", type=int, default=50, help="timed runs per measurement")
     ap.add_argument("--tag", default=None, help="suffix of the output file")
