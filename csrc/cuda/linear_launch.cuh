@@ -171,15 +171,15 @@ bool launch_bulk_stage(const LinearParams& p, int tiles, cudaStream_t stream) {
   return launch_bulk_ring<T, MT, kMode, Ring, false>(p, tiles, stream);
 }
 
-// The ring, two blocks per SM with a staged x: 512 K elements per stage and row (a 1 KB bulk copy per row) and 4
-// stages, or where K is a multiple of 1024 (no ragged stage) and at most 8 rows, 1024 elements (2 KB copies) and 2
-// stages. Measured per call at one row on the H200 (bench_linear, bench/NOTES.md, nineteenth H200 session): Llama-8B's
-// gate/up 62.7 us with 1024 x 2 against 68.5 with 512 x 4 (cuBLAS 70.3), its layer's projections 117.2 against 127.3
-// (cuBLAS 131.3); 1024 x 3 and 512 x 6 (room for one staged row, or none) and 2048 x 2 (one block per SM) slower per
-// layer. On the 1.5B (K 1536 and 8960: ragged stages, and 2 splits of 4480 on the down projection) 1024 x 2 lost:
-// gate/up 23.3 against 19.3, down 19.0 against 15.2, its `ar` step 1.15x the time. The stage width does not change the
-// order of a warp's additions, so not the bits. PASS_EXT_LINEAR_BULK_RING=512 or 1024 forces one (an A/B and test
-// switch), 0 (default) picks by K.
+// The ring, with a staged x: 512 K elements per stage and row (a 1 KB bulk copy per row) and 4 stages (two blocks per
+// SM), or where K is a multiple of 1024 (no ragged stage) and at most 8 rows, 1024 elements (2 KB copies) and 2 stages
+// (one block per SM: those instances take 103-108 registers; the grid follows the occupancy query). Measured per call
+// at one row on the H200 (bench_linear, bench/NOTES.md, nineteenth H200 session): Llama-8B's gate/up 62.7 us with 1024
+// x 2 against 68.5 with 512 x 4 (cuBLAS 70.3), its layer's projections 117.2 against 127.3 (cuBLAS 131.3); 1024 x 3 and
+// 512 x 6 (room for one staged row, or none) and 2048 x 2 (one block per SM) slower per layer. On the 1.5B (K 1536 and
+// 8960: ragged stages, and 2 splits of 4480 on the down projection) 1024 x 2 lost: gate/up 23.3 against 19.3, down 19.0
+// against 15.2, its `ar` step 1.15x the time. The stage width does not change the order of a warp's additions, so not
+// the bits. PASS_EXT_LINEAR_BULK_RING=512 or 1024 forces one (an A/B and test switch), 0 (default) picks by K.
 template <typename T, int MT, int kMode>
 bool launch_bulk(const LinearParams& p, int tiles, cudaStream_t stream) {
   const int64_t ring = env_int("PASS_EXT_LINEAR_BULK_RING", 0, 0, 1024);

@@ -17,8 +17,10 @@
 // bits, and a row's result never depends on M or the other rows. Stage s holds columns [KC s, KC s + KC) of the tile's
 // rows (of the block's split), one slot of 2 KC + 64 bytes per row (the padding puts the two rows one 16-byte load
 // phase touches in different banks). Without splits a block takes tiles blockIdx.y, + gridDim.y, ...; with them, one
-// tile per cluster. Two blocks share an SM (bench/NOTES.md: with one, eight consumer warps could not keep up with the
-// ring).
+// tile per cluster. The 512 x 4 ring's instances (74-91 registers) run two blocks per SM (bench/NOTES.md: with one,
+// eight consumer warps could not keep up with that ring); the 1024 x 2 ring's (103-108 registers) one, since 9-warp
+// blocks with that many registers leave room for 16 warps per SM (capped at 96 registers for two, they spilled and ran
+// slower: bench/NOTES.md, twentieth H200 session).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
