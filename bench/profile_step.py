@@ -3,6 +3,7 @@ eager steps under torch.profiler, summed per kernel name (top N), next to the we
 
     python bench/profile_step.py --model llama-3.2-1b --method ar --batch 1
     python bench/profile_step.py --model smollm2-135m --method pass --k 4 --batch 8
+    python bench/profile_step.py --model llama-3.1-8b --graphs-only --rounds 3 --ab PASS_EXT_PDL=0 [--without attention]
 
 --model takes a random-weight preset (pass_ext/presets.py) or a real model name / path (pass_ext.load_model).
 """
@@ -76,25 +77,50 @@ def set_env(env: dict) -> None:
             os.environ[name] = value
 
 
+class AttentionStub:
+    """--without attention: while on, the model's attention (the op, or its PyTorch path) is a zero fill of its
+    output and appends nothing to the cache. For timing random-weight steps only: what attention costs in a step
+    (the step with it minus the step without). Counts the calls it replaced."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+        self.op = pass_ext.ops.attention_with_kv_cache
+
+    def _zeros(self, q, *args, **kwargs):
+        self.calls += 1
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+
+    def set(self, on: bool) -> None:
+        pass_ext.ops.attention_with_kv_cache = self._zeros if on else self.op
+        if on:
+            self.model._torch_attention = self._zeros
+        else:
+            self.model.__dict__.pop("_torch_attention", None)
+
+
 def compare(model, ids, args, graphs: bool) -> None:
-    """Default settings against args.ab's, alternating in one process (so that the machine's state, which varies
-    from process to process, is the same for both), each recaptured from scratch, in the order ABBA (round r
-    starts with the default when r is even) so that neither setting always runs first. Two times per setting and
-    round: whole calls (a long call minus a short one, host included: noisy on a step of ~0.5 ms) and the captured
-    step replayed (`replayed_step`)."""
+    """Default settings against args.ab's (and/or --without's), alternating in one process (so that the machine's
+    state, which varies from process to process, is the same for both), each recaptured from scratch, in the order
+    ABBA (round r starts with the default when r is even) so that neither setting always runs first. Two times per
+    setting and round: whole calls (a long call minus a short one, host included: noisy on a step of ~0.5 ms) and
+    the captured step replayed (`replayed_step`)."""
     alt = {}
-    for item in args.ab.split(","):
+    for item in args.ab.split(",") if args.ab else []:
         name, sep, value = item.partition("=")
         if not sep or not name.startswith("PASS_EXT_"):
             sys.exit(f"--ab takes PASS_EXT_NAME=VALUE[,...], got {item!r}")
         alt[name] = value
     base = {name: os.environ.get(name) for name in alt}
-    times: dict = {"default": [], args.ab: []}
-    replays: dict = {"default": [], args.ab: []}
+    other = ",".join(part for part in (args.ab, args.without and f"without {args.without}") if part)
+    stub = AttentionStub(model) if args.without else None
+    times: dict = {"default": [], other: []}
+    replays: dict = {"default": [], other: []}
     for r in range(args.rounds):
-        order = (("default", base), (args.ab, alt))
+        order = (("default", base), (other, alt))
         for label, env in order if r % 2 == 0 else order[::-1]:
             set_env(env)
+            if stub:
+                stub.set(label == other)
             pass_ext.release_workspace(model)
             per_step(model, ids, args, graphs, args.short)  # captures with these settings
             times[label].append(timed_calls(model, ids, args, graphs))
@@ -102,12 +128,15 @@ def compare(model, ids, args, graphs: bool) -> None:
             print(f"round {r}: {label:<40} {1e3 * times[label][-1]:.3f} ms/forward, "
                   f"{1e3 * replays[label][-1]:.3f} ms/step replayed", flush=True)
     set_env(base)  # the environment as it was
+    if stub:
+        stub.set(False)
+        print(f"attention calls replaced by a zero fill: {stub.calls}")
     med = {label: statistics.median(t) for label, t in times.items()}
     rep = {label: statistics.median(t) for label, t in replays.items()}
     print(f"{args.model} {args.method} B={args.batch} k={args.k if args.method != 'ar' else 0}, medians of "
-          f"{args.rounds} rounds: default {1e3 * med['default']:.3f} ms/forward, {args.ab} "
-          f"{1e3 * med[args.ab]:.3f} ({med[args.ab] / med['default']:.3f}x); replayed step: default "
-          f"{1e3 * rep['default']:.3f} ms, {args.ab} {1e3 * rep[args.ab]:.3f} ({rep[args.ab] / rep['default']:.3f}x)")
+          f"{args.rounds} rounds: default {1e3 * med['default']:.3f} ms/forward, {other} "
+          f"{1e3 * med[other]:.3f} ({med[other] / med['default']:.3f}x); replayed step: default "
+          f"{1e3 * rep['default']:.3f} ms, {other} {1e3 * rep[other]:.3f} ({rep[other] / rep['default']:.3f}x)")
 
 
 def main() -> None:
@@ -132,7 +161,11 @@ def main() -> None:
                          "(only those read per forward, e.g. PASS_EXT_PREFETCH, PASS_EXT_LINEAR_MAX_ROWS), "
                          "recapturing each time, --rounds times (ABBA order); prints each round and the medians of "
                          "whole calls and of the replayed step (an unused PASS_EXT_ variable gives an A/A control)")
-    ap.add_argument("--rounds", type=int, default=4, help="rounds of --ab")
+    ap.add_argument("--without", default=None, choices=["attention"],
+                    help="A/B in this process as --ab does (alone or with --ab), the other arm without attention: "
+                         "its calls become a zero fill of their output and append nothing to the cache, so only "
+                         "the timing means anything (random weights): what attention costs in the step")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of --ab / --without")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -150,7 +183,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), generator=g).tolist()
     graphs = dev.type == "cuda"
-    if args.ab:
+    if args.ab or args.without:
         compare(model, ids, args, graphs)
         return
     per_step(model, ids, args, graphs, args.short)  # warm-up (captures)

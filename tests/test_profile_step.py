@@ -34,3 +34,17 @@ def test_profile_step_ab_rejects_a_bad_spec():
     for spec in ("PREFETCH=0", "PASS_EXT_PREFETCH"):
         proc = run("--ab", spec)
         assert proc.returncode != 0 and "--ab takes PASS_EXT_NAME=VALUE[,...]" in proc.stderr, proc.stderr
+
+
+def test_profile_step_without_attention_replaces_its_calls():
+    """--without attention: the other arm's attention calls become a zero fill (counted), alone or beside --ab."""
+    for extra in ((), ("--ab", "PASS_EXT_PREFETCH=0")):
+        proc = run("--without", "attention", "--rounds", "2", *extra)
+        assert proc.returncode == 0, proc.stderr
+        label = ",".join([*extra[1:], "without attention"])
+        rounds = [line.split(":", 1)[1].strip().split("  ")[0] for line in proc.stdout.splitlines()
+                  if line.startswith("round ")]
+        assert rounds == ["default", label, label, "default"]
+        replaced = [line for line in proc.stdout.splitlines() if line.startswith("attention calls replaced")]
+        assert replaced and int(replaced[0].split(":")[1]) > 0
+        assert "replayed step: default" in proc.stdout and f", {label} " in proc.stdout
