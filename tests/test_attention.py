@@ -468,6 +468,42 @@ def test_split_combine_cluster_modes_cuda(mode):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("case", ["tc_decode", "tc_ragged", "cl_tc_two", "tc_no_split"])
+def test_warp_merge_same_bits_cuda(case, monkeypatch):
+    """The tensor-core kernel's 16-row tiles merge their key warps' states with every thread by default, and with
+    key warp 0 alone under PASS_EXT_ATTENTION_WARP_MERGE=0 (read per call): the same additions in the same order,
+    so the same bits, whether the splits then merge in a cluster, through global memory or there is one split."""
+    if case == "tc_no_split":
+        dtype, B, Q, Hq, Hkv, D, lens = torch.bfloat16, 2, 1, 32, 8, 128, [40, 3]
+    else:
+        dtype, B, Q, Hq, Hkv, D, lens, _ = SPLIT_COMBINE_CASES[case]
+    S = max(lens) + Q + 40
+    inputs = make_inputs(B, Q, Hq, Hkv, D, lens, S, dtype, "cuda")
+    exp_out, _, _ = reference(*inputs, None, 1.0 / math.sqrt(D))
+    outs = []
+    for mode in ("1", "0"):
+        monkeypatch.setenv("PASS_EXT_ATTENTION_WARP_MERGE", mode)
+        q, k_new, v_new, k_cache, v_cache, cache_lens = (t.clone() for t in inputs)
+        out = torch.full_like(q, float("nan"))
+        ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, cache_lens, None, None, out)
+        outs.append(out)
+    atol, rtol = TOL[("cuda", dtype)]
+    torch.testing.assert_close(outs[0].double(), exp_out, atol=atol, rtol=rtol)
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+def test_warp_merge_serial_switch_cuda():
+    """PASS_EXT_ATTENTION_WARP_MERGE=0 with clusters off: every split case through key warp 0's serial merge and
+    global memory matches the reference."""
+    script = ("import test_attention as t; "
+              "[t.check_split_case(c) for c in sorted(t.SPLIT_COMBINE_CASES)]; print('ok')")
+    run_script_with_env(script, PASS_EXT_ATTENTION_WARP_MERGE="0", PASS_EXT_ATTENTION_CLUSTER="0")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
 @pytest.mark.parametrize("dtype,Hq,Hkv,D", [(torch.bfloat16, 32, 8, 128), (torch.float32, 9, 3, 64)])
 def test_split_combine_in_cuda_graph(dtype, Hq, Hkv, D):
     """A captured call with split keys, replayed with new lengths each time (other splits empty each time): every

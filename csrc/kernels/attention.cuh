@@ -37,6 +37,9 @@ struct AttentionParams {
   // 1: the splits of a row tile run as one thread-block cluster (sm_90; cluster rank = split) and merge through
   // distributed shared memory (cluster_merge): no partials in global memory, no counters, no combine kernel.
   int cluster;
+  // 1: the tensor-core kernel's 16-row tiles merge their key warps' states with every thread (attention_mma.cuh);
+  // 0 (PASS_EXT_ATTENTION_WARP_MERGE=0, read per call: an A/B switch): key warp 0 merges them alone.
+  int warp_merge;
   int64_t q_tok, k_tok, v_tok;  // elements between consecutive new tokens of q / k_new / v_new (H * D if contiguous)
   // 1: the kernel before on the stream writes neither the cache nor cache_lens, so under a dependent launch
   // (pdl.cuh) they may be read before the wait for it (the first tile of cached keys is fetched early).

@@ -337,93 +337,160 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
     l_run[hi] += __shfl_xor_sync(0xffffffffu, l_run[hi], 2);
   }
 
-  // (3a) Key warps of a row tile hold states of the same rows over disjoint keys: merge them into key warp 0
-  // through the (now idle) ring, lane-major so every access is conflict-free. With one key warp the barrier
-  // is there for the cluster merge, whose partials go into the ring.
-  if constexpr (KW == 1) {
-    if (p.cluster) __syncthreads();  // every warp is done reading the ring
-  }
-  if constexpr (KW > 1) {
-    constexpr int MF = Tile::kMergeFloats;
-    float* sm = reinterpret_cast<float*>(smem_raw);  // [kWarps][MF][32]
-    __syncthreads();                                 // every warp is done reading the ring
-    if (kw != 0) {
-      float* mine = sm + warp * MF * 32 + lane;
-#pragma unroll
-      for (int d = 0; d < DT; ++d)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) mine[(d * 4 + e) * 32] = o[d][e];
-#pragma unroll
-      for (int hi = 0; hi < 2; ++hi) {
-        mine[(DT * 4 + hi) * 32] = m_run[hi];
-        mine[(DT * 4 + 2 + hi) * 32] = l_run[hi];
-      }
-    }
-    __syncthreads();
-  }
-  // Only key warp 0 of a row tile holds its rows from here; the others skip to the fused combine.
-  if (kw == 0) {
-    if constexpr (KW > 1) {
+  // (3) 16-row tiles (KW = kWarps, the decode tiles) with p.warp_merge: every warp puts its state in the (now idle) ring, lane-major, and the block's 128 threads merge
+  // the rows that exist, a column pair each (the merge of (3a) in the same order, so the same bits), then write
+  // them as (3b) does. Key warp 0 alone merged all 16 rows, padding included, in (3a): in the Llama-8B decode step
+  // that took 1.3 us more per layer from the wait to the next kernel's (bench/NOTES.md, twenty-first session).
+  if constexpr (KW == kWarps) {
+    if (p.warp_merge) {
       constexpr int MF = Tile::kMergeFloats;
-      const float* sm = reinterpret_cast<const float*>(smem_raw);
-      float mx[2] = {m_run[0], m_run[1]};
+      float* sm = reinterpret_cast<float*>(smem_raw);  // [kWarps][MF][32]
+      __syncthreads();                                 // every warp is done reading the ring
+      {
+        float* mine = sm + warp * MF * 32 + lane;
 #pragma unroll
-      for (int w = 1; w < KW; ++w)
+        for (int d = 0; d < DT; ++d)
 #pragma unroll
-        for (int hi = 0; hi < 2; ++hi) mx[hi] = fmaxf(mx[hi], sm[((warp + w) * MF + DT * 4 + hi) * 32 + lane]);
-      float m_use[2], f[2];
-#pragma unroll
-      for (int hi = 0; hi < 2; ++hi) {
-        m_use[hi] = mx[hi] == -INFINITY ? 0.f : mx[hi];
-        f[hi] = exp2f(m_run[hi] - m_use[hi]);  // 0 for a warp that saw no visible key
-        l_run[hi] *= f[hi];
-        m_run[hi] = mx[hi];
-      }
-#pragma unroll
-      for (int d = 0; d < DT; ++d)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[d][e] *= f[e >> 1];
-#pragma unroll
-      for (int w = 1; w < KW; ++w) {
-        const float* other = sm + (warp + w) * MF * 32 + lane;
+          for (int e = 0; e < 4; ++e) mine[(d * 4 + e) * 32] = o[d][e];
 #pragma unroll
         for (int hi = 0; hi < 2; ++hi) {
-          f[hi] = exp2f(other[(DT * 4 + hi) * 32] - m_use[hi]);
-          l_run[hi] += f[hi] * other[(DT * 4 + 2 + hi) * 32];
+          mine[(DT * 4 + hi) * 32] = m_run[hi];
+          mine[(DT * 4 + 2 + hi) * 32] = l_run[hi];
+        }
+      }
+      __syncthreads();
+      const int rows = min(Tile::kRows, p.R - row0);
+      T* out = static_cast<T*>(p.out);
+      // Item -> (column pair 2 (4 dt + t4), row r): t4 fastest, then the row, then the 8-channel tile dt, so that a
+      // warp's threads read distinct lanes of one accumulator.
+      for (int item = tid; item < rows * DT * 4; item += kThreads) {
+        const int tt = item & 3, r = (item >> 2) % rows, dt = (item >> 2) / rows;
+        const int rr = r & 15, hi = rr >> 3, c = dt * 8 + 2 * tt;
+        const float* w0 = sm + (r >> 4) * KW * MF * 32 + ((rr & 7) * 4 + tt);  // key warp 0 of the row's row warp
+        float mw[KW], mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < KW; ++w) {
+          mw[w] = w0[w * MF * 32 + (DT * 4 + hi) * 32];
+          mx = w == 0 ? mw[0] : fmaxf(mx, mw[w]);
+        }
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        float f = exp2f(mw[0] - m_use);  // 0 for a warp that saw no visible key
+        float l = w0[(DT * 4 + 2 + hi) * 32] * f;
+        float o0 = w0[(dt * 4 + 2 * hi) * 32] * f, o1 = w0[(dt * 4 + 2 * hi + 1) * 32] * f;
+#pragma unroll
+        for (int w = 1; w < KW; ++w) {
+          const float* ow = w0 + w * MF * 32;
+          f = exp2f(mw[w] - m_use);
+          l += f * ow[(DT * 4 + 2 + hi) * 32];
+          o0 += f * ow[(dt * 4 + 2 * hi) * 32];
+          o1 += f * ow[(dt * 4 + 2 * hi + 1) * 32];
+        }
+        const int row = row0 + r;
+        if (p.cluster) {
+          *reinterpret_cast<float2*>(sPart + r * D + c) = make_float2(o0, o1);
+          if (c == 0) sML[r] = make_float2(mx, l);
+        } else if (p.splits == 1) {
+          const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that saw no key outputs zeros
+          *reinterpret_cast<uint32_t*>(out + out_row_offset(p, b, h, row, D) + c) = pack2<T>(o0 * inv, o1 * inv);
+        } else {
+          const int64_t prow = (int64_t(bh) * p.splits + split) * p.R + row;
+          *reinterpret_cast<float2*>(p.part_acc + prow * D + c) = make_float2(o0, o1);
+          if (c == 0) p.part_ml[prow] = make_float2(mx, l);
+        }
+      }
+    }
+  }
+  if (KW != kWarps || !p.warp_merge) {
+    // (3a) Key warps of a row tile hold states of the same rows over disjoint keys: merge them into key warp 0
+    // through the (now idle) ring, lane-major so every access is conflict-free. With one key warp the barrier
+    // is there for the cluster merge, whose partials go into the ring. 32-row tiles (KW = 2) stay here: their
+    // rows are mostly real, and one timing at B = 1, Q = 5 had the merge of (3) 1.09x slower (within that run's
+    // noise, unconfirmed).
+    if constexpr (KW == 1) {
+      if (p.cluster) __syncthreads();  // every warp is done reading the ring
+    }
+    if constexpr (KW > 1) {
+      constexpr int MF = Tile::kMergeFloats;
+      float* sm = reinterpret_cast<float*>(smem_raw);  // [kWarps][MF][32]
+      __syncthreads();                                 // every warp is done reading the ring
+      if (kw != 0) {
+        float* mine = sm + warp * MF * 32 + lane;
+#pragma unroll
+        for (int d = 0; d < DT; ++d)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) mine[(d * 4 + e) * 32] = o[d][e];
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+          mine[(DT * 4 + hi) * 32] = m_run[hi];
+          mine[(DT * 4 + 2 + hi) * 32] = l_run[hi];
+        }
+      }
+      __syncthreads();
+    }
+    // Only key warp 0 of a row tile holds its rows from here; the others skip to the fused combine.
+    if (kw == 0) {
+      if constexpr (KW > 1) {
+        constexpr int MF = Tile::kMergeFloats;
+        const float* sm = reinterpret_cast<const float*>(smem_raw);
+        float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+        for (int w = 1; w < KW; ++w)
+#pragma unroll
+          for (int hi = 0; hi < 2; ++hi) mx[hi] = fmaxf(mx[hi], sm[((warp + w) * MF + DT * 4 + hi) * 32 + lane]);
+        float m_use[2], f[2];
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+          m_use[hi] = mx[hi] == -INFINITY ? 0.f : mx[hi];
+          f[hi] = exp2f(m_run[hi] - m_use[hi]);  // 0 for a warp that saw no visible key
+          l_run[hi] *= f[hi];
+          m_run[hi] = mx[hi];
         }
 #pragma unroll
         for (int d = 0; d < DT; ++d)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) o[d][e] += f[e >> 1] * other[(d * 4 + e) * 32];
+          for (int e = 0; e < 4; ++e) o[d][e] *= f[e >> 1];
+#pragma unroll
+        for (int w = 1; w < KW; ++w) {
+          const float* other = sm + (warp + w) * MF * 32 + lane;
+#pragma unroll
+          for (int hi = 0; hi < 2; ++hi) {
+            f[hi] = exp2f(other[(DT * 4 + hi) * 32] - m_use[hi]);
+            l_run[hi] += f[hi] * other[(DT * 4 + 2 + hi) * 32];
+          }
+#pragma unroll
+          for (int d = 0; d < DT; ++d)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[d][e] += f[e >> 1] * other[(d * 4 + e) * 32];
+        }
       }
-    }
 
-    // (3b) Write out: final rows when there is one split, else unnormalised partials and (max, sum) — into
-    // this block's shared memory for the cluster merge, else global memory.
-    T* out = static_cast<T*>(p.out);
+      // (3b) Write out: final rows when there is one split, else unnormalised partials and (max, sum) — into
+      // this block's shared memory for the cluster merge, else global memory.
+      T* out = static_cast<T*>(p.out);
 #pragma unroll
-    for (int hi = 0; hi < 2; ++hi) {
-      const int row = wrow0 + g + 8 * hi;
-      if (row >= p.R) continue;
-      if (p.cluster) {
-        const int r = row - row0;
+      for (int hi = 0; hi < 2; ++hi) {
+        const int row = wrow0 + g + 8 * hi;
+        if (row >= p.R) continue;
+        if (p.cluster) {
+          const int r = row - row0;
 #pragma unroll
-        for (int d = 0; d < DT; ++d)
-          *reinterpret_cast<float2*>(sPart + r * D + d * 8 + 2 * t4) = make_float2(o[d][2 * hi], o[d][2 * hi + 1]);
-        if (t4 == 0) sML[r] = make_float2(m_run[hi], l_run[hi]);
-      } else if (p.splits == 1) {
-        const float inv = l_run[hi] > 0.f ? 1.f / l_run[hi] : 0.f;  // a row that saw no key outputs zeros
-        T* orow = out + out_row_offset(p, b, h, row, D);
+          for (int d = 0; d < DT; ++d)
+            *reinterpret_cast<float2*>(sPart + r * D + d * 8 + 2 * t4) = make_float2(o[d][2 * hi], o[d][2 * hi + 1]);
+          if (t4 == 0) sML[r] = make_float2(m_run[hi], l_run[hi]);
+        } else if (p.splits == 1) {
+          const float inv = l_run[hi] > 0.f ? 1.f / l_run[hi] : 0.f;  // a row that saw no key outputs zeros
+          T* orow = out + out_row_offset(p, b, h, row, D);
 #pragma unroll
-        for (int d = 0; d < DT; ++d)
-          *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * t4) = pack2<T>(o[d][2 * hi] * inv, o[d][2 * hi + 1] * inv);
-      } else {
-        const int64_t prow = (int64_t(bh) * p.splits + split) * p.R + row;
-        float* acc = p.part_acc + prow * D;
+          for (int d = 0; d < DT; ++d)
+            *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * t4) = pack2<T>(o[d][2 * hi] * inv, o[d][2 * hi + 1] * inv);
+        } else {
+          const int64_t prow = (int64_t(bh) * p.splits + split) * p.R + row;
+          float* acc = p.part_acc + prow * D;
 #pragma unroll
-        for (int d = 0; d < DT; ++d)
-          *reinterpret_cast<float2*>(acc + d * 8 + 2 * t4) = make_float2(o[d][2 * hi], o[d][2 * hi + 1]);
-        if (t4 == 0) p.part_ml[prow] = make_float2(m_run[hi], l_run[hi]);
+          for (int d = 0; d < DT; ++d)
+            *reinterpret_cast<float2*>(acc + d * 8 + 2 * t4) = make_float2(o[d][2 * hi], o[d][2 * hi + 1]);
+          if (t4 == 0) p.part_ml[prow] = make_float2(m_run[hi], l_run[hi]);
+        }
       }
     }
   }
