@@ -107,9 +107,14 @@ def _extension():
     nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    flags = ["-DPASS_EXT_WITH_CUDA=1"]
+    if os.environ.get("PASS_EXT_TRACE", "0") == "1":
+        # Per-block timestamps in the decode kernels (csrc/trace.h, bench/trace_step.py): a profiling build.
+        print("pass_ext: PASS_EXT_TRACE=1: compiling the kernels' trace marks in")
+        flags.append("-DPASS_EXT_TRACE=1")
     return CUDAExtension("pass_ext._C", sources + _rel("csrc/cuda/*.cu"), include_dirs=include_dirs,
                          define_macros=[("PASS_EXT_WITH_CUDA", "1")],
-                         extra_compile_args={"cxx": cxx + ["-DPASS_EXT_WITH_CUDA=1"], "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx + flags, "nvcc": nvcc + flags})
 
 
 _use_system_compiler_if_needed()

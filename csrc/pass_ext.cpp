@@ -1,9 +1,14 @@
 // pass_ext's op schemas (one comment each) and the Python module entry point.
 // Kernels register themselves per device in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels live in pass_ext/ops.py.
 #include <Python.h>
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <mutex>
+#include <optional>
 #include <string>
+
+#include "trace.h"
 
 extern "C" {
 // `import pass_ext._C` loads this library, which runs the TORCH_LIBRARY registrations below.
@@ -18,6 +23,46 @@ static std::string build_info() {
   return "cpu+cuda";
 #else
   return "cpu";
+#endif
+}
+
+namespace pass_ext {
+namespace {
+std::mutex trace_mutex;
+uint64_t* trace_base = nullptr;
+int64_t trace_slots = 0, trace_next = 0;
+}  // namespace
+
+uint64_t* next_trace_slot() {
+  const std::lock_guard<std::mutex> lock(trace_mutex);
+  if (trace_base == nullptr) return nullptr;
+  return trace_base + (trace_next++ % trace_slots) * kTraceSlotWords;
+}
+}  // namespace pass_ext
+
+// Sets (buf) or clears (None) the buffer of a trace build (csrc/trace.h); true where this build has the marks.
+static bool trace_buffer(const std::optional<at::Tensor>& buf) {
+#ifdef PASS_EXT_TRACE
+  if (buf.has_value()) {
+    const at::Tensor& t = *buf;
+    TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kLong && t.is_contiguous() && t.numel() > 0 &&
+                    t.numel() % pass_ext::kTraceSlotWords == 0,
+                "trace_buffer: buf must be a contiguous int64 CUDA tensor of a positive multiple of ",
+                pass_ext::kTraceSlotWords, " elements (slots of ", pass_ext::kTraceBlocks, " blocks x ",
+                pass_ext::kTracePoints, " marks), got ", t.scalar_type(), " on ", t.device(), " with ", t.numel(),
+                " elements", t.is_contiguous() ? "" : ", not contiguous");
+  }
+  const std::lock_guard<std::mutex> lock(pass_ext::trace_mutex);
+  static auto* held = new at::Tensor();  // keeps the buffer alive while it is set (never destroyed: no exit-time free)
+  *held = buf.has_value() ? *buf : at::Tensor();
+  pass_ext::trace_base = buf.has_value() ? reinterpret_cast<uint64_t*>(buf->data_ptr<int64_t>()) : nullptr;
+  pass_ext::trace_slots = buf.has_value() ? buf->numel() / pass_ext::kTraceSlotWords : 0;
+  pass_ext::trace_next = 0;
+  return true;
+#else
+  TORCH_CHECK(!buf.has_value(), "trace_buffer: this build of pass_ext has no trace marks; rebuild it with "
+              "PASS_EXT_TRACE=1 in the environment (FORCE_CUDA=1 PASS_EXT_TRACE=1 pip install -e .)");
+  return false;
 #endif
 }
 
@@ -51,4 +96,8 @@ TORCH_LIBRARY(pass_ext, m) {
         "bool prefetch_weights=False) -> ()");
   // "cpu" or "cpu+cuda": which kernels this build holds.
   m.def("build_info() -> str", &build_info);
+  // Sets (or with None clears) the int64 CUDA buffer whose slots a trace build's kernels write their per-block
+  // timestamps into, one slot per launch from the first (csrc/trace.h); returns whether this build has the marks
+  // (a buffer given to another build is an error).
+  m.def("trace_buffer(Tensor? buf) -> bool", &trace_buffer);
 }

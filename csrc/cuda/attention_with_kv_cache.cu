@@ -11,6 +11,7 @@
 
 #include "attention_launch.cuh"
 #include "op_checks.h"
+#include "trace.h"
 
 namespace pass_ext {
 namespace {
@@ -83,6 +84,7 @@ void attention_with_kv_cache_cuda(const at::Tensor& q_in, const at::Tensor& k_ne
   p.mask_words = static_cast<int>((Q + 63) / 64);
   p.scale_log2 = static_cast<float>(scale * M_LOG2E);
   p.warp_merge = env_is("PASS_EXT_ATTENTION_WARP_MERGE", "0") ? 0 : 1;
+  p.trace = reinterpret_cast<unsigned long long*>(next_trace_slot());
 
   switch (dtype) {
     case at::kFloat: attention_launch::run<float>(p, q, stream, sms); break;

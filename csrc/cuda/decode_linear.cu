@@ -12,6 +12,7 @@
 
 #include "linear_launch.cuh"
 #include "op_checks.h"
+#include "trace.h"
 
 namespace pass_ext {
 namespace {
@@ -73,6 +74,7 @@ void decode_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std
   p.eps = float(eps);
   p.residual = residual ? residual->data_ptr() : nullptr;
   p.prefetch_weights = prefetch_weights ? 1 : 0;
+  p.trace = reinterpret_cast<unsigned long long*>(next_trace_slot());
   TORCH_CHECK(!norm_weight || reinterpret_cast<uintptr_t>(norm_weight->data_ptr()) % 16 == 0,
               "decode_linear on CUDA needs a 16-byte aligned norm_weight");
   TORCH_CHECK(!norm_weight || M <= 1 || x.stride(0) % 8 == 0, "decode_linear's RMSNorm needs x's row stride a "

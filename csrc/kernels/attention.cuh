@@ -37,6 +37,7 @@ struct AttentionParams {
   // 1: the splits of a row tile run as one thread-block cluster (sm_90; cluster rank = split) and merge through
   // distributed shared memory (cluster_merge): no partials in global memory, no counters, no combine kernel.
   int cluster;
+  unsigned long long* trace;  // a trace build's slot for this launch (csrc/trace.h), or nullptr
   // 1: the tensor-core kernel's 16-row tiles merge their key warps' states with every thread (attention_mma.cuh);
   // 0 (PASS_EXT_ATTENTION_WARP_MERGE=0, read per call: an A/B switch): key warp 0 merges them alone.
   int warp_merge;
@@ -454,6 +455,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
   T* v_cache = static_cast<T*>(p.v_cache);
   const int64_t cache_row = (int64_t(b) * p.Hkv + h) * p.S;  // slot 0 of this (row, head), in rows of D
 
+  trace_mark(p.trace, 0, 4);  // trace points: 0 entry, 1 wait done, 3 the block's rows written, 4 the end
   // q, k_new and v_new come from the kernel before (a dependent launch: pdl.cuh), so everything waits for it,
   // except with prefetch_cache, where the caller promises that that kernel writes neither the cache nor
   // cache_lens: then cache_lens and the split's first tile, when it holds cached keys only, are read first.
@@ -483,6 +485,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
     release_dependents();
   }
 
+  trace_mark(p.trace, 1, 4);
   // (1) Append. Every block of this (row, head) takes every nblk-th new token.
   {
     const int lin = row_tile * gridDim.x + split, nblk = gridDim.x * gridDim.y;
@@ -513,10 +516,12 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
       else if (row0 + r < p.R)
         p.part_ml[(int64_t(bh) * p.splits + split) * p.R + row0 + r] = make_float2(-INFINITY, 0.f);
     }
+    trace_mark(p.trace, 3, 4);
     if (p.cluster)
       cluster_merge<T>(p, bh, row0, RT, sPart, sML);  // every block of the cluster takes part, empty or not
     else if (p.counters != nullptr)
       fused_combine<T>(p, bh, row_tile, gridDim.y, row0, RT, smem_raw);
+    trace_mark(p.trace, 4, 4);
     return;
   }
   const int n_tiles = (k_end - k_begin + KT - 1) / KT;
@@ -683,10 +688,12 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
       if (lane == 0) p.part_ml[prow] = make_float2(m_run[r], l);
     }
   }
+  trace_mark(p.trace, 3, 4);
   if (p.cluster)
     cluster_merge<T>(p, bh, row0, RT, sPart, sML);
   else if (p.splits > 1 && p.counters != nullptr)
     fused_combine<T>(p, bh, row_tile, gridDim.y, row0, RT, smem_raw);
+  trace_mark(p.trace, 4, 4);
 }
 
 }  // namespace pass_ext::kernels

@@ -133,6 +133,8 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
 
   // q, k_new and v_new come from the kernel before (a dependent launch: pdl.cuh); with prefetch_cache,
   // cache_lens and the leading stages that hold cached keys only are read before the wait (see attention_kernel).
+  trace_mark(p.trace, 0, 1);  // trace points: 0 entry, 1 wait done, 2 keys done, 5 and 6 the merge's barriers,
+                              // 3 the block's rows merged, 4 the end
   if (!p.prefetch_cache) {
     wait_for_inputs();
     release_dependents();
@@ -166,6 +168,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
     release_dependents();
   }
 
+  trace_mark(p.trace, 1, 1);
   // (1) Append: the blocks of this (row, head) take every nblk-th new token.
   {
     const int lin = split * gridDim.x + row_tile, nblk = gridDim.x * gridDim.y;
@@ -196,12 +199,14 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
       else if (row0 + r < p.R)
         p.part_ml[(int64_t(bh) * p.splits + split) * p.R + row0 + r] = make_float2(-INFINITY, 0.f);
     }
+    trace_mark(p.trace, 3, 1);
     if (p.cluster) {
       cluster_merge<T>(p, bh, row0, Tile::kRows, sPart, sML);  // every block of the cluster takes part
     } else {
       if constexpr (KW == kWarps)  // see the end of the kernel
         if (p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.x, row0, Tile::kRows, smem_raw);
     }
+    trace_mark(p.trace, 4, 1);
     return;
   }
 #pragma unroll
@@ -329,6 +334,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
       }
     }
   }
+  trace_mark(p.trace, 2, 1);
   cp_async_wait<0>();  // only empty groups are left; drain them before the ring is reused or the block exits
 
 #pragma unroll
@@ -346,6 +352,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
       constexpr int MF = Tile::kMergeFloats;
       float* sm = reinterpret_cast<float*>(smem_raw);  // [kWarps][MF][32]
       __syncthreads();                                 // every warp is done reading the ring
+      trace_mark(p.trace, 5, 1);
       {
         float* mine = sm + warp * MF * 32 + lane;
 #pragma unroll
@@ -359,6 +366,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
         }
       }
       __syncthreads();
+      trace_mark(p.trace, 6, 1);
       const int rows = min(Tile::kRows, p.R - row0);
       T* out = static_cast<T*>(p.out);
       // Item -> (column pair 2 (4 dt + t4), row r): t4 fastest, then the row, then the 8-channel tile dt, so that a
@@ -413,6 +421,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
       constexpr int MF = Tile::kMergeFloats;
       float* sm = reinterpret_cast<float*>(smem_raw);  // [kWarps][MF][32]
       __syncthreads();                                 // every warp is done reading the ring
+      trace_mark(p.trace, 5, 1);
       if (kw != 0) {
         float* mine = sm + warp * MF * 32 + lane;
 #pragma unroll
@@ -426,6 +435,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
         }
       }
       __syncthreads();
+      trace_mark(p.trace, 6, 1);
     }
     // Only key warp 0 of a row tile holds its rows from here; the others skip to the fused combine.
     if (kw == 0) {
@@ -497,6 +507,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   // The cluster merge serves any tile (by default the launcher clusters decode tiles only). The fused combine:
   // only 16-row tiles (KW = kWarps) can hold at most the launcher's kFusedCombineMaxRows rows; the other
   // instances never run it, and leaving it out of them keeps it out of their code.
+  trace_mark(p.trace, 3, 1);
   if (p.cluster) {
     cluster_merge<T>(p, bh, row0, Tile::kRows, sPart, sML);
   } else {
@@ -504,6 +515,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
       if (p.splits > 1 && p.counters != nullptr)
         fused_combine<T>(p, bh, row_tile, gridDim.x, row0, Tile::kRows, smem_raw);
   }
+  trace_mark(p.trace, 4, 1);
 #else
   __trap();  // never launched: the launcher checks for sm_80 code first (a loud stop should that check fail)
 #endif

@@ -81,6 +81,7 @@ struct LinearParams {
   // sets it; fewer only for A/Bs; an instance may cap it lower). A row's sum keeps one order, fixed by K, whatever
   // the value.
   int norm_rows;
+  unsigned long long* trace;  // a trace build's slot for this launch (csrc/trace.h), or nullptr
 };
 
 template <typename T>
@@ -314,6 +315,7 @@ __device__ __forceinline__ bool merge_splits(float (&red)[W][MT][4][32], int mt,
 // roundings either way, so the same bits.
 template <typename T, int MT, int kMode, int U = (MT == 1 ? 3 : MT == 2 ? 2 : 1), bool kStageX = false>
 __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(const LinearParams p) {
+  trace_mark(p.trace, 0, 3);  // trace points: 0 entry, 1 wait done, 4 the end
   constexpr int kStep = kLinearWarps * U;
   __shared__ float red[kLinearWarps][MT][4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -437,6 +439,7 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
     if (p.prefetch_weights) load_rope_angles(tile);
   wait_for_inputs();  // everything below reads activations (x, residual) or writes (a no-op if waited)
   release_dependents();
+  trace_mark(p.trace, 1, 3);
   // Without a norm x goes out first, so that its loads and the residual's share one round trip. (A kStageX
   // instance always has the norm: the launcher stages only then.)
   if (!kStageX && !norm_w) {
@@ -548,6 +551,7 @@ __global__ void __launch_bounds__(kLinearWarps * 32, 2) decode_linear_kernel(con
     if (c_first < range.end) load_x(A, c_first);
     if (c_first + kStep < range.end) load_x(B, c_first + kStep);
   }
+  trace_mark(p.trace, 4, 3);
 }
 
 }  // namespace pass_ext::kernels

@@ -124,6 +124,7 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  trace_mark(p.trace, 0, 2);  // trace points (thread 0, a consumer): 0 entry, 1 wait done, 4 the end
 
   if (warp == kBulkConsumerWarps) {  // the producer warp: lane e copies tile row e (lanes 16..31 idle)
     // Under a dependent launch the first stages go out while the kernel before finishes (it never writes weights).
@@ -162,6 +163,7 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
   // The consumers.
   wait_for_inputs();  // everything below reads activations (x, residual) or writes
   release_dependents();
+  trace_mark(p.trace, 1, 2);
   const T* xr[MT];
   bool xok[MT];
   aim_x_rows(p, g, t, xr, xok);
@@ -315,6 +317,7 @@ __global__ void __launch_bounds__(kBulkThreads, 1) decode_linear_bulk_kernel(con
     }
     consumers_sync();  // red is free for the next tile
   }
+  trace_mark(p.trace, 4, 2);
 #else
   __trap();  // never launched: the launcher uses this kernel only for sm_90 code
 #endif

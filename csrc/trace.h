@@ -1,0 +1,21 @@
+// Per-block timestamps of the decode kernels, to see where a replayed step's time goes (bench/trace_step.py).
+// A build with PASS_EXT_TRACE=1 in the environment (setup.py defines PASS_EXT_TRACE) compiles the marks into the
+// attention and decode_linear kernels; every other build compiles them to nothing. Once a buffer is set
+// (torch.ops.pass_ext.trace_buffer), each launch of those kernels, at capture for a CUDA graph, takes the next slot
+// of the buffer, and thread 0 of each of its first kTraceBlocks blocks stores %globaltimer (ns) at its marks: point 0
+// at entry, 1 when the wait for the kernel before returns, then the kernel's own points (kernels/pdl.cuh), and 7 the
+// kernel's kind. A replay rewrites the same slots.
+#pragma once
+#include <cstdint>
+
+namespace pass_ext {
+
+constexpr int kTraceBlocks = 1024;  // blocks of a launch that a slot records
+constexpr int kTracePoints = 8;     // marks per block; the last one holds the kind
+constexpr int64_t kTraceSlotWords = int64_t(kTraceBlocks) * kTracePoints;
+
+// The slot of the next traced launch (slots are taken in turn, from the first again after the last), or nullptr
+// when no buffer is set.
+uint64_t* next_trace_slot();
+
+}  // namespace pass_ext

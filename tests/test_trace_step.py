@@ -1,0 +1,83 @@
+"""bench/trace_step.py and the trace_buffer op: the slots of a replay parse into per-layer timelines, a build without
+the trace marks says how to get them, and a bad buffer is refused with what it must be."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pass_ext  # noqa: F401  (registers the ops)
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "trace_step.py"
+HAS_CUDA = torch.cuda.is_available() and pass_ext.has_cuda_kernels()
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("trace_step", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def slot(kind, blocks, marks):
+    """A slot of `blocks` blocks whose block i has point p at marks[p] + i (ns)."""
+    s = np.zeros((1024, 8), dtype=np.int64)
+    for i in range(blocks):
+        for p, t in marks.items():
+            s[i, p] = t + i
+        s[i, 7] = kind
+    return s
+
+
+def test_launches_and_layers_from_synthetic_slots():
+    t = load()
+    lin = lambda t0: slot(2, 4, {0: t0, 1: t0 + 100, 4: t0 + 1000})  # noqa: E731
+    att = lambda t0: slot(1, 3, {0: t0, 1: t0 + 50, 2: t0 + 300, 3: t0 + 400, 4: t0 + 600})  # noqa: E731
+    seq = []
+    for layer in range(3):  # qkv, attention, o per layer, 10 us apart
+        base = 10_000 * layer
+        seq += [lin(base), att(base + 1_200), lin(base + 2_000)]
+    buf = np.stack(seq + [np.zeros((1024, 8), dtype=np.int64)])  # an unused slot at the end
+    launches = t.launches(buf)
+    assert [d["kind"] for d in launches] == [2, 1, 2] * 3
+    assert launches[1][1] == (1_250, 1_252) and launches[1][4] == (1_800, 1_802) and launches[1]["blocks"] == 3
+    rows = t.layer_rows(launches)
+    # Layers 1 and 2 (layer 0 follows the embedding): each relative to its qkv's first wait.
+    qkv, att, o = (rows[k] for k in (("att-1", t.KINDS[2]), ("att", t.KINDS[1]), ("att+1", t.KINDS[2])))
+    assert qkv["wait (first)"] == [0, 0] and qkv["end (last)"] == [903, 903] and qkv["body"] == [903, 903]
+    assert att["wait (first)"] == [1_150, 1_150] and att["handoff"] == [1_250 - 1_003] * 2
+    assert att["keys done (last)"] == [1_402, 1_402] and att["rows merged (last)"] == [1_502, 1_502]
+    assert att["body"] == [1_802 - 1_250] * 2 and o["handoff"] == [2_100 - 1_802] * 2
+
+
+def test_trace_buffer_without_the_marks():
+    """A default build: trace_buffer(None) says it has no marks, and a buffer is refused with how to get them."""
+    if torch.ops.pass_ext.trace_buffer(None):
+        pytest.skip("this is a trace build")
+    with pytest.raises(RuntimeError, match="PASS_EXT_TRACE=1"):
+        torch.ops.pass_ext.trace_buffer(torch.zeros(8192, dtype=torch.int64))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+def test_trace_buffer_checks_the_buffer_cuda():
+    if not torch.ops.pass_ext.trace_buffer(None):
+        pytest.skip("not a trace build")
+    for bad in (torch.zeros(8192, dtype=torch.int32, device="cuda"), torch.zeros(100, dtype=torch.int64, device="cuda"),
+                torch.zeros(8192, dtype=torch.int64)):
+        with pytest.raises(RuntimeError, match="buf must be a contiguous int64 CUDA tensor"):
+            torch.ops.pass_ext.trace_buffer(bad)
+
+
+def test_trace_step_refuses_what_it_cannot_trace():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "no-such-model"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "--model must be one of the random-weight presets" in proc.stderr
+    if not (HAS_CUDA and torch.ops.pass_ext.trace_buffer(None)):
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "smollm2-135m-random"], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode != 0
+        assert "needs a GPU and a CUDA build" in proc.stderr or "PASS_EXT_TRACE=1" in proc.stderr
