@@ -26,6 +26,7 @@ static std::string build_info() {
 #endif
 }
 
+#ifdef PASS_EXT_TRACE
 namespace pass_ext {
 namespace {
 std::mutex trace_mutex;
@@ -39,6 +40,7 @@ uint64_t* next_trace_slot() {
   return trace_base + (trace_next++ % trace_slots) * kTraceSlotWords;
 }
 }  // namespace pass_ext
+#endif
 
 // Sets (buf) or clears (None) the buffer of a trace build (csrc/trace.h); true where this build has the marks.
 static bool trace_buffer(const std::optional<at::Tensor>& buf) {

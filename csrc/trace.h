@@ -15,7 +15,11 @@ constexpr int kTracePoints = 8;     // marks per block; the last one holds the k
 constexpr int64_t kTraceSlotWords = int64_t(kTraceBlocks) * kTracePoints;
 
 // The slot of the next traced launch (slots are taken in turn, from the first again after the last), or nullptr
-// when no buffer is set.
+// when no buffer is set; always nullptr, at no cost, in other builds.
+#ifdef PASS_EXT_TRACE
 uint64_t* next_trace_slot();
+#else
+inline uint64_t* next_trace_slot() { return nullptr; }
+#endif
 
 }  // namespace pass_ext
