@@ -101,7 +101,7 @@ def main() -> None:
     for name in ("context", "batch", "reps", "slots"):
         if getattr(args, name) < 1:
             sys.exit(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if not torch.cuda.is_available() or not pass_ext.ops.has_cuda_kernels():
+    if not (pass_ext.ops.has_cuda_kernels() and torch.cuda.is_available()):  # the first named on CPU too
         sys.exit("trace_step needs a GPU and a CUDA build of pass_ext")
     if not torch.ops.pass_ext.trace_buffer(None):
         sys.exit("this build of pass_ext has no trace marks: rebuild it with PASS_EXT_TRACE=1 "

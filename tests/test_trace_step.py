@@ -12,7 +12,7 @@ import torch
 import pass_ext  # noqa: F401  (registers the ops)
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "trace_step.py"
-HAS_CUDA = torch.cuda.is_available() and pass_ext.ops.has_cuda_kernels()
+HAS_CUDA = pass_ext.ops.has_cuda_kernels() and torch.cuda.is_available()
 
 
 def load():
