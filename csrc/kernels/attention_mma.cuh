@@ -343,10 +343,11 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
     l_run[hi] += __shfl_xor_sync(0xffffffffu, l_run[hi], 2);
   }
 
-  // (3) 16-row tiles (KW = kWarps, the decode tiles) with p.warp_merge: every warp puts its state in the (now idle) ring, lane-major, and the block's 128 threads merge
-  // the rows that exist, a column pair each (the merge of (3a) in the same order, so the same bits), then write
-  // them as (3b) does. Key warp 0 alone merged all 16 rows, padding included, in (3a): in the Llama-8B decode step
-  // that took 1.3 us more per layer from the wait to the next kernel's (bench/NOTES.md, twenty-first session).
+  // (3) 16-row tiles (KW = kWarps, the decode tiles) with p.warp_merge: every warp puts its state in the (now idle)
+  // ring, lane-major, and the block's 128 threads merge the rows that exist, a column pair each (the merge of (3a)
+  // in the same order, so the same bits), then write them as (3b) does. Key warp 0 alone merged all 16 rows, padding
+  // included, in (3a): in the Llama-8B decode step that took 1.3 us more per layer from the wait to the next
+  // kernel's (bench/NOTES.md, twenty-first session).
   if constexpr (KW == kWarps) {
     if (p.warp_merge) {
       constexpr int MF = Tile::kMergeFloats;
