@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import pass_ext  # noqa: E402
+from pass_ext import autotune  # noqa: E402
 from pass_ext import engine as E  # noqa: E402
 from pass_ext.presets import PRESETS, random_model  # noqa: E402
 
@@ -108,15 +109,11 @@ def main() -> None:
                  "(FORCE_CUDA=1 PASS_EXT_TRACE=1 pip install --no-build-isolation --no-deps -e .)")
     dev = torch.device("cuda")
     model = random_model(args.model, dev, torch.bfloat16, seed=0)
-    B, cap = args.batch, args.context + 64
+    B = args.batch
     buf = torch.zeros(args.slots * BLOCKS * POINTS, dtype=torch.int64, device=dev)
     with torch.no_grad():
-        cache = model.new_cache(B, cap)
-        cache.lens.fill_(args.context)
-        sampling = E.Sampling(torch.zeros(B, device=dev), torch.zeros(B, dtype=torch.int32, device=dev),
-                              torch.ones(B, device=dev))
-        eng = E.ENGINES["ar"](model, cache, sampling, E.Rng(0, dev), E.Rows(B, cap, [], 0, dev), E.Stats(B, 0, dev))
-        state = eng.start(torch.zeros(B, dtype=torch.long, device=dev))
+        # Room for the capture's warm-up step and the 21 timed replays; the traced replays start from `context` again.
+        eng, state, cache = autotune.scratch_step(model, "ar", B, args.context, False, 0, steps=24)
         torch.ops.pass_ext.trace_buffer(buf)
         try:
             graph = E.StepGraph(eng, state)  # a warm-up step, then the capture: each launch takes its slot

@@ -202,27 +202,34 @@ def _measured(model, method: str, batch: int, ctx: int, sampled: bool, k: int, o
     return table[key]
 
 
-def measure_step(model, method: str, batch: int, context: int, sampled: bool, k: int, reps: int = 8,
-                 tree: Optional[list] = None) -> float:
-    """Seconds per decode step of `method` at k (and `tree`, for pass-tree) on a scratch cache with `context`
-    committed tokens per row (the contents are zeros: the cost of a step does not depend on them). On CUDA the
-    step is a replayed CUDA graph, as in generation."""
+def scratch_step(model, method: str, batch: int, context: int, sampled: bool, k: int, steps: int,
+                 tree: Optional[list] = None):
+    """An engine of `method` at k (and `tree`, for pass-tree) on a scratch cache with `context` committed tokens per
+    row (zeros: the cost of a step does not depend on them) and room for `steps` more steps; returns (engine, its
+    first state, the cache). Call under torch.no_grad()."""
     dev = model.device
     engine_cls = E.ENGINES[method]
     per_step = engine_cls.step_tokens(k, tree) * engine_cls.passes_per_step
-    capacity = context + per_step * (reps + 4) + 1
+    capacity = context + per_step * steps + 1
+    cache = model.new_cache(batch, capacity)
+    cache.lens.fill_(context)
+    temp = torch.full((batch,), 1.0 if sampled else 0.0, device=dev)
+    sampling = E.Sampling(temp, torch.full((batch,), 10 if sampled else 0, dtype=torch.int32, device=dev),
+                          torch.ones(batch, device=dev))
+    rows = E.Rows(batch, capacity, [], 0, dev)
+    stats = E.Stats(batch, k, dev)
+    extra = dict(tree=tree) if method == "pass-tree" else {}
+    eng = engine_cls(model, cache, sampling, E.Rng(0, dev), rows, stats, k=k, **extra)
+    return eng, eng.start(torch.zeros(batch, dtype=torch.long, device=dev)), cache
+
+
+def measure_step(model, method: str, batch: int, context: int, sampled: bool, k: int, reps: int = 8,
+                 tree: Optional[list] = None) -> float:
+    """Seconds per decode step of `method` at k (and `tree`, for pass-tree) on a scratch cache with `context`
+    committed tokens per row (`scratch_step`). On CUDA the step is a replayed CUDA graph, as in generation."""
     with torch.no_grad():
-        cache = model.new_cache(batch, capacity)
-        cache.lens.fill_(context)
-        temp = torch.full((batch,), 1.0 if sampled else 0.0, device=dev)
-        sampling = E.Sampling(temp, torch.full((batch,), 10 if sampled else 0, dtype=torch.int32, device=dev),
-                              torch.ones(batch, device=dev))
-        rows = E.Rows(batch, capacity, [], 0, dev)
-        stats = E.Stats(batch, k, dev)
-        extra = dict(tree=tree) if method == "pass-tree" else {}
-        eng = E.ENGINES[method](model, cache, sampling, E.Rng(0, dev), rows, stats, k=k, **extra)
-        state = eng.start(torch.zeros(batch, dtype=torch.long, device=dev))
-        if dev.type == "cuda":
+        eng, state, _ = scratch_step(model, method, batch, context, sampled, k, reps + 4, tree)
+        if model.device.type == "cuda":
             graph = E.StepGraph(eng, state)
             graph.replay()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
