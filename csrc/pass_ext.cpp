@@ -30,14 +30,15 @@ static std::string build_info() {
 namespace pass_ext {
 namespace {
 std::mutex trace_mutex;
-uint64_t* trace_base = nullptr;
-int64_t trace_slots = 0, trace_next = 0;
+at::Tensor* trace_held = new at::Tensor();  // the buffer while set (never destroyed: no free at exit)
+int64_t trace_next = 0;
 }  // namespace
 
 uint64_t* next_trace_slot() {
   const std::lock_guard<std::mutex> lock(trace_mutex);
-  if (trace_base == nullptr) return nullptr;
-  return trace_base + (trace_next++ % trace_slots) * kTraceSlotWords;
+  if (!trace_held->defined()) return nullptr;
+  const int64_t slot = trace_next++ % (trace_held->numel() / kTraceSlotWords);
+  return reinterpret_cast<uint64_t*>(trace_held->data_ptr<int64_t>()) + slot * kTraceSlotWords;
 }
 }  // namespace pass_ext
 #endif
@@ -55,10 +56,7 @@ static bool trace_buffer(const std::optional<at::Tensor>& buf) {
                 " elements", t.is_contiguous() ? "" : ", not contiguous");
   }
   const std::lock_guard<std::mutex> lock(pass_ext::trace_mutex);
-  static auto* held = new at::Tensor();  // keeps the buffer alive while it is set (never destroyed: no exit-time free)
-  *held = buf.has_value() ? *buf : at::Tensor();
-  pass_ext::trace_base = buf.has_value() ? reinterpret_cast<uint64_t*>(buf->data_ptr<int64_t>()) : nullptr;
-  pass_ext::trace_slots = buf.has_value() ? buf->numel() / pass_ext::kTraceSlotWords : 0;
+  *pass_ext::trace_held = buf.has_value() ? *buf : at::Tensor();
   pass_ext::trace_next = 0;
   return true;
 #else

@@ -22,4 +22,25 @@ uint64_t* next_trace_slot();
 inline uint64_t* next_trace_slot() { return nullptr; }
 #endif
 
+#ifdef __CUDACC__
+// A kernel's mark: thread 0 of each of the first kTraceBlocks blocks stores %globaltimer at `point` of its block's
+// record in the launch's slot, and `kind` at the last point. Nothing in other builds or without a slot. Kinds:
+// 1 attention_mma_kernel, 2 decode_linear_bulk_kernel, 3 decode_linear_kernel, 4 attention_kernel.
+__device__ __forceinline__ void trace_mark(unsigned long long* slot, int point, int kind) {
+#if defined(PASS_EXT_TRACE) && defined(__CUDA_ARCH__)
+  if (slot != nullptr && threadIdx.x == 0) {
+    const unsigned block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    if (block < unsigned(kTraceBlocks)) {
+      unsigned long long ns;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+      slot[block * kTracePoints + point] = ns;
+      slot[block * kTracePoints + kTracePoints - 1] = static_cast<unsigned long long>(kind);
+    }
+  }
+#else
+  (void)slot, (void)point, (void)kind;
+#endif
+}
+#endif
+
 }  // namespace pass_ext

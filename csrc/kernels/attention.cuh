@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "pdl.cuh"
+#include "trace.h"
 
 namespace pass_ext::kernels {
 

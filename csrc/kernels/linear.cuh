@@ -34,6 +34,7 @@
 
 #include "attention_mma.cuh"
 #include "pdl.cuh"
+#include "trace.h"
 
 namespace pass_ext::kernels {
 
