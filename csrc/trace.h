@@ -3,8 +3,8 @@
 // attention and decode_linear kernels; every other build compiles them to nothing. Once a buffer is set
 // (torch.ops.pass_ext.trace_buffer), each launch of those kernels, at capture for a CUDA graph, takes the next slot
 // of the buffer, and thread 0 of each of its first kTraceBlocks blocks stores %globaltimer (ns) at its marks: point 0
-// at entry, 1 when the wait for the kernel before returns, then the kernel's own points (kernels/pdl.cuh), and 7 the
-// kernel's kind. A replay rewrites the same slots.
+// at entry, 1 when the wait for the kernel before returns, then the kernel's own points (trace_mark's callers), and
+// 7 the kernel's kind. A replay rewrites the same slots.
 #pragma once
 #include <cstdint>
 
