@@ -343,31 +343,43 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
     l_run[hi] += __shfl_xor_sync(0xffffffffu, l_run[hi], 2);
   }
 
-  // (3) 16-row tiles (KW = kWarps, the decode tiles) with p.warp_merge: every warp puts its state in the (now idle)
-  // ring, lane-major, and the block's 128 threads merge the rows that exist, a column pair each (the merge of (3a)
-  // in the same order, so the same bits), then write them as (3b) does. Key warp 0 alone merged all 16 rows, padding
-  // included, in (3a): in the Llama-8B decode step that took 1.3 us more per layer from the wait to the next
-  // kernel's (bench/NOTES.md, twenty-first session).
-  if constexpr (KW == kWarps) {
-    if (p.warp_merge) {
-      constexpr int MF = Tile::kMergeFloats;
-      float* sm = reinterpret_cast<float*>(smem_raw);  // [kWarps][MF][32]
-      __syncthreads();                                 // every warp is done reading the ring
-      trace_mark(p.trace, 5, 1);
-      {
-        float* mine = sm + warp * MF * 32 + lane;
+  // (3a) Key warps of a row tile hold states of the same rows over disjoint keys: each puts its state in the (now
+  // idle) ring, lane-major so every access is conflict-free, and key warp 0 merges them. 16-row tiles (KW = kWarps,
+  // the decode tiles) with p.warp_merge: every warp's state goes in, and the block's 128 threads merge the rows that
+  // exist, a column pair each, in key warp 0's order (so the same bits), and write them as (3b) does. Key warp 0
+  // alone merged all 16 rows, padding included: in the Llama-8B decode step that took 1.3 us more per layer from
+  // the wait to the next kernel's (bench/NOTES.md, twenty-first session). 32-row tiles (KW = 2) keep key warp 0's
+  // merge: their rows are mostly real, and one timing at B = 1, Q = 5 had the other 1.09x slower (within that run's
+  // noise, unconfirmed). With one key warp the barrier is there for the cluster merge, whose partials go into the
+  // ring.
+  const bool all_threads = KW == kWarps && p.warp_merge;
+  if constexpr (KW == 1) {
+    if (p.cluster) __syncthreads();  // every warp is done reading the ring
+  }
+  if constexpr (KW > 1) {
+    constexpr int MF = Tile::kMergeFloats;
+    float* sm = reinterpret_cast<float*>(smem_raw);  // [kWarps][MF][32]
+    __syncthreads();                                 // every warp is done reading the ring
+    trace_mark(p.trace, 5, 1);
+    if (all_threads || kw != 0) {
+      float* mine = sm + warp * MF * 32 + lane;
 #pragma unroll
-        for (int d = 0; d < DT; ++d)
+      for (int d = 0; d < DT; ++d)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) mine[(d * 4 + e) * 32] = o[d][e];
+        for (int e = 0; e < 4; ++e) mine[(d * 4 + e) * 32] = o[d][e];
 #pragma unroll
-        for (int hi = 0; hi < 2; ++hi) {
-          mine[(DT * 4 + hi) * 32] = m_run[hi];
-          mine[(DT * 4 + 2 + hi) * 32] = l_run[hi];
-        }
+      for (int hi = 0; hi < 2; ++hi) {
+        mine[(DT * 4 + hi) * 32] = m_run[hi];
+        mine[(DT * 4 + 2 + hi) * 32] = l_run[hi];
       }
-      __syncthreads();
-      trace_mark(p.trace, 6, 1);
+    }
+    __syncthreads();
+    trace_mark(p.trace, 6, 1);
+  }
+  if constexpr (KW == kWarps) {
+    if (all_threads) {
+      constexpr int MF = Tile::kMergeFloats;
+      const float* sm = reinterpret_cast<const float*>(smem_raw);
       const int rows = min(Tile::kRows, p.R - row0);
       T* out = static_cast<T*>(p.out);
       // Item -> (column pair 2 (4 dt + t4), row r): t4 fastest, then the row, then the 8-channel tile dt, so that a
@@ -409,102 +421,73 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
       }
     }
   }
-  if (KW != kWarps || !p.warp_merge) {
-    // (3a) Key warps of a row tile hold states of the same rows over disjoint keys: merge them into key warp 0
-    // through the (now idle) ring, lane-major so every access is conflict-free. With one key warp the barrier
-    // is there for the cluster merge, whose partials go into the ring. 32-row tiles (KW = 2) stay here: their
-    // rows are mostly real, and one timing at B = 1, Q = 5 had the merge of (3) 1.09x slower (within that run's
-    // noise, unconfirmed).
-    if constexpr (KW == 1) {
-      if (p.cluster) __syncthreads();  // every warp is done reading the ring
-    }
+  // Else only key warp 0 of a row tile holds its rows from here; the others skip to the fused combine.
+  if (!all_threads && kw == 0) {
     if constexpr (KW > 1) {
       constexpr int MF = Tile::kMergeFloats;
-      float* sm = reinterpret_cast<float*>(smem_raw);  // [kWarps][MF][32]
-      __syncthreads();                                 // every warp is done reading the ring
-      trace_mark(p.trace, 5, 1);
-      if (kw != 0) {
-        float* mine = sm + warp * MF * 32 + lane;
+      const float* sm = reinterpret_cast<const float*>(smem_raw);
+      float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
-        for (int d = 0; d < DT; ++d)
+      for (int w = 1; w < KW; ++w)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) mine[(d * 4 + e) * 32] = o[d][e];
-#pragma unroll
-        for (int hi = 0; hi < 2; ++hi) {
-          mine[(DT * 4 + hi) * 32] = m_run[hi];
-          mine[(DT * 4 + 2 + hi) * 32] = l_run[hi];
-        }
-      }
-      __syncthreads();
-      trace_mark(p.trace, 6, 1);
-    }
-    // Only key warp 0 of a row tile holds its rows from here; the others skip to the fused combine.
-    if (kw == 0) {
-      if constexpr (KW > 1) {
-        constexpr int MF = Tile::kMergeFloats;
-        const float* sm = reinterpret_cast<const float*>(smem_raw);
-        float mx[2] = {m_run[0], m_run[1]};
-#pragma unroll
-        for (int w = 1; w < KW; ++w)
-#pragma unroll
-          for (int hi = 0; hi < 2; ++hi) mx[hi] = fmaxf(mx[hi], sm[((warp + w) * MF + DT * 4 + hi) * 32 + lane]);
-        float m_use[2], f[2];
-#pragma unroll
-        for (int hi = 0; hi < 2; ++hi) {
-          m_use[hi] = mx[hi] == -INFINITY ? 0.f : mx[hi];
-          f[hi] = exp2f(m_run[hi] - m_use[hi]);  // 0 for a warp that saw no visible key
-          l_run[hi] *= f[hi];
-          m_run[hi] = mx[hi];
-        }
-#pragma unroll
-        for (int d = 0; d < DT; ++d)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) o[d][e] *= f[e >> 1];
-#pragma unroll
-        for (int w = 1; w < KW; ++w) {
-          const float* other = sm + (warp + w) * MF * 32 + lane;
-#pragma unroll
-          for (int hi = 0; hi < 2; ++hi) {
-            f[hi] = exp2f(other[(DT * 4 + hi) * 32] - m_use[hi]);
-            l_run[hi] += f[hi] * other[(DT * 4 + 2 + hi) * 32];
-          }
-#pragma unroll
-          for (int d = 0; d < DT; ++d)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) o[d][e] += f[e >> 1] * other[(d * 4 + e) * 32];
-        }
-      }
-
-      // (3b) Write out: final rows when there is one split, else unnormalised partials and (max, sum) — into
-      // this block's shared memory for the cluster merge, else global memory.
-      T* out = static_cast<T*>(p.out);
+        for (int hi = 0; hi < 2; ++hi) mx[hi] = fmaxf(mx[hi], sm[((warp + w) * MF + DT * 4 + hi) * 32 + lane]);
+      float m_use[2], f[2];
 #pragma unroll
       for (int hi = 0; hi < 2; ++hi) {
-        const int row = wrow0 + g + 8 * hi;
-        if (row >= p.R) continue;
-        if (p.cluster) {
-          const int r = row - row0;
+        m_use[hi] = mx[hi] == -INFINITY ? 0.f : mx[hi];
+        f[hi] = exp2f(m_run[hi] - m_use[hi]);  // 0 for a warp that saw no visible key
+        l_run[hi] *= f[hi];
+        m_run[hi] = mx[hi];
+      }
 #pragma unroll
-          for (int d = 0; d < DT; ++d)
-            *reinterpret_cast<float2*>(sPart + r * D + d * 8 + 2 * t4) = make_float2(o[d][2 * hi], o[d][2 * hi + 1]);
-          if (t4 == 0) sML[r] = make_float2(m_run[hi], l_run[hi]);
-        } else if (p.splits == 1) {
-          const float inv = l_run[hi] > 0.f ? 1.f / l_run[hi] : 0.f;  // a row that saw no key outputs zeros
-          T* orow = out + out_row_offset(p, b, h, row, D);
+      for (int d = 0; d < DT; ++d)
 #pragma unroll
-          for (int d = 0; d < DT; ++d)
-            *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * t4) = pack2<T>(o[d][2 * hi] * inv, o[d][2 * hi + 1] * inv);
-        } else {
-          const int64_t prow = (int64_t(bh) * p.splits + split) * p.R + row;
-          float* acc = p.part_acc + prow * D;
+        for (int e = 0; e < 4; ++e) o[d][e] *= f[e >> 1];
 #pragma unroll
-          for (int d = 0; d < DT; ++d)
-            *reinterpret_cast<float2*>(acc + d * 8 + 2 * t4) = make_float2(o[d][2 * hi], o[d][2 * hi + 1]);
-          if (t4 == 0) p.part_ml[prow] = make_float2(m_run[hi], l_run[hi]);
+      for (int w = 1; w < KW; ++w) {
+        const float* other = sm + (warp + w) * MF * 32 + lane;
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+          f[hi] = exp2f(other[(DT * 4 + hi) * 32] - m_use[hi]);
+          l_run[hi] += f[hi] * other[(DT * 4 + 2 + hi) * 32];
         }
+#pragma unroll
+        for (int d = 0; d < DT; ++d)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[d][e] += f[e >> 1] * other[(d * 4 + e) * 32];
+      }
+    }
+
+    // (3b) Write out: final rows when there is one split, else unnormalised partials and (max, sum) — into
+    // this block's shared memory for the cluster merge, else global memory.
+    T* out = static_cast<T*>(p.out);
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      const int row = wrow0 + g + 8 * hi;
+      if (row >= p.R) continue;
+      if (p.cluster) {
+        const int r = row - row0;
+#pragma unroll
+        for (int d = 0; d < DT; ++d)
+          *reinterpret_cast<float2*>(sPart + r * D + d * 8 + 2 * t4) = make_float2(o[d][2 * hi], o[d][2 * hi + 1]);
+        if (t4 == 0) sML[r] = make_float2(m_run[hi], l_run[hi]);
+      } else if (p.splits == 1) {
+        const float inv = l_run[hi] > 0.f ? 1.f / l_run[hi] : 0.f;  // a row that saw no key outputs zeros
+        T* orow = out + out_row_offset(p, b, h, row, D);
+#pragma unroll
+        for (int d = 0; d < DT; ++d)
+          *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * t4) = pack2<T>(o[d][2 * hi] * inv, o[d][2 * hi + 1] * inv);
+      } else {
+        const int64_t prow = (int64_t(bh) * p.splits + split) * p.R + row;
+        float* acc = p.part_acc + prow * D;
+#pragma unroll
+        for (int d = 0; d < DT; ++d)
+          *reinterpret_cast<float2*>(acc + d * 8 + 2 * t4) = make_float2(o[d][2 * hi], o[d][2 * hi + 1]);
+        if (t4 == 0) p.part_ml[prow] = make_float2(m_run[hi], l_run[hi]);
       }
     }
   }
+
   // The cluster merge serves any tile (by default the launcher clusters decode tiles only). The fused combine:
   // only 16-row tiles (KW = kWarps) can hold at most the launcher's kFusedCombineMaxRows rows; the other
   // instances never run it, and leaving it out of them keeps it out of their code.
