@@ -8,10 +8,12 @@ The step (method `ar`) is captured as in generation, on a scratch cache holding 
 replayed --reps times; each launch's first 1024 blocks record the global timer (ns, 32 ns or coarser) at entry, when
 the wait for the kernel before returns, at the kernel's own points and at the end. The launches are grouped into
 layers at each attention launch: "att-1" is the launch before it (the qkv projection), "att+1" the one after (o), and
-so on. Printed: per position, medians over layers and replays of the first block's entry and wait and the last
-block's end, relative to att-1's first wait; the handoff (the last block's end of the launch before to the first wait
-here) and the body (first wait to last end); for attention its points too. Kernels that are not traced (norms outside
-the projections, sampling, cuBLAS) show as handoffs longer than the usual ~0.5 µs.
+so on. Printed: per position, medians over layers and replays of the first and last block's entry, the first
+block's wait and the first and last block's end, relative to att-1's first wait; the handoff (the last block's end of
+the launch before to the first wait here) and the body (first wait to last end); for attention its points too. The
+spread of entries shows when a launch's blocks found room beside the kernel before (under a dependent launch), the
+spread of ends how evenly its blocks' work came out. Kernels that are not traced (norms outside the projections,
+sampling, cuBLAS) show as handoffs longer than the usual ~0.5 µs.
 """
 from __future__ import annotations
 
@@ -75,7 +77,9 @@ def layer_rows(seq: list[dict]) -> dict:
             key = (pos, KINDS.get(d["kind"], str(d["kind"])))
             r = rows.setdefault(key, {})
             r.setdefault("entry (first)", []).append(d[0][0] - base)
+            r.setdefault("entry (last)", []).append(d[0][1] - base)
             r.setdefault("wait (first)", []).append(d[1][0] - base)
+            r.setdefault("end (first)", []).append(d[4][0] - base)
             r.setdefault("end (last)", []).append(d[4][1] - base)
             r.setdefault("body", []).append(d[4][1] - d[1][0])
             if prev_end is not None:
