@@ -12,8 +12,9 @@ so on. Printed: per position, medians over layers and replays of the first and l
 block's wait and the first and last block's end, relative to att-1's first wait; the handoff (the last block's end of
 the launch before to the first wait here) and the body (first wait to last end); for attention its points too. The
 spread of entries shows when a launch's blocks found room beside the kernel before (under a dependent launch), the
-spread of ends how evenly its blocks' work came out. Kernels that are not traced (norms outside the projections,
-sampling, cuBLAS) show as handoffs longer than the usual ~0.5 µs.
+spread of ends how evenly its blocks' work came out; "blocks sharing an SM" counts the blocks that ran on an SM
+with another block of the same launch (in a one-wave grid of one block per SM, stacked blocks). Kernels that are not
+traced (norms outside the projections, sampling, cuBLAS) show as handoffs longer than the usual ~0.5 µs.
 """
 from __future__ import annotations
 
@@ -42,13 +43,18 @@ ATT_POINTS = {2: "keys done", 5: "merge barrier 1", 6: "merge barrier 2", 3: "ro
 
 
 def launches(buf: np.ndarray) -> list[dict]:
-    """The slots a replay wrote, in launch order: kind, and per point the first and last block's time (ns)."""
+    """The slots a replay wrote, in launch order: kind, per point the first and last block's time (ns), and where
+    the blocks ran: "sms", the SMs they ran on, and "shared", those of them that ran on an SM with another block of
+    the same launch (the marks' last word holds the kind in its low 8 bits and the block's SM above them)."""
     out = []
     for slot in buf:
         rec = slot[slot[:, 7] != 0]
         if not len(rec):
             continue
-        d = {"kind": int(rec[0, 7]), "blocks": len(rec)}
+        sm = rec[:, 7] >> 8
+        _, per_sm = np.unique(sm, return_counts=True)
+        d = {"kind": int(rec[0, 7] & 0xFF), "blocks": len(rec), "sms": len(per_sm),
+             "shared": int(per_sm[per_sm > 1].sum())}
         for p in range(7):
             col = rec[:, p][rec[:, p] != 0]
             if len(col):
@@ -82,6 +88,8 @@ def layer_rows(seq: list[dict]) -> dict:
             r.setdefault("end (first)", []).append(d[4][0] - base)
             r.setdefault("end (last)", []).append(d[4][1] - base)
             r.setdefault("body", []).append(d[4][1] - d[1][0])
+            r.setdefault("blocks (count)", []).append(d["blocks"])
+            r.setdefault("blocks sharing an SM (count)", []).append(d["shared"])
             if prev_end is not None:
                 r.setdefault("handoff", []).append(d[1][0] - prev_end)
             if d["kind"] in ATTENTION:
@@ -150,10 +158,11 @@ def main() -> None:
     for (pos, kind), r in rows.items():
         print(f"{pos:6s} {kind}")
         for name, v in r.items():
-            med = statistics.median(v) / 1e3
-            lo, hi = np.percentile(v, [10, 90]) / 1e3
+            scale = 1 if name.endswith("(count)") else 1e3  # counts as they are, times in µs
+            med = statistics.median(v) / scale
+            lo, hi = np.percentile(v, [10, 90]) / scale
             summary[f"{pos} {name}"] = med
-            print(f"    {name:24s} {med:8.2f}  ({lo:.2f}-{hi:.2f})")
+            print(f"    {name:30s} {med:8.2f}  ({lo:.2f}-{hi:.2f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "batch": B, "context": args.context, "step_ms": step_ms,

@@ -22,13 +22,13 @@ def load():
     return mod
 
 
-def slot(kind, blocks, marks):
-    """A slot of `blocks` blocks whose block i has point p at marks[p] + i (ns)."""
+def slot(kind, blocks, marks, sms=None):
+    """A slot of `blocks` blocks whose block i has point p at marks[p] + i (ns) and ran on SM sms[i] (default i)."""
     s = np.zeros((1024, 8), dtype=np.int64)
     for i in range(blocks):
         for p, t in marks.items():
             s[i, p] = t + i
-        s[i, 7] = kind
+        s[i, 7] = kind | (i if sms is None else sms[i]) << 8
     return s
 
 
@@ -51,6 +51,15 @@ def test_launches_and_layers_from_synthetic_slots():
     assert att["wait (first)"] == [1_150, 1_150] and att["handoff"] == [1_250 - 1_003] * 2
     assert att["keys done (last)"] == [1_402, 1_402] and att["rows merged (last)"] == [1_502, 1_502]
     assert att["body"] == [1_802 - 1_250] * 2 and o["handoff"] == [2_100 - 1_802] * 2
+    assert qkv["blocks (count)"] == [4, 4] and qkv["blocks sharing an SM (count)"] == [0, 0]
+
+
+def test_blocks_sharing_an_sm():
+    """SM 0 (its kind word's bits above the low 8, which hold the kind) holds two blocks, SM 5 three, SM 7 one."""
+    t = load()
+    buf = np.stack([slot(2, 6, {0: 0, 1: 10, 4: 100}, sms=[0, 5, 0, 5, 7, 5])])
+    (d,) = t.launches(buf)
+    assert d["kind"] == 2 and d["blocks"] == 6 and d["sms"] == 3 and d["shared"] == 5
 
 
 def test_trace_buffer_without_the_marks():
