@@ -92,15 +92,19 @@ def batch_tokens(acceptance: list, k: int, base: int, efficiency: float = 1.0) -
     return 1.0 if k == 0 else base + efficiency * (expected_tokens(acceptance, k, base) - base)
 
 
-def call_steps(new_tokens: int, tokens_per_step: float, sync_every: int = 1) -> int:
-    """Steps a call runs to emit new_tokens at tokens_per_step: the host stops the loop on a multiple of
-    sync_every."""
-    steps = math.ceil(new_tokens / max(tokens_per_step, 1e-9) - 1e-9)
-    return -(-max(steps, 1) // sync_every) * sync_every
+def call_steps(new_tokens: int, tokens_per_step: float, sync_every: int = 1, min_steps: int = 0) -> int:
+    """Steps a call runs to emit new_tokens at tokens_per_step: the host stops the loop at its first check at or
+    after that, at `min_steps` (`engine.stop_bound`: without EOS, no row can end earlier) or on a multiple of
+    sync_every past it."""
+    steps = max(math.ceil(new_tokens / max(tokens_per_step, 1e-9) - 1e-9), 1)
+    if steps <= min_steps:
+        return min_steps
+    return -(-steps // sync_every) * sync_every
 
 
 def choose_k(costs: dict, acceptance: Optional[list], base: int, max_k: int, previous: Optional[int] = None,
-             new_tokens: Optional[int] = None, sync_every: int = 1, efficiency: float = 1.0) -> int:
+             new_tokens: Optional[int] = None, sync_every: int = 1, efficiency: float = 1.0,
+             bounded: bool = False) -> int:
     """argmax_k E(k) / cost(k) over the measured costs {k: seconds} (k = 0 costs plain decoding). Without
     an acceptance estimate, the largest k that could still win even if every draft were accepted.
 
@@ -115,16 +119,19 @@ def choose_k(costs: dict, acceptance: Optional[list], base: int, max_k: int, pre
         best = max((k for k in costs if k > 0 and k <= max_k and (k + base) / costs[k] > 1.0 / ar), default=0)
         return best
     score = _scores({k: c for k, c in costs.items() if k <= max_k},
-                    lambda k: batch_tokens(acceptance, k, base, efficiency), new_tokens, sync_every)
+                    lambda k: batch_tokens(acceptance, k, base, efficiency), new_tokens, sync_every,
+                    (lambda k: 1 if k == 0 else k + base) if bounded else None)
     return _settle(score, max(score, key=lambda k: (score[k], -k)), previous, 0)
 
 
-def _scores(costs: dict, gain, new_tokens: Optional[int], sync_every: int) -> dict:
+def _scores(costs: dict, gain, new_tokens: Optional[int], sync_every: int, emits=None) -> dict:
     """Tokens per second of every option {option: seconds per step}, with gain(option) tokens per step: per step,
-    or with `new_tokens` per whole call (`call_steps`)."""
+    or with `new_tokens` per whole call (`call_steps`; emits(option): the most tokens a step emits, when the
+    host's first check waits for `engine.stop_bound`)."""
     if new_tokens is None:
         return {o: gain(o) / c for o, c in costs.items()}
-    return {o: 1.0 / (call_steps(new_tokens, gain(o), sync_every) * c) for o, c in costs.items()}
+    first = (lambda o: 0) if emits is None else (lambda o: -(-new_tokens // emits(o)))
+    return {o: 1.0 / (call_steps(new_tokens, gain(o), sync_every, first(o)) * c) for o, c in costs.items()}
 
 
 def _settle(score: dict, best, previous, plain):
@@ -318,7 +325,7 @@ def tree_step_costs(model, batch: int, context: int, sampled: bool, options: lis
 
 
 def choose_tree(costs: dict, profile: list, previous=None, new_tokens: Optional[int] = None, sync_every: int = 1,
-                efficiency: float = 1.0):
+                efficiency: float = 1.0, bounded: bool = False):
     """The (depth, nodes) of `costs` ((0, 0): plain decoding) with the most tokens per second: E(tree) under the
     profile, for the tree that option draws (`masks.default_tree(depth, nodes, profile)`), batch-adjusted and,
     with `new_tokens`, scored per whole call as in `choose_k`; `previous` stays unless another scores
@@ -328,5 +335,5 @@ def choose_tree(costs: dict, profile: list, previous=None, new_tokens: Optional[
         if k == 0:
             return 1.0
         return 1.0 + efficiency * (masks.expected_tree_tokens(masks.default_tree(k, n, profile), profile) - 1.0)
-    score = _scores(costs, gain, new_tokens, sync_every)
+    score = _scores(costs, gain, new_tokens, sync_every, (lambda o: o[0] + 1) if bounded else None)
     return _settle(score, max(score, key=lambda o: (score[o], -costs[o])), previous, (0, 0))

@@ -190,6 +190,11 @@ class Engine:
         """New tokens per row that one step writes into the target cache (`q_step`), before an engine exists."""
         return 1
 
+    @staticmethod
+    def step_emits(k: int, tree=None) -> int:
+        """The most tokens one step can emit per row (`run`'s bound on when a call can end)."""
+        return 1
+
     def __init__(self, model, cache, sampling: Sampling, rng: Rng, rows: Rows, stats: Stats, k: int = 0):
         self.model, self.cache, self.sampling, self.rng, self.rows, self.stats = model, cache, sampling, rng, rows, stats
         self.k = k
@@ -288,6 +293,10 @@ class PassEngine(Engine):
     def step_tokens(k: int, tree=None) -> int:
         return k + 1
 
+    @staticmethod
+    def step_emits(k: int, tree=None) -> int:
+        return k + 2  # the validation pass's accepted drafts and correction, then the drafting pass's token
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         k, dev = self.k, self.device
@@ -369,6 +378,10 @@ class FusedPassEngine(PassEngine):
     @staticmethod
     def step_tokens(k: int, tree=None) -> int:
         return (k + 1) ** 2
+
+    @staticmethod
+    def step_emits(k: int, tree=None) -> int:
+        return k + 1
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -462,6 +475,10 @@ class TreePassEngine(Engine):
     def step_tokens(k: int, tree=None) -> int:
         return masks.tree_layout(masks.default_tree(k) if tree is None else tree, k).rows
 
+    @staticmethod
+    def step_emits(k: int, tree=None) -> int:
+        return k + 1  # a path of at most k (the depth) accepted drafts and the token after it
+
     def __init__(self, *args, tree=None, **kwargs):
         super().__init__(*args, **kwargs)
         k, dev = self.k, self.device
@@ -538,6 +555,10 @@ class DraftModelEngine(Engine):
     def step_tokens(k: int, tree=None) -> int:
         return k + 1
 
+    @staticmethod
+    def step_emits(k: int, tree=None) -> int:
+        return k + 1
+
     def __init__(self, *args, draft_model, draft_cache, **kwargs):
         super().__init__(*args, **kwargs)
         self.draft_model, self.draft_cache = draft_model, draft_cache
@@ -607,6 +628,21 @@ class DraftModelEngine(Engine):
         return StepState(c=nxt)
 
 
+def stop_bounded(eos: bool, room: bool) -> bool:
+    """Whether `stop_bound` bounds a call: no EOS, room in the cache for every token (the default capacity), and
+    the environment does not set PASS_EXT_STOP_BOUND=0."""
+    return not eos and room and os.environ.get("PASS_EXT_STOP_BOUND", "1") != "0"
+
+
+def stop_bound(engine_cls, k: int, tree, max_new_tokens: int, eos: bool, room: bool) -> int:
+    """Steps before which no row can be done (`run`'s `min_steps`): without EOS and with room in the cache for
+    every token, a row ends only at max_new_tokens, at most `step_emits` per step (`stop_bounded`); else 0
+    (check from the first step)."""
+    if not stop_bounded(eos, room):
+        return 0
+    return -(-max_new_tokens // engine_cls.step_emits(k, tree))
+
+
 ENGINES = {"ar": AutoregressiveEngine, "pass": FusedPassEngine, "pass-paper": PassEngine, "pass-tree": TreePassEngine,
            "draft": DraftModelEngine}
 
@@ -658,8 +694,14 @@ class StepGraph:
 
 
 def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Callable[[], None]] = None,
-        cuda_graphs: bool = False, graph: Optional[StepGraph] = None) -> tuple[int, Optional[StepGraph]]:
+        cuda_graphs: bool = False, graph: Optional[StepGraph] = None,
+        min_steps: int = 0) -> tuple[int, Optional[StepGraph]]:
     """Iterate steps until every row is done; the host looks at device state every `sync_every` steps.
+
+    `min_steps`: no row can be done before that many steps (the caller's bound, `stop_bound`). The host checks
+    for the end only from there, once at `min_steps` itself and then every `sync_every` steps; `on_sync` still
+    runs every `sync_every` steps. Each check waits for the GPU, which then idles until the host launches the
+    next step (~0.05-0.2 ms on an H200: a step's graph, the host's loop and its launch).
 
     With `cuda_graphs` (CUDA only), `graph`, a step captured earlier on the same engine and buffers, is
     primed with the state and replayed from the first step (from the second for engines whose first step
@@ -682,8 +724,9 @@ def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Call
         else:
             state = engine.step(state)
         steps += 1
-        if steps % sync_every == 0:
-            if on_sync is not None:
-                on_sync()
+        synced = steps % sync_every == 0
+        if synced and on_sync is not None:
+            on_sync()
+        if (synced or steps == min_steps) and steps >= min_steps:
             if bool(engine.rows.done.all()):
                 return steps, graph

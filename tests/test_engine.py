@@ -293,6 +293,59 @@ def test_generate_takes_a_transformers_model_and_converts_it_once():
     assert hf in _converted
 
 
+# ---------------------------------------------------------------- when the host checks for the end
+
+@pytest.mark.parametrize("method", ["ar"] + METHODS)
+def test_a_step_never_emits_more_than_its_bound(tiny, monkeypatch, method):
+    """stop_bound's premise: per step a row emits at most step_emits tokens. The draft method drafting with the
+    target itself accepts every draft, so its steps reach the bound (the check can fail)."""
+    from pass_ext import engine as E
+    hf, model, draft = tiny
+    k = 1 if method == "pass-tree" else 3
+    cls = E.ENGINES[method]
+    grown = []
+    step = cls.step
+
+    def counted(self, state):
+        before = self.rows.n.clone()
+        out = step(self, state)
+        grown.append(int((self.rows.n - before).max()))
+        return out
+
+    monkeypatch.setattr(cls, "step", counted)
+    run(model, [[2, 3, 4], [5]], method, model if method == "draft" else None, lookahead=None if method == "ar" else k,
+        max_new_tokens=30, eos_token_id=False, cuda_graphs=False)
+    assert grown and max(grown) <= cls.step_emits(k)
+    if method == "draft":
+        assert max(grown) == k + 1
+
+
+def test_without_eos_the_host_checks_once_the_rows_can_be_done(tiny, monkeypatch):
+    """No EOS and the default capacity: every row needs max_new_tokens, so plain decoding runs exactly that many
+    steps (its first check), not the next multiple of sync_every; the same tokens either way."""
+    hf, model, _ = tiny
+    kw = dict(max_new_tokens=10, sync_every=4, cuda_graphs=False)
+    bound = run(model, [[2, 3, 4]], "ar", eos_token_id=False, **kw)
+    assert bound.stats.forward_passes == 10
+    monkeypatch.setenv("PASS_EXT_STOP_BOUND", "0")
+    grid = run(model, [[2, 3, 4]], "ar", eos_token_id=False, **kw)
+    assert grid.stats.forward_passes == 12  # checks at 4, 8, 12
+    assert grid.new_tokens[0].tolist() == bound.new_tokens[0].tolist()
+    monkeypatch.delenv("PASS_EXT_STOP_BOUND")
+    # A cache capacity of the caller's (rows may stop for length early) or EOS: checks from the first step.
+    assert run(model, [[2, 3, 4]], "ar", eos_token_id=False, max_length=64, **kw).stats.forward_passes == 12
+
+
+def test_stop_bound():
+    from pass_ext import engine as E
+    assert E.stop_bound(E.ENGINES["ar"], 0, None, 64, eos=False, room=True) == 64
+    assert E.stop_bound(E.ENGINES["pass"], 4, None, 64, eos=False, room=True) == 13       # 5 tokens a step
+    assert E.stop_bound(E.ENGINES["pass-paper"], 4, None, 64, eos=False, room=True) == 11  # 6
+    assert E.stop_bound(E.ENGINES["draft"], 4, None, 64, eos=False, room=True) == 13
+    assert E.stop_bound(E.ENGINES["ar"], 0, None, 64, eos=True, room=True) == 0
+    assert E.stop_bound(E.ENGINES["ar"], 0, None, 64, eos=False, room=False) == 0
+
+
 def test_eos_true_is_refused(tiny):
     hf, model, _ = tiny
     with pytest.raises(TypeError, match="eos_token_id"):
@@ -401,6 +454,13 @@ def test_autotune_scores_whole_calls_with_the_batch_efficiency():
     assert autotune.choose_k(costs, [0.30], 1, 1) == 1                           # per step: 1.30/1.21 > 1
     assert autotune.choose_k(costs, [0.30], 1, 1, new_tokens=64, sync_every=4) == 1  # 52 steps: still a win
     assert autotune.choose_k(costs, [0.30], 1, 1, new_tokens=64, sync_every=4, efficiency=0.6) == 0  # 56 steps
+    # Without EOS the host first checks once no row can be left (engine.stop_bound): plain decoding runs exactly
+    # its new tokens' steps, not the next multiple of sync_every, and stops counting against it.
+    assert autotune.call_steps(30, 1.0, 4) == 32 and autotune.call_steps(30, 1.0, 4, min_steps=30) == 30
+    assert autotune.call_steps(30, 1.3, 4, min_steps=15) == 24  # 23.1 -> 24, past the first check
+    costs = {0: 1.0, 1: 1.08}
+    assert autotune.choose_k(costs, [0.10], 1, 1, new_tokens=30, sync_every=4) == 1  # 28 x 1.08 against 32
+    assert autotune.choose_k(costs, [0.10], 1, 1, new_tokens=30, sync_every=4, bounded=True) == 0  # against 30
 
     class M:
         pass
