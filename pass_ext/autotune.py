@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -104,12 +104,14 @@ def call_steps(new_tokens: int, tokens_per_step: float, sync_every: int = 1, min
 
 def choose_k(costs: dict, acceptance: Optional[list], base: int, max_k: int, previous: Optional[int] = None,
              new_tokens: Optional[int] = None, sync_every: int = 1, efficiency: float = 1.0,
-             bounded: bool = False) -> int:
+             first_check: Optional[Callable[[int], int]] = None) -> int:
     """argmax_k E(k) / cost(k) over the measured costs {k: seconds} (k = 0 costs plain decoding). Without
     an acceptance estimate, the largest k that could still win even if every draft were accepted.
 
     With `new_tokens`, a whole call is scored instead: tokens / (call_steps(new_tokens, E_batch(k),
-    sync_every) * cost(k)), E_batch(k) = base + efficiency * (E(k) - base) (see `record_efficiency`).
+    sync_every, first_check(k)) * cost(k)), E_batch(k) = base + efficiency * (E(k) - base) (see
+    `record_efficiency`); first_check(k): the steps before the host's first stop check at k (`engine.stop_bound`,
+    for calls without EOS: plain decoding then runs exactly new_tokens steps), or None: none.
 
     `previous` (the k chosen for the same bucket last time) stays unless the best scores more than HYSTERESIS
     better, or it scores below k = 0: the running acceptance moves a little after every call, and a new k means
@@ -119,19 +121,17 @@ def choose_k(costs: dict, acceptance: Optional[list], base: int, max_k: int, pre
         best = max((k for k in costs if k > 0 and k <= max_k and (k + base) / costs[k] > 1.0 / ar), default=0)
         return best
     score = _scores({k: c for k, c in costs.items() if k <= max_k},
-                    lambda k: batch_tokens(acceptance, k, base, efficiency), new_tokens, sync_every,
-                    (lambda k: 1 if k == 0 else k + base) if bounded else None)
+                    lambda k: batch_tokens(acceptance, k, base, efficiency), new_tokens, sync_every, first_check)
     return _settle(score, max(score, key=lambda k: (score[k], -k)), previous, 0)
 
 
-def _scores(costs: dict, gain, new_tokens: Optional[int], sync_every: int, emits=None) -> dict:
+def _scores(costs: dict, gain, new_tokens: Optional[int], sync_every: int, first_check=None) -> dict:
     """Tokens per second of every option {option: seconds per step}, with gain(option) tokens per step: per step,
-    or with `new_tokens` per whole call (`call_steps`; emits(option): the most tokens a step emits, when the
-    host's first check waits for `engine.stop_bound`)."""
+    or with `new_tokens` per whole call (`call_steps`, its first check at first_check(option) where given)."""
     if new_tokens is None:
         return {o: gain(o) / c for o, c in costs.items()}
-    first = (lambda o: 0) if emits is None else (lambda o: -(-new_tokens // emits(o)))
-    return {o: 1.0 / (call_steps(new_tokens, gain(o), sync_every, first(o)) * c) for o, c in costs.items()}
+    return {o: 1.0 / (call_steps(new_tokens, gain(o), sync_every, first_check(o) if first_check else 0) * c)
+            for o, c in costs.items()}
 
 
 def _settle(score: dict, best, previous, plain):
@@ -325,7 +325,7 @@ def tree_step_costs(model, batch: int, context: int, sampled: bool, options: lis
 
 
 def choose_tree(costs: dict, profile: list, previous=None, new_tokens: Optional[int] = None, sync_every: int = 1,
-                efficiency: float = 1.0, bounded: bool = False):
+                efficiency: float = 1.0, first_check: Optional[Callable[[tuple], int]] = None):
     """The (depth, nodes) of `costs` ((0, 0): plain decoding) with the most tokens per second: E(tree) under the
     profile, for the tree that option draws (`masks.default_tree(depth, nodes, profile)`), batch-adjusted and,
     with `new_tokens`, scored per whole call as in `choose_k`; `previous` stays unless another scores
@@ -335,5 +335,5 @@ def choose_tree(costs: dict, profile: list, previous=None, new_tokens: Optional[
         if k == 0:
             return 1.0
         return 1.0 + efficiency * (masks.expected_tree_tokens(masks.default_tree(k, n, profile), profile) - 1.0)
-    score = _scores(costs, gain, new_tokens, sync_every, (lambda o: o[0] + 1) if bounded else None)
+    score = _scores(costs, gain, new_tokens, sync_every, first_check)
     return _settle(score, max(score, key=lambda o: (score[o], -costs[o])), previous, (0, 0))

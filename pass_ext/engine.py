@@ -634,12 +634,9 @@ def stop_bounded(eos: bool, room: bool) -> bool:
     return not eos and room and os.environ.get("PASS_EXT_STOP_BOUND", "1") != "0"
 
 
-def stop_bound(engine_cls, k: int, tree, max_new_tokens: int, eos: bool, room: bool) -> int:
-    """Steps before which no row can be done (`run`'s `min_steps`): without EOS and with room in the cache for
-    every token, a row ends only at max_new_tokens, at most `step_emits` per step (`stop_bounded`); else 0
-    (check from the first step)."""
-    if not stop_bounded(eos, room):
-        return 0
+def stop_bound(engine_cls, k: int, tree, max_new_tokens: int) -> int:
+    """Steps before which no row can be done (`run`'s `min_steps`) where `stop_bounded`: a row then ends only at
+    max_new_tokens, at most `step_emits` per step."""
     return -(-max_new_tokens // engine_cls.step_emits(k, tree))
 
 

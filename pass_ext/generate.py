@@ -333,7 +333,12 @@ def generate(
         max_workspaces()  # a bad PASS_EXT_WORKSPACES fails before any work
     sampled = not sampling.greedy
     engine_method = method
-    bounded = E.stop_bounded(bool(eos), room=max_length is None)  # the host's first stop check: E.stop_bound
+    bounded = E.stop_bounded(bool(eos), room=max_length is None)
+
+    def first_check(engine_cls, k, tree=None) -> int:
+        """Steps before the host's first stop check (E.run's min_steps)."""
+        return E.stop_bound(engine_cls, k, tree, max_new_tokens) if bounded else 0
+
     if k == "auto":
         from . import autotune
         context = max(len(r) for r in rows) + max_new_tokens // 2  # the middle of the call: its bucket
@@ -345,7 +350,8 @@ def generate(
         bucket = (B, autotune.context_bucket(context), sampled)
         before = chosen.get(bucket)
         pick = autotune.choose_tree(costs, profile, previous=None if before is None else before[0],
-                                    new_tokens=max_new_tokens, sync_every=sync_every, bounded=bounded,
+                                    new_tokens=max_new_tokens, sync_every=sync_every,
+                                    first_check=lambda o: first_check(E.ENGINES["pass-tree" if o[0] else "ar"], o[0]),
                                     efficiency=autotune.efficiency_of(model, sampled, B, kind="tree"))
         if pick == (0, 0):
             k, tree, engine_method = 0, None, "ar"
@@ -362,7 +368,8 @@ def generate(
         k = chosen[bucket] = autotune.choose_k(costs, autotune.acceptance_of(model.lookahead, sampled),
                                                base=autotune.base_tokens(method), max_k=model.lookahead.k,
                                                previous=chosen.get(bucket), new_tokens=max_new_tokens,
-                                               sync_every=sync_every, bounded=bounded,
+                                               sync_every=sync_every,
+                                               first_check=lambda j: first_check(E.ENGINES[method if j else "ar"], j),
                                                efficiency=autotune.efficiency_of(model, sampled, B))
         if k == 0:
             engine_method = "ar"
@@ -420,8 +427,8 @@ def generate(
             torch.cuda.synchronize(dev)
         prefill_s = time.perf_counter() - t0
         on_sync = _streamer(stream, out_rows, rows) if stream is not None else None
-        min_steps = E.stop_bound(engine_cls, k, tree, max_new_tokens, bool(eos), room=max_length is None)
-        _, ws.graph = E.run(eng, c, sync_every, on_sync, cuda_graphs=cuda_graphs, graph=ws.graph, min_steps=min_steps)
+        _, ws.graph = E.run(eng, c, sync_every, on_sync, cuda_graphs=cuda_graphs, graph=ws.graph,
+                            min_steps=first_check(engine_cls, k, tree))
         if on_sync is not None:
             on_sync(final=True)
         if dev.type == "cuda":

@@ -338,12 +338,13 @@ def test_without_eos_the_host_checks_once_the_rows_can_be_done(tiny, monkeypatch
 
 def test_stop_bound():
     from pass_ext import engine as E
-    assert E.stop_bound(E.ENGINES["ar"], 0, None, 64, eos=False, room=True) == 64
-    assert E.stop_bound(E.ENGINES["pass"], 4, None, 64, eos=False, room=True) == 13       # 5 tokens a step
-    assert E.stop_bound(E.ENGINES["pass-paper"], 4, None, 64, eos=False, room=True) == 11  # 6
-    assert E.stop_bound(E.ENGINES["draft"], 4, None, 64, eos=False, room=True) == 13
-    assert E.stop_bound(E.ENGINES["ar"], 0, None, 64, eos=True, room=True) == 0
-    assert E.stop_bound(E.ENGINES["ar"], 0, None, 64, eos=False, room=False) == 0
+    assert E.stop_bound(E.ENGINES["ar"], 0, None, 64) == 64
+    assert E.stop_bound(E.ENGINES["pass"], 4, None, 64) == 13       # 5 tokens a step
+    assert E.stop_bound(E.ENGINES["pass-paper"], 4, None, 64) == 11  # 6
+    assert E.stop_bound(E.ENGINES["draft"], 4, None, 64) == 13
+    assert E.stop_bound(E.ENGINES["pass-tree"], 2, None, 64) == 22  # 3
+    assert E.stop_bounded(eos=False, room=True)
+    assert not E.stop_bounded(eos=True, room=True) and not E.stop_bounded(eos=False, room=False)
 
 
 def test_eos_true_is_refused(tiny):
@@ -460,7 +461,9 @@ def test_autotune_scores_whole_calls_with_the_batch_efficiency():
     assert autotune.call_steps(30, 1.3, 4, min_steps=15) == 24  # 23.1 -> 24, past the first check
     costs = {0: 1.0, 1: 1.08}
     assert autotune.choose_k(costs, [0.10], 1, 1, new_tokens=30, sync_every=4) == 1  # 28 x 1.08 against 32
-    assert autotune.choose_k(costs, [0.10], 1, 1, new_tokens=30, sync_every=4, bounded=True) == 0  # against 30
+    from pass_ext import engine as E
+    first = lambda k: E.stop_bound(E.ENGINES["pass" if k else "ar"], k, None, 30)  # noqa: E731
+    assert autotune.choose_k(costs, [0.10], 1, 1, new_tokens=30, sync_every=4, first_check=first) == 0  # against 30
 
     class M:
         pass
