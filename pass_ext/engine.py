@@ -7,7 +7,9 @@ captured as a CUDA graph.
 """
 from __future__ import annotations
 
+import inspect
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -645,17 +647,42 @@ ENGINES = {"ar": AutoregressiveEngine, "pass": FusedPassEngine, "pass-paper": Pa
 
 
 
+_GUARD_FAILED: list = []  # why the first GuardedGraph failed, if one did: later calls keep to blocking checks
+
+
+def conditional_graphs_available() -> bool:
+    """Whether steps can run under a CUDA graph IF node here (`ops.guarded_graph`): this build's CUDA kernels, a
+    torch that keeps a captured graph for editing, and no earlier failure to build one in this process."""
+    return (ops.has_cuda_kernels() and not _GUARD_FAILED
+            and "keep_graph" in inspect.signature(torch.cuda.CUDAGraph.__new__).parameters)
+
+
+def conditional_graphs_wanted(min_steps: int) -> bool:
+    """Whether a call's captured step runs under an IF node (`StepGraph`'s `conditional`): where the host checks
+    for the end from the first step (`min_steps` 0: EOS, or a capacity of the caller's), unless the environment
+    sets PASS_EXT_GRAPH_IF=0."""
+    return min_steps == 0 and os.environ.get("PASS_EXT_GRAPH_IF", "1") != "0" and conditional_graphs_available()
+
+
 class StepGraph:
     """One decode step captured as a CUDA graph (DESIGN §4): `replay()` runs forward, verify, commit, stop
     checks and next inputs in one launch, on the state buffers the step was captured with.
 
     Capturing runs no work, so the constructor first runs one real step eagerly on the capture stream (it
     warms up cuBLAS and the allocator there) and returns its state through `state`. Everything a step
-    changes lives in device tensors updated in place; the host-side pass counters are replayed by delta."""
+    changes lives in device tensors updated in place; the host-side pass counters are replayed by delta.
 
-    def __init__(self, engine: Engine, state: StepState):
+    With `conditional`, each replay is a guard kernel and an IF node whose body is the step (`ops.guarded_graph`):
+    the body runs only while some row is not done, as the last step left the rows. A replay queued past a call's
+    end then costs a few µs, so the host can queue steps ahead of its stop checks (`run`); `steps_run` counts the
+    bodies that ran since `arm`. Where the IF graph cannot be built, the step replays plainly (`conditional`
+    False) and so do later captures in this process."""
+
+    def __init__(self, engine: Engine, state: StepState, conditional: bool = False):
         dev = engine.device
         self.engine = engine
+        self.steps_run = torch.zeros((), dtype=torch.long, device=dev) if conditional else None
+        self.guarded = None
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
@@ -665,16 +692,25 @@ class StepGraph:
                 drafts=None if state.drafts is None else state.drafts.clone(),
                 draft_probs=None if state.draft_probs is None else state.draft_probs.clone())
             before = engine.stats.host_counters()
-            self.graph = torch.cuda.CUDAGraph()
+            self.graph = torch.cuda.CUDAGraph(keep_graph=True) if conditional else torch.cuda.CUDAGraph()
             self.graph.capture_begin()
             try:
                 self.prime(engine.step(self.state))  # captured: the step's outputs become the next inputs
             finally:
                 self.graph.capture_end()
             after = engine.stats.host_counters()
+            if conditional:
+                try:
+                    self.guarded = ops.guarded_graph(self.graph, engine.rows.done, self.steps_run)
+                except RuntimeError as e:  # a body the IF node cannot hold, a driver without conditional nodes
+                    _GUARD_FAILED.append(str(e))
+                    warnings.warn(f"pass_ext: the decode step cannot run under a CUDA graph IF node ({e}); stop "
+                                  "checks block instead (the same tokens)", RuntimeWarning, stacklevel=3)
+                    self.graph.instantiate()
         torch.cuda.current_stream(dev).wait_stream(stream)
         engine.stats.forward_passes, engine.stats.draft_forward_passes = before
         self.delta = (after[0] - before[0], after[1] - before[1])
+        self.conditional = self.guarded is not None
 
     def prime(self, state: StepState) -> None:
         """Copy a state into the captured inputs (from eager steps of a new call on the same buffers)."""
@@ -684,10 +720,22 @@ class StepGraph:
         if state.draft_probs is not None:
             self.state.draft_probs.copy_(state.draft_probs)
 
+    def arm(self) -> None:
+        """Before a call's first replay (conditional): the count of bodies run at zero."""
+        self.steps_run.zero_()
+
     def replay(self) -> StepState:
-        self.graph.replay()
+        if self.guarded is not None:
+            self.guarded.launch()
+        else:
+            self.graph.replay()
         self.engine.stats.add_host_counters(*self.delta)
         return self.state
+
+    def settle(self, replays: int) -> None:
+        """After a call's replays (conditional): take the host counters of the bodies that did not run back."""
+        skipped = replays - int(self.steps_run)
+        self.engine.stats.add_host_counters(-skipped * self.delta[0], -skipped * self.delta[1])
 
 
 def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Callable[[], None]] = None,
@@ -697,8 +745,12 @@ def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Call
 
     `min_steps`: no row can be done before that many steps (the caller's bound, `stop_bound`). The host checks
     for the end only from there, once at `min_steps` itself and then every `sync_every` steps; `on_sync` still
-    runs every `sync_every` steps. Each check waits for the GPU, which then idles until the host launches the
-    next step (~0.05-0.2 ms on an H200: a step's graph, the host's loop and its launch).
+    runs every `sync_every` steps. A blocking check leaves the GPU idle until the host launches the next step
+    (~0.05-0.2 ms on an H200: a step's graph, the host's loop and its launch). Where `conditional_graphs_wanted`
+    (`cuda_graphs` and checks from the first step) the step is captured under an IF node (`StepGraph`) and,
+    where no `on_sync` needs the tokens at each check, checked one check late: the host queues the steps up to
+    the next check and then reads the done flags the previous check copied out; the steps queued past the end
+    run only their guard (a few µs each).
 
     With `cuda_graphs` (CUDA only), `graph`, a step captured earlier on the same engine and buffers, is
     primed with the state and replayed from the first step (from the second for engines whose first step
@@ -706,17 +758,29 @@ def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Call
     engine.check_capacity()
     state = engine.start(c)
     engine.check_capacity()
-    steps = 0
+    conditional = cuda_graphs and conditional_graphs_wanted(min_steps)
+    if graph is not None and graph.conditional != conditional:
+        graph = None  # captured for the other schedule: capture again
+    steps = replays = 0
     primed = False
+    flags = pending = None
     while True:
         if primed:
             graph.replay()
+            replays += 1
         elif cuda_graphs and (steps >= 1 or not engine.first_step_eager):
-            if graph is None:
-                graph = StepGraph(engine, state)  # runs one real step, then captures the next
+            fresh = graph is None
+            if fresh:
+                graph = StepGraph(engine, state, conditional)  # runs one real step, then captures the next
             else:
                 graph.prime(state)
+            if graph.conditional:
+                graph.arm()
+                flags = [(torch.empty_like(engine.rows.done, device="cpu", pin_memory=True), torch.cuda.Event())
+                         for _ in range(2)]
+            if not fresh:
                 graph.replay()
+                replays += 1
             primed = True
         else:
             state = engine.step(state)
@@ -724,6 +788,21 @@ def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Call
         synced = steps % sync_every == 0
         if synced and on_sync is not None:
             on_sync()
-        if (synced or steps == min_steps) and steps >= min_steps:
+        if not ((synced or steps == min_steps) and steps >= min_steps):
+            continue
+        if flags is None or on_sync is not None:
             if bool(engine.rows.done.all()):
+                if flags is not None:
+                    graph.settle(replays)
                 return steps, graph
+            continue
+        flag, event = flags[0]
+        flag.copy_(engine.rows.done, non_blocking=True)
+        event.record()
+        flags.reverse()
+        if pending is not None:
+            pending[1].synchronize()
+            if bool(pending[0].all()):
+                graph.settle(replays)
+                return steps, graph
+        pending = (flag, event)

@@ -15,7 +15,7 @@ from . import _C  # noqa: F401  (loads the native library, which registers torch
 
 __all__ = ["attention_with_kv_cache", "speculative_verify", "sample", "decode_linear", "decode_linear_applies",
            "decode_linear_pays", "linear_max_rows", "linear_max_bytes", "linear_one_row_max_bytes", "linear_fuses_norm",
-           "prefetch_allowed", "build_info", "has_cuda_kernels", "attention_uses_tensor_cores"]
+           "prefetch_allowed", "build_info", "has_cuda_kernels", "attention_uses_tensor_cores", "guarded_graph"]
 
 
 CUDA_MAX_Q = 128  # new tokens per row one CUDA attention_with_kv_cache call takes (kMaxQ in the launcher)
@@ -29,6 +29,18 @@ def build_info() -> str:
 
 def has_cuda_kernels() -> bool:
     return build_info() == "cpu+cuda"
+
+
+def guarded_graph(body: "torch.cuda.CUDAGraph", done: torch.Tensor, bodies: torch.Tensor):
+    """A launchable graph that runs `body` (captured with keep_graph=True, never replayed itself) under a CUDA
+    graph IF node on "some row of done [B] bool is False", checked on the device at each `launch()` (on the
+    current stream); bodies (int64, one element) counts the bodies that ran. `body` must outlive the result: its
+    kernels use its memory pool. Needs this build's CUDA kernels (RuntimeError otherwise, and where the driver
+    cannot put the body under an IF node)."""
+    if not has_cuda_kernels():
+        raise RuntimeError("guarded_graph needs pass_ext built with its CUDA kernels (build_info() is "
+                           f"{build_info()!r})")
+    return torch.classes.pass_ext.GuardedGraph(body.raw_cuda_graph(), done, bodies)
 
 
 def attention_uses_tensor_cores(dtype: torch.dtype, Q: int, Hq: int, Hkv: int, D: int) -> bool:

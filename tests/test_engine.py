@@ -336,6 +336,76 @@ def test_without_eos_the_host_checks_once_the_rows_can_be_done(tiny, monkeypatch
     assert run(model, [[2, 3, 4]], "ar", eos_token_id=False, max_length=64, **kw).stats.forward_passes == 12
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and pass_ext.ops.has_cuda_kernels()),
+                    reason="needs a CUDA GPU and the CUDA kernels")
+@pytest.mark.parametrize("method", ["ar"] + METHODS)
+def test_conditional_step_graph_checks_late_and_counts_what_ran(monkeypatch, method):
+    """With EOS the captured step runs under an IF node and the host checks one check late: the same tokens and
+    stop reasons as the plain graph, and the forwards counted are those that ran (plain decoding of one row: one
+    per token, where the plain graph also counts the steps up to its check)."""
+    from pass_ext import engine as E
+    if not E.conditional_graphs_available():
+        pytest.skip("this torch captures no conditional nodes")
+    hf = tiny_peaky_llama()
+    model = pass_ext.load_model(hf, dtype=torch.float32, device="cuda")
+    model.lookahead = LookaheadEmbeddings.init(model, 4, seed=1)
+    draft = pass_ext.load_model(tiny_peaky_llama(layers=1, seed=3), dtype=torch.float32, device="cuda")
+    prompts = [[3, 4, 5], [6], [7, 8, 9, 10, 11, 12]]
+    free = run(model, prompts, "ar", max_new_tokens=30, eos_token_id=False)
+    eos = free.new_tokens[0][5].item()
+    got = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("PASS_EXT_GRAPH_IF", flag)
+        got[flag] = [run(model, prompts[:n], method, draft, lookahead=None if method == "ar" else 3, max_new_tokens=30,
+                         eos_token_id=eos, sync_every=4) for n in (3, 1)]
+    assert not E._GUARD_FAILED, E._GUARD_FAILED  # the IF graph was built, not fallen back from
+    for a, b in zip(got["1"], got["0"]):
+        assert [t.tolist() for t in a.new_tokens] == [t.tolist() for t in b.new_tokens]
+        assert a.stats.stop_reasons == b.stats.stop_reasons
+        assert a.stats.forward_passes <= b.stats.forward_passes
+    if method == "ar":
+        one = got["1"][1]
+        assert one.stats.stop_reasons[0] == "eos" and one.stats.forward_passes == len(one.new_tokens[0])
+
+
+@pytest.mark.cuda
+@CUDA
+def test_guarded_graph_runs_its_body_while_a_row_is_running():
+    """ops.guarded_graph: the captured body runs at a launch only while some row of `done` is False (as the
+    launch finds it), and `bodies` counts the runs; bad arguments are named."""
+    from pass_ext import engine as E
+    if not E.conditional_graphs_available():
+        pytest.skip("this torch keeps no captured graph for editing")
+    x = torch.zeros(4, device="cuda")
+    done = torch.tensor([True, False, True], device="cuda")
+    bodies = torch.zeros((), dtype=torch.long, device="cuda")
+    body = torch.cuda.CUDAGraph(keep_graph=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        body.capture_begin()
+        x.add_(1)
+        x[0].add_(done.sum())  # reads done inside the body too
+        body.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = pass_ext.ops.guarded_graph(body, done, bodies)
+    g.launch()
+    g.launch()
+    assert x.tolist() == [6, 2, 2, 2] and int(bodies) == 2
+    done[1] = True
+    for _ in range(3):
+        g.launch()
+    assert x.tolist() == [6, 2, 2, 2] and int(bodies) == 2
+    done[0] = False
+    g.launch()
+    assert x.tolist() == [9, 3, 3, 3] and int(bodies) == 3
+    with pytest.raises(RuntimeError, match="done must be a contiguous 1-d bool"):
+        pass_ext.ops.guarded_graph(body, done.int(), bodies)
+    with pytest.raises(RuntimeError, match="bodies must be one int64"):
+        pass_ext.ops.guarded_graph(body, done, bodies.int())
+
+
 def test_stop_bound():
     from pass_ext import engine as E
     assert E.stop_bound(E.ENGINES["ar"], 0, None, 64) == 64
