@@ -740,17 +740,17 @@ class StepGraph:
 
 def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Callable[[], None]] = None,
         cuda_graphs: bool = False, graph: Optional[StepGraph] = None,
-        min_steps: int = 0) -> tuple[int, Optional[StepGraph]]:
+        min_steps: int = 0, conditional: bool = False) -> tuple[int, Optional[StepGraph]]:
     """Iterate steps until every row is done; the host looks at device state every `sync_every` steps.
 
     `min_steps`: no row can be done before that many steps (the caller's bound, `stop_bound`). The host checks
     for the end only from there, once at `min_steps` itself and then every `sync_every` steps; `on_sync` still
     runs every `sync_every` steps. A blocking check leaves the GPU idle until the host launches the next step
-    (~0.05-0.2 ms on an H200: a step's graph, the host's loop and its launch). Where `conditional_graphs_wanted`
-    (`cuda_graphs` and checks from the first step) the step is captured under an IF node (`StepGraph`) and,
-    where no `on_sync` needs the tokens at each check, checked one check late: the host queues the steps up to
-    the next check and then reads the done flags the previous check copied out; the steps queued past the end
-    run only their guard (a few µs each).
+    (~0.05-0.2 ms on an H200: a step's graph, the host's loop and its launch). With `conditional` (and
+    `cuda_graphs`; the caller's choice, `conditional_graphs_wanted`) the step is captured under an IF node
+    (`StepGraph`) and, where no `on_sync` needs the tokens at each check, checked one check late: the host queues
+    the steps up to the next check and then reads the done flags the previous check copied out; the steps queued
+    past the end run only their guard (a few µs each).
 
     With `cuda_graphs` (CUDA only), `graph`, a step captured earlier on the same engine and buffers, is
     primed with the state and replayed from the first step (from the second for engines whose first step
@@ -758,7 +758,7 @@ def run(engine: Engine, c: torch.Tensor, sync_every: int, on_sync: Optional[Call
     engine.check_capacity()
     state = engine.start(c)
     engine.check_capacity()
-    conditional = cuda_graphs and conditional_graphs_wanted(min_steps)
+    conditional = cuda_graphs and conditional
     if graph is not None and graph.conditional != conditional:
         graph = None  # captured for the other schedule: capture again
     steps = replays = 0

@@ -390,9 +390,13 @@ def generate(
     if seed is None:
         seed = random.getrandbits(62)
 
+    min_steps = first_check(engine_cls, k, tree)
+    # The step under an IF node or not (E.StepGraph) is part of the key: an A/B of PASS_EXT_GRAPH_IF within one
+    # process keeps each schedule's captured step instead of capturing again at every switch.
+    conditional = cuda_graphs and E.conditional_graphs_wanted(min_steps)
     t0 = time.perf_counter()
     with torch.no_grad():
-        key = (engine_method, B, k, capacity, max_new_tokens, sampled, len(eos),
+        key = (engine_method, B, k, capacity, max_new_tokens, sampled, len(eos), conditional,
                id(model.lookahead) if engine_method in ("pass", "pass-paper", "pass-tree") else None,
                id(draft_model) if method == "draft" else None, None if tree is None else tuple(tree))
         ws = _workspace(model, key) if cuda_graphs else None
@@ -428,7 +432,7 @@ def generate(
         prefill_s = time.perf_counter() - t0
         on_sync = _streamer(stream, out_rows, rows) if stream is not None else None
         _, ws.graph = E.run(eng, c, sync_every, on_sync, cuda_graphs=cuda_graphs, graph=ws.graph,
-                            min_steps=first_check(engine_cls, k, tree))
+                            min_steps=min_steps, conditional=conditional)
         if on_sync is not None:
             on_sync(final=True)
         if dev.type == "cuda":
