@@ -406,6 +406,20 @@ def test_guarded_graph_runs_its_body_while_a_row_is_running():
         pass_ext.ops.guarded_graph(body, done, bodies.int())
 
 
+def test_conditional_graphs_wanted_only_where_checks_start_at_once(monkeypatch):
+    """The IF-node schedule is for calls checked from the first step (min_steps 0: EOS or a capacity of the
+    caller's), never where PASS_EXT_GRAPH_IF=0 or after a failed build in this process."""
+    from pass_ext import engine as E
+    monkeypatch.setattr(E, "conditional_graphs_available", lambda: True)
+    monkeypatch.delenv("PASS_EXT_GRAPH_IF", raising=False)
+    assert E.conditional_graphs_wanted(0) and not E.conditional_graphs_wanted(12)
+    monkeypatch.setenv("PASS_EXT_GRAPH_IF", "0")
+    assert not E.conditional_graphs_wanted(0)
+    monkeypatch.undo()
+    monkeypatch.setattr(E, "_GUARD_FAILED", ["no conditional nodes"])
+    assert not E.conditional_graphs_available() and not E.conditional_graphs_wanted(0)
+
+
 def test_stop_bound():
     from pass_ext import engine as E
     assert E.stop_bound(E.ENGINES["ar"], 0, None, 64) == 64
