@@ -6,8 +6,9 @@ Per model and `sync_every`: the wall time of each call's decode loop (after the 
 generate's stats: elapsed_s - prefill_s) and of the whole call, medians of --repeats; and from one more call of each,
 with CUDA events around each replay: the GPU's time inside the replays and between them (idle: the host's checks
 and launches; both add up to the span from the first replay to the last), and the number of replays (the IF
-graph's include those queued past the end, which run only the guard). Random-weight presets, greedy; the EOS id is one the model does not emit in
-the call (found by a call without EOS), so every call runs all --new tokens and both modes do the same work.
+graph's include those queued past the end, which run only the guard). Random-weight presets, greedy; the EOS id is
+one the model does not emit in the call (found by a call without EOS), so every call runs all --new tokens and both
+modes do the same work.
 
     python bench/bench_stop_checks.py --models llama-3.1-8b,qwen2.5-1.5b,smollm2-135m-random
 """
@@ -63,7 +64,8 @@ class ReplayEvents:
         inside = [a.elapsed_time(b) for a, b in m]
         gaps = [m[i][1].elapsed_time(m[i + 1][0]) for i in range(len(m) - 1)]
         return dict(replays=len(m), replay_ms_median=statistics.median(inside) if inside else None,
-                    replays_ms=sum(inside), idle_ms=sum(gaps), idle_largest_us=[round(1e3 * g) for g in sorted(gaps)[-3:]])
+                    replays_ms=sum(inside), idle_ms=sum(gaps),
+                    idle_largest_us=[round(1e3 * g) for g in sorted(gaps)[-3:]])
 
 
 def call(model, ids, args, eos, sync_every):
