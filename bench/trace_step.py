@@ -34,12 +34,14 @@ from pass_ext import autotune  # noqa: E402
 from pass_ext import engine as E  # noqa: E402
 from pass_ext.presets import PRESETS, random_model  # noqa: E402
 
-BLOCKS, POINTS = 1024, 8  # csrc/trace.h
+BLOCKS, POINTS = 1024, 16  # csrc/trace.h: marks per block, the last one the kind and SM
+KIND = POINTS - 1
 KINDS = {1: "attention (tensor cores)", 2: "decode_linear (bulk)", 3: "decode_linear (tiles)",
          4: "attention (CUDA cores)"}
 ATTENTION = (1, 4)
 # The attention kernels' own points (csrc/kernels/attention_mma.cuh, attention.cuh), in the order they pass them.
-ATT_POINTS = {2: "keys done", 5: "merge barrier 1", 6: "merge barrier 2", 3: "rows merged"}
+ATT_POINTS = {7: "first tile landed", 2: "keys done", 5: "merge barrier 1", 6: "merge barrier 2", 3: "rows merged",
+              8: "cluster barrier 1", 9: "cluster outputs stored"}
 
 
 def launches(buf: np.ndarray) -> list[dict]:
@@ -48,14 +50,14 @@ def launches(buf: np.ndarray) -> list[dict]:
     the same launch (the marks' last word holds the kind in its low 8 bits and the block's SM above them)."""
     out = []
     for slot in buf:
-        rec = slot[slot[:, 7] != 0]
+        rec = slot[slot[:, KIND] != 0]
         if not len(rec):
             continue
-        sm = rec[:, 7] >> 8
+        sm = rec[:, KIND] >> 8
         _, per_sm = np.unique(sm, return_counts=True)
-        d = {"kind": int(rec[0, 7] & 0xFF), "blocks": len(rec), "sms": len(per_sm),
+        d = {"kind": int(rec[0, KIND] & 0xFF), "blocks": len(rec), "sms": len(per_sm),
              "shared": int(per_sm[per_sm > 1].sum())}
-        for p in range(7):
+        for p in range(KIND):
             col = rec[:, p][rec[:, p] != 0]
             if len(col):
                 d[p] = (int(col.min()), int(col.max()))
@@ -106,7 +108,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256, help="cached tokens per row")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5, help="traced replays")
-    ap.add_argument("--slots", type=int, default=2048, help="launch slots in the buffer (64 KiB each)")
+    ap.add_argument("--slots", type=int, default=2048, help="launch slots in the buffer (128 KiB each)")
     ap.add_argument("--json", default=None, help="also write the medians here")
     args = ap.parse_args()
     if args.model not in PRESETS:

@@ -4,14 +4,14 @@
 // (torch.ops.pass_ext.trace_buffer), each launch of those kernels, at capture for a CUDA graph, takes the next slot
 // of the buffer, and thread 0 of each of its first kTraceBlocks blocks stores %globaltimer (ns) at its marks: point 0
 // at entry, 1 when the wait for the kernel before returns, then the kernel's own points (trace_mark's callers), and
-// at 7 the kernel's kind in the low 8 bits and the block's SM (%smid) above them. A replay rewrites the same slots.
+// at 15 the kernel's kind in the low 8 bits and the block's SM (%smid) above them. A replay rewrites the same slots.
 #pragma once
 #include <cstdint>
 
 namespace pass_ext {
 
 constexpr int kTraceBlocks = 1024;  // blocks of a launch that a slot records
-constexpr int kTracePoints = 8;     // marks per block; the last one holds the kind
+constexpr int kTracePoints = 16;    // marks per block; the last one holds the kind
 constexpr int64_t kTraceSlotWords = int64_t(kTraceBlocks) * kTracePoints;
 
 // The slot of the next traced launch (slots are taken in turn, from the first again after the last), or nullptr

@@ -494,6 +494,40 @@ def test_warp_merge_same_bits_cuda(case, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("case", sorted(CLUSTER_DEFAULT | {"cl_tc_key_warps", "cl_cc_rows16", "tc_pass_k1_rows"}))
+def test_cluster_merge_same_bits_cuda(case, monkeypatch):
+    """The cluster merge reads up to four rounds of items before it adds any up (default) or one round at a time
+    (PASS_EXT_ATTENTION_CLUSTER_MERGE=rounds, read per call): the same additions in the same order, so the same bits,
+    over cluster sizes 2 to 16, one to three rounds, both kernels, ragged rows with empty splits and head dims 64, 96
+    and 128. The last three cases merge in a cluster only with PASS_EXT_ATTENTION_CLUSTER=all, set here for them."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90")
+    if case not in CLUSTER_DEFAULT:
+        monkeypatch.setenv("PASS_EXT_ATTENTION_CLUSTER", "all")
+    dtype, B, Q, Hq, Hkv, D, lens, _ = SPLIT_COMBINE_CASES[case]
+    S = max(lens) + Q + 40
+    inputs = make_inputs(B, Q, Hq, Hkv, D, lens, S, dtype, "cuda")
+    exp_out, _, _ = reference(*inputs, None, 1.0 / math.sqrt(D))
+    outs = []
+    for mode in ("batch", "rounds"):
+        monkeypatch.setenv("PASS_EXT_ATTENTION_CLUSTER_MERGE", mode)
+        q, k_new, v_new, k_cache, v_cache, cache_lens = (t.clone() for t in inputs)
+        out = torch.full_like(q, float("nan"))
+        names = _cuda_kernel_names(
+            lambda: ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, cache_lens, None, None, out))
+        if names:
+            assert not any("attention_combine_kernel" in n for n in names), names
+        outs.append(out)
+    atol, rtol = TOL[("cuda", dtype)]
+    torch.testing.assert_close(outs[0].double(), exp_out, atol=atol, rtol=rtol)
+    assert torch.equal(outs[0], outs[1])
+    monkeypatch.setenv("PASS_EXT_ATTENTION_CLUSTER_MERGE", "tree")
+    with pytest.raises(RuntimeError, match="PASS_EXT_ATTENTION_CLUSTER_MERGE must be batch or rounds"):
+        ops.attention_with_kv_cache(*(t.clone() for t in inputs), None, None, torch.empty_like(inputs[0]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
 def test_warp_merge_serial_switch_cuda():
     """PASS_EXT_ATTENTION_WARP_MERGE=0 with clusters off: every split case through key warp 0's serial merge and
     global memory matches the reference."""

@@ -22,13 +22,13 @@ def load():
     return mod
 
 
-def slot(kind, blocks, marks, sms=None):
+def slot(kind, blocks, marks, sms=None, points=16):
     """A slot of `blocks` blocks whose block i has point p at marks[p] + i (ns) and ran on SM sms[i] (default i)."""
-    s = np.zeros((1024, 8), dtype=np.int64)
+    s = np.zeros((1024, points), dtype=np.int64)
     for i in range(blocks):
         for p, t in marks.items():
             s[i, p] = t + i
-        s[i, 7] = kind | (i if sms is None else sms[i]) << 8
+        s[i, points - 1] = kind | (i if sms is None else sms[i]) << 8
     return s
 
 
@@ -40,7 +40,7 @@ def test_launches_and_layers_from_synthetic_slots():
     for layer in range(3):  # qkv, attention, o per layer, 10 us apart
         base = 10_000 * layer
         seq += [lin(base), att(base + 1_200), lin(base + 2_000)]
-    buf = np.stack(seq + [np.zeros((1024, 8), dtype=np.int64)])  # an unused slot at the end
+    buf = np.stack(seq + [np.zeros((1024, t.POINTS), dtype=np.int64)])  # an unused slot at the end
     launches = t.launches(buf)
     assert [d["kind"] for d in launches] == [2, 1, 2] * 3
     assert launches[1][1] == (1_250, 1_252) and launches[1][4] == (1_800, 1_802) and launches[1]["blocks"] == 3

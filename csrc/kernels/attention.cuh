@@ -42,6 +42,9 @@ struct AttentionParams {
   // 1: the tensor-core kernel's 16-row tiles merge their key warps' states with every thread (attention_mma.cuh);
   // 0 (PASS_EXT_ATTENTION_WARP_MERGE=0, read per call: an A/B switch): key warp 0 merges them alone.
   int warp_merge;
+  // 1 (PASS_EXT_ATTENTION_CLUSTER_MERGE=rounds, read per call: an A/B switch): the cluster merge reads its rounds one
+  // at a time; 0: up to kMergeBatch rounds at once (cluster_merge). Same bits.
+  int cluster_rounds;
   int64_t q_tok, k_tok, v_tok;  // elements between consecutive new tokens of q / k_new / v_new (H * D if contiguous)
   // 1: the kernel before on the stream writes neither the cache nor cache_lens, so under a dependent launch
   // (pdl.cuh) they may be read before the wait for it (the first tile of cached keys is fetched early).
@@ -351,18 +354,28 @@ __device__ __forceinline__ void fused_combine(const AttentionParams& p, int bh, 
 // the block's partial rows are in its own shared memory: part [tile_rows][D] fp32, unnormalised, and ml
 // [tile_rows] (max, sum), with (-inf, 0) from a split that saw no key (its part is never read). A cluster barrier
 // publishes them; then groups of `lanes` threads across the cluster each produce 4 output channels of one row,
-// lane s reading split s's (max, sum) and partial from block s's shared memory (one distributed-shared-memory
-// round trip for all splits at once) and the group adding them up with shuffles. A second barrier keeps every
-// block's shared memory alive until the last read. No global partials, atomics or combine launch. The first
-// barrier's release costs a GPU-scope fence (MEMBAR.ALL.GPU on sm_90); the second orders only reads, so it
-// arrives relaxed (no fence): every value a thread read has been used before it arrives.
+// lane s reading split s's (max, sum) and partial from block s's shared memory and the group adding them up with
+// shuffles. A second barrier keeps every block's shared memory alive until the last read. No global partials,
+// atomics or combine launch. The first barrier's release costs a GPU-scope fence (MEMBAR.ALL.GPU on sm_90); the
+// second orders only reads, so it arrives relaxed (no fence): every value a thread read has been used before it
+// arrives.
+//
+// Where the cluster's lane groups are fewer than the items (4 channels of a row), a group takes several, one per
+// round. A distributed-shared-memory read costs about as much as the shuffles that follow it (the 8B's decode
+// attention on the H200: ~0.75 us per round, 2 rounds at 7 splits; the 1.5B's 3 at 5), so a thread issues the reads
+// of up to kMergeBatch rounds before it adds up any: one round trip instead of one per round. The additions are
+// the same, in the same order (PASS_EXT_ATTENTION_CLUSTER_MERGE=rounds, read per call, reads round by round: an A/B
+// switch; same bits).
+constexpr int kMergeBatch = 4;
+
 template <typename T>
 __device__ __forceinline__ void cluster_merge(const AttentionParams& p, int bh, int row0, int tile_rows,
-                                              const float* part, const float2* ml) {
+                                              const float* part, const float2* ml, int trace_kind) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   const cg::cluster_group cluster = cg::this_cluster();
   cluster.sync();
+  trace_mark(p.trace, 8, trace_kind);  // trace points: 8 the first barrier passed, 9 the block's outputs stored
   const int C = p.splits;  // the cluster's blocks, rank = split
   const int lanes = C <= 2 ? 2 : C <= 4 ? 4 : C <= 8 ? 8 : 16;
   const int per = p.D / 4;  // float4s per row
@@ -374,33 +387,51 @@ __device__ __forceinline__ void cluster_merge(const AttentionParams& p, int bh, 
   const float2* peer_ml = cluster.map_shared_rank(ml, sc);
   const float4* peer_part = reinterpret_cast<const float4*>(cluster.map_shared_rank(part, sc));
   const int b = bh / p.Hkv, h = bh % p.Hkv;
-  // The trip count is the same for every thread (the shuffles need whole warps); lanes past the items idle.
-  for (int base = 0; base < items; base += C * groups) {
-    const int item = base + first;
-    const bool valid = item < items;
-    const int r = valid ? item / per : 0, c4 = valid ? item % per : 0;
-    const float2 x = s < C && valid ? peer_ml[r] : make_float2(-INFINITY, 0.f);
-    const float4 v = peer_part[r * per + c4];  // garbage for an empty split: selected away below
-    float M = x.y > 0.f ? x.x : -INFINITY;
-    for (int o = 1; o < lanes; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    const float w = x.y > 0.f ? exp2f(x.x - M) : 0.f;
-    float tot = w * x.y;
-    float4 a = w != 0.f ? make_float4(w * v.x, w * v.y, w * v.z, w * v.w) : make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int o = 1; o < lanes; o <<= 1) {
-      tot += __shfl_xor_sync(0xffffffffu, tot, o);
-      a.x += __shfl_xor_sync(0xffffffffu, a.x, o);
-      a.y += __shfl_xor_sync(0xffffffffu, a.y, o);
-      a.z += __shfl_xor_sync(0xffffffffu, a.z, o);
-      a.w += __shfl_xor_sync(0xffffffffu, a.w, o);
+  const int round = C * groups;                         // items per round
+  const int batch = p.cluster_rounds ? 1 : kMergeBatch;  // rounds whose reads go out together
+  // The trip counts are the same for every thread (the shuffles need whole warps); lanes past the items idle.
+  for (int base = 0; base < items; base += batch * round) {
+    float2 x[kMergeBatch];
+    float4 v[kMergeBatch];
+#pragma unroll
+    for (int u = 0; u < kMergeBatch; ++u) {
+      if (u < batch && base + u * round < items) {  // uniform over the cluster
+        const int item = base + u * round + first;
+        const bool valid = item < items;
+        const int r = valid ? item / per : 0, c4 = valid ? item % per : 0;
+        x[u] = s < C && valid ? peer_ml[r] : make_float2(-INFINITY, 0.f);
+        v[u] = peer_part[r * per + c4];  // garbage for an empty split: selected away below
+      }
     }
-    if (valid && s == 0) {
-      const int row = row0 + r;
-      const float inv = tot > 0.f ? 1.f / tot : 0.f;  // a row that saw no key outputs zeros
-      const float res[4] = {a.x * inv, a.y * inv, a.z * inv, a.w * inv};
-      T* o = static_cast<T*>(p.out) + out_row_offset(p, b, h, row, p.D);
-      store_floats<T, 4>(o + c4 * 4, res);
+#pragma unroll
+    for (int u = 0; u < kMergeBatch; ++u) {
+      if (u < batch && base + u * round < items) {
+        const int item = base + u * round + first;
+        const bool valid = item < items;
+        const int r = valid ? item / per : 0, c4 = valid ? item % per : 0;
+        float M = x[u].y > 0.f ? x[u].x : -INFINITY;
+        for (int o = 1; o < lanes; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+        const float w = x[u].y > 0.f ? exp2f(x[u].x - M) : 0.f;
+        float tot = w * x[u].y;
+        float4 a = w != 0.f ? make_float4(w * v[u].x, w * v[u].y, w * v[u].z, w * v[u].w)
+                            : make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int o = 1; o < lanes; o <<= 1) {
+          tot += __shfl_xor_sync(0xffffffffu, tot, o);
+          a.x += __shfl_xor_sync(0xffffffffu, a.x, o);
+          a.y += __shfl_xor_sync(0xffffffffu, a.y, o);
+          a.z += __shfl_xor_sync(0xffffffffu, a.z, o);
+          a.w += __shfl_xor_sync(0xffffffffu, a.w, o);
+        }
+        if (valid && s == 0) {
+          const float inv = tot > 0.f ? 1.f / tot : 0.f;  // a row that saw no key outputs zeros
+          const float res[4] = {a.x * inv, a.y * inv, a.z * inv, a.w * inv};
+          T* o = static_cast<T*>(p.out) + out_row_offset(p, b, h, row0 + r, p.D);
+          store_floats<T, 4>(o + c4 * 4, res);
+        }
+      }
     }
   }
+  trace_mark(p.trace, 9, trace_kind);
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
   cluster.barrier_wait();
 #else
@@ -519,7 +550,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
     }
     trace_mark(p.trace, 3, 4);
     if (p.cluster)
-      cluster_merge<T>(p, bh, row0, RT, sPart, sML);  // every block of the cluster takes part, empty or not
+      cluster_merge<T>(p, bh, row0, RT, sPart, sML, 4);  // every block of the cluster takes part, empty or not
     else if (p.counters != nullptr)
       fused_combine<T>(p, bh, row_tile, gridDim.y, row0, RT, smem_raw);
     trace_mark(p.trace, 4, 4);
@@ -691,7 +722,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionPara
   }
   trace_mark(p.trace, 3, 4);
   if (p.cluster)
-    cluster_merge<T>(p, bh, row0, RT, sPart, sML);
+    cluster_merge<T>(p, bh, row0, RT, sPart, sML, 4);
   else if (p.splits > 1 && p.counters != nullptr)
     fused_combine<T>(p, bh, row_tile, gridDim.y, row0, RT, smem_raw);
   trace_mark(p.trace, 4, 4);

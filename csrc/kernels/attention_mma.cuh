@@ -133,8 +133,8 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
 
   // q, k_new and v_new come from the kernel before (a dependent launch: pdl.cuh); with prefetch_cache,
   // cache_lens and the leading stages that hold cached keys only are read before the wait (see attention_kernel).
-  trace_mark(p.trace, 0, 1);  // trace points: 0 entry, 1 wait done, 2 keys done, 5 and 6 the merge's barriers,
-                              // 3 the block's rows merged, 4 the end
+  trace_mark(p.trace, 0, 1);  // trace points: 0 entry, 1 wait done, 7 the first tile landed, 2 keys done, 5 and 6
+                              // the merge's barriers, 3 the block's rows merged, 8 and 9 the cluster merge's, 4 the end
   if (!p.prefetch_cache) {
     wait_for_inputs();
     release_dependents();
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
     }
     trace_mark(p.trace, 3, 1);
     if (p.cluster) {
-      cluster_merge<T>(p, bh, row0, Tile::kRows, sPart, sML);  // every block of the cluster takes part
+      cluster_merge<T>(p, bh, row0, Tile::kRows, sPart, sML, 1);  // every block of the cluster takes part
     } else {
       if constexpr (KW == kWarps)  // see the end of the kernel
         if (p.counters != nullptr) fused_combine<T>(p, bh, row_tile, gridDim.x, row0, Tile::kRows, smem_raw);
@@ -242,6 +242,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   for (int t = 0; t < n_tiles; ++t) {
     cp_async_wait<ST - 2>();  // this thread's copies of tile t have landed
     __syncthreads();          // everyone's have; and every warp is done with tile t-1's stage
+    if (t == 0) trace_mark(p.trace, 7, 1);
     if (t + ST - 1 < n_tiles) load_tile(t + ST - 1, (t + ST - 1) % ST);  // refills tile t-1's stage
     cp_async_commit();
 
@@ -493,7 +494,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   // instances never run it, and leaving it out of them keeps it out of their code.
   trace_mark(p.trace, 3, 1);
   if (p.cluster) {
-    cluster_merge<T>(p, bh, row0, Tile::kRows, sPart, sML);
+    cluster_merge<T>(p, bh, row0, Tile::kRows, sPart, sML, 1);
   } else {
     if constexpr (KW == kWarps)
       if (p.splits > 1 && p.counters != nullptr)
