@@ -1,0 +1,34 @@
+"""bench/bench_sampling.py's target summary: each latency row names its read floor (the logits once at the copy
+roofline), and a target below that floor is reported as unreachable rather than merely missed."""
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "bench_sampling.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("bench_sampling", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def row(op, batch, k, us, nbytes, impl="pass_ext", vocab=151936, roofline=4.24):
+    tbps = nbytes / (us * 1e-6) / 1e12
+    return dict(op=op, batch=batch, vocab=vocab, k=k, impl=impl, us=us, tbps=tbps, pct_roofline=100 * tbps / roofline)
+
+
+def test_read_floor_and_unreachable_targets(capsys):
+    t = load()
+    logits = lambda b, k: b * (k + 1) * 151936 * 2  # noqa: E731  (bf16 bytes of verify's k + 1 positions per row)
+    rows = [row("verify", 32, 8, 223.0, logits(32, 8)), row("verify", 32, 4, 134.0, logits(32, 4)),
+            row("sample", 1, 4, 14.0, 151936 * 2), row("verify", 128, 4, 443.0, logits(128, 4)),
+            row("verify", 32, 4, 10.0, logits(32, 4), impl="compiled"), row("sample", 32, 4, 20.0, 1, vocab=49152)]
+    assert abs(t.read_floor_us(rows[0]) - logits(32, 8) / 4.24e12 * 1e6) < 1e-6
+    t.targets(rows)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert len(lines) == 4  # the compiled row and the other vocabulary are not targets
+    assert "read floor  20.6 µs   MISSED (unreachable" in lines[0]
+    assert "read floor  11.5 µs   MISSED" in lines[1] and "unreachable" not in lines[1]
+    assert lines[2].endswith("met")
+    assert "%" in lines[3] and lines[3].endswith("MISSED")
