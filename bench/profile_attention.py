@@ -5,8 +5,10 @@
         python bench/profile_attention.py llama3-8b:bf16:8:4096:16 llama3-8b:bf16:1:4096:1
 
 A shape is LAYOUT:DTYPE:B:L:Q (layouts and dtypes of bench_attention.py). Each shape runs --calls times after
-one warm-up call; the kernels' names and grid choices are printed, the counters come from ncu. Without ncu,
---time N prints each shape's median µs over N calls (CUDA events, L2 flushed before each), and --ab
+one warm-up call; the launcher's choices as bench_attention.plan mirrors them are printed (the mirror cannot check
+that every cluster is resident at once: where they would not be, the launcher merges through global memory instead
+of the printed "cluster"; a --ab PASS_EXT_ATTENTION_CLUSTER=0 column shows which ran), the counters come from ncu.
+Without ncu, --time N prints each shape's median µs over N calls (CUDA events, L2 flushed before each), and --ab
 PASS_EXT_NAME=VALUE[,...] times every shape with the default settings and with those, alternating in one process
 (switches the launcher reads per call):
 
