@@ -466,6 +466,26 @@ def test_split_combine_cluster_modes_cuda(mode):
     run_script_with_env(script, PASS_EXT_ATTENTION_CLUSTER=mode)
 
 
+def check_same_bits(inputs, exp_out, monkeypatch, name, values, no_combine_kernel=False) -> None:
+    """attention_with_kv_cache on fresh copies of `inputs` once per value of the switch `name` (read per call): the
+    first output matches the reference `exp_out`, and every value gives the same bits. With no_combine_kernel, no
+    call may launch the combine kernel (its splits merged in a cluster)."""
+    outs = []
+    for value in values:
+        monkeypatch.setenv(name, value)
+        q, k_new, v_new, k_cache, v_cache, cache_lens = (t.clone() for t in inputs)
+        out = torch.full_like(q, float("nan"))
+        names = _cuda_kernel_names(
+            lambda: ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, cache_lens, None, None, out))
+        if no_combine_kernel and names:
+            assert not any("attention_combine_kernel" in n for n in names), names
+        outs.append(out)
+    atol, rtol = TOL[("cuda", q.dtype)]
+    torch.testing.assert_close(outs[0].double(), exp_out, atol=atol, rtol=rtol)
+    for other in outs[1:]:
+        assert torch.equal(outs[0], other)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
 @pytest.mark.parametrize("case", ["tc_decode", "tc_ragged", "cl_tc_two", "tc_no_split"])
@@ -480,16 +500,7 @@ def test_warp_merge_same_bits_cuda(case, monkeypatch):
     S = max(lens) + Q + 40
     inputs = make_inputs(B, Q, Hq, Hkv, D, lens, S, dtype, "cuda")
     exp_out, _, _ = reference(*inputs, None, 1.0 / math.sqrt(D))
-    outs = []
-    for mode in ("1", "0"):
-        monkeypatch.setenv("PASS_EXT_ATTENTION_WARP_MERGE", mode)
-        q, k_new, v_new, k_cache, v_cache, cache_lens = (t.clone() for t in inputs)
-        out = torch.full_like(q, float("nan"))
-        ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, cache_lens, None, None, out)
-        outs.append(out)
-    atol, rtol = TOL[("cuda", dtype)]
-    torch.testing.assert_close(outs[0].double(), exp_out, atol=atol, rtol=rtol)
-    assert torch.equal(outs[0], outs[1])
+    check_same_bits(inputs, exp_out, monkeypatch, "PASS_EXT_ATTENTION_WARP_MERGE", ("1", "0"))
 
 
 @pytest.mark.cuda
@@ -508,19 +519,8 @@ def test_cluster_merge_same_bits_cuda(case, monkeypatch):
     S = max(lens) + Q + 40
     inputs = make_inputs(B, Q, Hq, Hkv, D, lens, S, dtype, "cuda")
     exp_out, _, _ = reference(*inputs, None, 1.0 / math.sqrt(D))
-    outs = []
-    for mode in ("batch", "rounds"):
-        monkeypatch.setenv("PASS_EXT_ATTENTION_CLUSTER_MERGE", mode)
-        q, k_new, v_new, k_cache, v_cache, cache_lens = (t.clone() for t in inputs)
-        out = torch.full_like(q, float("nan"))
-        names = _cuda_kernel_names(
-            lambda: ops.attention_with_kv_cache(q, k_new, v_new, k_cache, v_cache, cache_lens, None, None, out))
-        if names:
-            assert not any("attention_combine_kernel" in n for n in names), names
-        outs.append(out)
-    atol, rtol = TOL[("cuda", dtype)]
-    torch.testing.assert_close(outs[0].double(), exp_out, atol=atol, rtol=rtol)
-    assert torch.equal(outs[0], outs[1])
+    check_same_bits(inputs, exp_out, monkeypatch, "PASS_EXT_ATTENTION_CLUSTER_MERGE", ("batch", "rounds"),
+                    no_combine_kernel=True)
     monkeypatch.setenv("PASS_EXT_ATTENTION_CLUSTER_MERGE", "tree")
     with pytest.raises(RuntimeError, match="PASS_EXT_ATTENTION_CLUSTER_MERGE must be batch or rounds"):
         ops.attention_with_kv_cache(*(t.clone() for t in inputs), None, None, torch.empty_like(inputs[0]))

@@ -1,16 +1,6 @@
 """bench/bench_attention.py's target summary: a bandwidth row names the FLOP rate its target implies (useful q.k and
 p.v work at 3.8 TB/s), against the dense bf16 peak."""
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "bench_attention.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("bench_attention", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench_scripts import load_bench
 
 
 def row(B, L, Q, us, tbps, G=4, Hkv=8, D=128):
@@ -22,7 +12,7 @@ def row(B, L, Q, us, tbps, G=4, Hkv=8, D=128):
 
 
 def test_needed_flops_and_the_summary(capsys):
-    t = load()
+    t = load_bench("bench_attention")
     q64 = row(8, 4096, 64, 180.0, 0.61)
     # 256 rows x 128 channels x 4 FLOPs per key and head over 512 bytes per key and head: 256 FLOP per byte.
     assert abs(t.needed_tflops(q64) - 256 * 3.8) < 1e-6

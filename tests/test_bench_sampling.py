@@ -1,16 +1,6 @@
 """bench/bench_sampling.py's target summary: each latency row names its read floor (the logits once at the copy
 roofline), and a target below that floor is reported as unreachable rather than merely missed."""
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "bench_sampling.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("bench_sampling", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench_scripts import load_bench
 
 
 def row(op, batch, k, us, nbytes, impl="pass_ext", vocab=151936, roofline=4.24):
@@ -19,7 +9,7 @@ def row(op, batch, k, us, nbytes, impl="pass_ext", vocab=151936, roofline=4.24):
 
 
 def test_read_floor_and_unreachable_targets(capsys):
-    t = load()
+    t = load_bench("bench_sampling")
     logits = lambda b, k: b * (k + 1) * 151936 * 2  # noqa: E731  (bf16 bytes of verify's k + 1 positions per row)
     rows = [row("verify", 32, 8, 223.0, logits(32, 8)), row("verify", 32, 4, 134.0, logits(32, 4)),
             row("sample", 1, 4, 14.0, 151936 * 2), row("verify", 128, 4, 443.0, logits(128, 4)),

@@ -1,22 +1,12 @@
 """bench/bench_tree.py end to end on the CPU with the real SmolLM2 (a smoke run of every row kind), and the
 near-tie measure it shares with bench_generate."""
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
 
+from bench_scripts import load_bench
 from pass_ext import registry
-
-BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +15,7 @@ def fetched():
 
 
 def test_bench_tree_rows_json_and_plot(fetched, tmp_path, capsys):
-    bt = load("bench_tree")
+    bt = load_bench("bench_tree")
     out = tmp_path / "tree.json"
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({"code": ["def add(a, b):\n", "class Stack:\n    def push(self, x):\n"]}))
@@ -55,7 +45,7 @@ def test_divergence_ulps_measures_the_first_difference(fetched):
     import math
 
     import pass_ext
-    bg = load("bench_generate")
+    bg = load_bench("bench_generate")
     model = pass_ext.load_model("smollm2-135m", device="cpu")
     prompt = model.tokenizer("def add(a, b):")["input_ids"]
     with torch.no_grad():

@@ -1,25 +1,21 @@
 """bench/trace_step.py and the trace_buffer op: the slots of a replay parse into per-layer timelines, a build without
 the trace marks says how to get them, and a bad buffer is refused with what it must be."""
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import pass_ext  # noqa: F401  (registers the ops)
+from bench_scripts import BENCH, load_bench
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "trace_step.py"
+SCRIPT = BENCH / "trace_step.py"
 HAS_CUDA = pass_ext.ops.has_cuda_kernels() and torch.cuda.is_available()
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("trace_step", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("trace_step")
 
 
 def slot(kind, blocks, marks, sms=None, points=16):
