@@ -165,11 +165,11 @@ void launch_combine(const k::AttentionParams& p, cudaStream_t stream) {
 enum ClusterMode { kClusterNever, kClusterDecode, kClusterWherever };
 
 inline ClusterMode cluster_mode() {
-  const char* v = std::getenv("PASS_EXT_ATTENTION_CLUSTER");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "1") == 0) return kClusterDecode;
-  if (std::strcmp(v, "0") == 0) return kClusterNever;
-  TORCH_CHECK(std::strcmp(v, "all") == 0, "PASS_EXT_ATTENTION_CLUSTER must be 0, 1 or all, got '", v, "'");
-  return kClusterWherever;
+  switch (env_choice("PASS_EXT_ATTENTION_CLUSTER", {"1", "0", "all"})) {
+    case 1: return kClusterNever;
+    case 2: return kClusterWherever;
+    default: return kClusterDecode;
+  }
 }
 
 // How many clusters of `size` blocks of `kernel` (its shared-memory opt-in made, `smem` bytes each) can be

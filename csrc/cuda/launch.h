@@ -6,8 +6,10 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -45,6 +47,24 @@ bool runs_sm90(Kernel* kernel, int device) {
 inline bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, value) == 0;
+}
+
+// Which of `choices` the environment sets `name` to: its index, 0 (the first, the default) where it is unset or
+// empty; any other value is an error that names the variable and the values it allows. For the launchers' settings
+// with more than an on/off switch's two values, or with names for them.
+inline int env_choice(const char* name, std::initializer_list<const char*> choices) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return 0;
+  std::string allowed;
+  int i = 0;
+  for (const char* c : choices) {
+    if (std::strcmp(v, c) == 0) return i;
+    allowed += i == 0 ? "" : i + 1 == static_cast<int>(choices.size()) ? " or " : ", ";
+    allowed += c;
+    ++i;
+  }
+  TORCH_CHECK(false, name, " must be ", allowed, ", got '", v, "'");
+  return 0;
 }
 
 // The integer the environment sets `name` to, `fallback` where it is unset or empty; anything but an integer in
