@@ -55,10 +55,14 @@ inline bool env_is(const char* name, const char* value) {
 inline int env_choice(const char* name, std::initializer_list<const char*> choices) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return 0;
-  std::string allowed;
   int i = 0;
   for (const char* c : choices) {
     if (std::strcmp(v, c) == 0) return i;
+    ++i;
+  }
+  std::string allowed;  // "a, b or c"
+  i = 0;
+  for (const char* c : choices) {
     allowed += i == 0 ? "" : i + 1 == static_cast<int>(choices.size()) ? " or " : ", ";
     allowed += c;
     ++i;
