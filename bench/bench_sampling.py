@@ -112,6 +112,32 @@ def time_us(fn, runs: int, flush: torch.Tensor) -> float:
     return statistics.median(times)
 
 
+def ab_settings(ab: str | None) -> list[tuple[str, dict]]:
+    """[("default", {})] plus, for --ab PASS_EXT_NAME=VALUE[,...], (that text, its variables): the switches that
+    the launchers read on every call, so that one process can time both."""
+    settings = [("default", {})]
+    if ab:
+        alt = dict(item.partition("=")[::2] for item in ab.split(","))
+        if not all(name.startswith("PASS_EXT_") and value for name, value in alt.items()):
+            sys.exit(f"--ab takes PASS_EXT_NAME=VALUE[,...], got {ab!r}")
+        settings.append((ab, alt))
+    return settings
+
+
+def median_us(call, n: int, env: dict) -> float:
+    """time_us (median of n CUDA-event timings, L2 flushed before each) with `env` set, then restored."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        return time_us(call, n, torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def short_error(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_attention import DTYPES, LAYOUTS, new_token_mask, plan, ragged_lengths  # noqa: E402
-from bench_sampling import time_us  # noqa: E402
+from bench_sampling import ab_settings, median_us  # noqa: E402
 
 
 def main() -> None:
@@ -37,12 +37,7 @@ def main() -> None:
     ap.add_argument("--time", type=int, default=0, help="time N calls per shape (median µs, L2 flushed)")
     ap.add_argument("--ab", default=None, help="PASS_EXT_NAME=VALUE[,...]: also time each shape with these")
     args = ap.parse_args()
-    settings = [("default", {})]
-    if args.ab:
-        alt = dict(item.partition("=")[::2] for item in args.ab.split(","))
-        if not all(name.startswith("PASS_EXT_") and value for name, value in alt.items()):
-            sys.exit(f"--ab takes PASS_EXT_NAME=VALUE[,...], got {args.ab!r}")
-        settings.append((args.ab, alt))
+    settings = ab_settings(args.ab)
     if not torch.cuda.is_available():
         sys.exit("profile_attention.py needs a GPU")
     from pass_ext import masks, ops
@@ -74,21 +69,6 @@ def main() -> None:
             print("  " + ", ".join(f"{label}: {median_us(call, args.time, env):.2f} µs" for label, env in settings),
                   flush=True)
         del q, k_new, v_new, k_cache, v_cache, out
-
-
-def median_us(call, n: int, env: dict) -> float:
-    """bench_sampling.time_us (median of n CUDA-event timings, L2 flushed before each) with `env` set, then
-    restored."""
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        return time_us(call, n, torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 if __name__ == "__main__":

@@ -6,20 +6,26 @@
 
 A shape is OP:B[:k] with OP in sample, verify, verify-greedy (V = 151936, bf16 logits, by default the warp of
 bench_sampling.py: T 0.8, top-k 50, top-p 0.95; --temperature, --top-k and --top-p change it). Each shape runs
---calls times after three warm-up calls, timed as bench_sampling.py times them (its time_us: L2 flushed before each); the counters come from ncu, and
-the printed median is what the shape costs outside it.
+--calls times after three warm-up calls, timed as bench_sampling.py times them (its time_us: L2 flushed before
+each); the counters come from ncu, and the printed median is what the shape costs outside it. --ab
+PASS_EXT_NAME=VALUE[,...] times every shape with the default settings and with those, alternating in one process for
+--rounds rounds (switches the ops read per call), and prints the median of the rounds' medians of each and their
+ratio:
+
+    python bench/profile_sampling.py --calls 50 --rounds 3 --ab PASS_EXT_SAMPLE_RAW_FLOOR=0 sample:128 verify:128:4
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_sampling import TEMPERATURE, TOP_K, TOP_P, time_us  # noqa: E402
+from bench_sampling import TEMPERATURE, TOP_K, TOP_P, ab_settings, median_us, time_us  # noqa: E402
 
 OPS = ("sample", "verify", "verify-greedy")
 
@@ -47,7 +53,10 @@ def main() -> None:
     ap.add_argument("--peaked", action="store_true",
                     help="LM-like logits: N(0, 1) with 40 tokens raised by 25 down to 13 (a small nucleus), "
                          "instead of N(0, 3)")
+    ap.add_argument("--ab", default=None, help="PASS_EXT_NAME=VALUE[,...]: also time each shape with these")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of --ab")
     args = ap.parse_args()
+    settings = ab_settings(args.ab)
     if not torch.cuda.is_available():
         sys.exit("profile_sampling.py needs a GPU")
     from pass_ext import ops
@@ -88,8 +97,19 @@ def main() -> None:
                 drafts, q, temperature = target.argmax(-1)[:, :k].contiguous(), None, torch.zeros_like(temperature)
             call = lambda: ops.speculative_verify(target, drafts, q, temperature, top_k, top_p,  # noqa: E731
                                                   seed, offset, out_tokens, accepted)
-        us = time_us(call, args.calls, flush)
-        print(f"{spec}: {us:.1f} µs per call (median of {args.calls}, L2 flushed)", flush=True)
+        if len(settings) == 1:
+            us = time_us(call, args.calls, flush)
+            print(f"{spec}: {us:.1f} µs per call (median of {args.calls}, L2 flushed)", flush=True)
+            continue
+        rounds = {label: [] for label, _ in settings}
+        for _ in range(args.rounds):
+            for label, env in settings:
+                rounds[label].append(median_us(call, args.calls, env))
+        meds = [statistics.median(rounds[label]) for label, _ in settings]
+        print(f"{spec}: " + ", ".join(f"{label} {m:.1f} µs ({' '.join(f'{x:.1f}' for x in rounds[label])})"
+                                      for (label, _), m in zip(settings, meds))
+              + f"; ratio {meds[1] / meds[0]:.3f} (median of {args.rounds} rounds of {args.calls} calls, L2 flushed)",
+              flush=True)
 
 if __name__ == "__main__":
     main()

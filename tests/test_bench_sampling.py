@@ -22,3 +22,27 @@ def test_read_floor_and_unreachable_targets(capsys):
     assert "read floor  11.5 µs   MISSED" in lines[1] and "unreachable" not in lines[1]
     assert lines[2].endswith("met")
     assert "%" in lines[3] and lines[3].endswith("MISSED")
+
+
+def test_ab_settings_and_median_us_restore_the_environment(monkeypatch):
+    """--ab of the profile scripts: the default plus the named switches; anything but PASS_EXT_NAME=VALUE pairs
+    exits naming the flag. median_us sets the switches for its timing only (a CPU stand-in for time_us here)."""
+    import os
+
+    import pytest
+
+    t = load_bench("bench_sampling")
+    assert t.ab_settings(None) == [("default", {})]
+    assert t.ab_settings("PASS_EXT_A=0,PASS_EXT_B=all") == [
+        ("default", {}), ("PASS_EXT_A=0,PASS_EXT_B=all", {"PASS_EXT_A": "0", "PASS_EXT_B": "all"})]
+    for bad in ("OTHER=1", "PASS_EXT_A", "PASS_EXT_A="):
+        with pytest.raises(SystemExit, match="--ab takes"):
+            t.ab_settings(bad)
+    monkeypatch.setenv("PASS_EXT_B", "before")
+    monkeypatch.delenv("PASS_EXT_A", raising=False)
+    seen = []
+    monkeypatch.setattr(t, "time_us", lambda call, n, flush: seen.append(dict(os.environ)) or 1.5)
+    monkeypatch.setattr(t.torch, "empty", lambda *a, **k: None)
+    assert t.median_us(lambda: None, 3, {"PASS_EXT_A": "0", "PASS_EXT_B": "all"}) == 1.5
+    assert seen[0]["PASS_EXT_A"] == "0" and seen[0]["PASS_EXT_B"] == "all"
+    assert "PASS_EXT_A" not in os.environ and os.environ["PASS_EXT_B"] == "before"
