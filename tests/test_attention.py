@@ -506,23 +506,22 @@ def test_warp_merge_same_bits_cuda(case, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
 @pytest.mark.parametrize("case", sorted(CLUSTER_DEFAULT | {"cl_tc_key_warps", "cl_cc_rows16", "tc_pass_k1_rows"}))
-def test_cluster_merge_same_bits_cuda(case, monkeypatch):
-    """The cluster merge reads up to four rounds of items before it adds any up (default) or one round at a time
-    (PASS_EXT_ATTENTION_CLUSTER_MERGE=rounds, read per call): the same additions in the same order, so the same bits,
-    over cluster sizes 2 to 16, one to three rounds, both kernels, ragged rows with empty splits and head dims 64, 96
-    and 128. The last three cases merge in a cluster only with PASS_EXT_ATTENTION_CLUSTER=all, set here for them."""
+def test_cluster_merge_cuda(case, monkeypatch):
+    """The splits of a row tile merge in a thread-block cluster (no combine kernel) and match the reference over
+    cluster sizes 2 to 16, one to three rounds of items per lane group, both kernels, ragged rows with empty splits
+    and head dims 64, 96 and 128. The last three cases merge in a cluster only with PASS_EXT_ATTENTION_CLUSTER=all,
+    set here for them; a value it does not allow names the variable and its values."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("clusters need sm_90")
-    if case not in CLUSTER_DEFAULT:
-        monkeypatch.setenv("PASS_EXT_ATTENTION_CLUSTER", "all")
+    name = "PASS_EXT_ATTENTION_CLUSTER"
     dtype, B, Q, Hq, Hkv, D, lens, _ = SPLIT_COMBINE_CASES[case]
     S = max(lens) + Q + 40
     inputs = make_inputs(B, Q, Hq, Hkv, D, lens, S, dtype, "cuda")
     exp_out, _, _ = reference(*inputs, None, 1.0 / math.sqrt(D))
-    check_same_bits(inputs, exp_out, monkeypatch, "PASS_EXT_ATTENTION_CLUSTER_MERGE", ("batch", "rounds"),
+    check_same_bits(inputs, exp_out, monkeypatch, name, ("1" if case in CLUSTER_DEFAULT else "all",),
                     no_combine_kernel=True)
-    monkeypatch.setenv("PASS_EXT_ATTENTION_CLUSTER_MERGE", "tree")
-    with pytest.raises(RuntimeError, match="PASS_EXT_ATTENTION_CLUSTER_MERGE must be batch or rounds"):
+    monkeypatch.setenv(name, "some")
+    with pytest.raises(RuntimeError, match="PASS_EXT_ATTENTION_CLUSTER must be 1, 0 or all, got 'some'"):
         ops.attention_with_kv_cache(*(t.clone() for t in inputs), None, None, torch.empty_like(inputs[0]))
 
 

@@ -84,7 +84,6 @@ void attention_with_kv_cache_cuda(const at::Tensor& q_in, const at::Tensor& k_ne
   p.mask_words = static_cast<int>((Q + 63) / 64);
   p.scale_log2 = static_cast<float>(scale * M_LOG2E);
   p.warp_merge = env_is("PASS_EXT_ATTENTION_WARP_MERGE", "0") ? 0 : 1;
-  p.cluster_rounds = env_choice("PASS_EXT_ATTENTION_CLUSTER_MERGE", {"batch", "rounds"});
   p.trace = reinterpret_cast<unsigned long long*>(next_trace_slot());
 
   switch (dtype) {

@@ -42,9 +42,6 @@ struct AttentionParams {
   // 1: the tensor-core kernel's 16-row tiles merge their key warps' states with every thread (attention_mma.cuh);
   // 0 (PASS_EXT_ATTENTION_WARP_MERGE=0, read per call: an A/B switch): key warp 0 merges them alone.
   int warp_merge;
-  // 1 (PASS_EXT_ATTENTION_CLUSTER_MERGE=rounds, read per call: an A/B switch): the cluster merge reads its rounds one
-  // at a time; 0: up to kMergeBatch rounds at once (cluster_merge). Same bits.
-  int cluster_rounds;
   int64_t q_tok, k_tok, v_tok;  // elements between consecutive new tokens of q / k_new / v_new (H * D if contiguous)
   // 1: the kernel before on the stream writes neither the cache nor cache_lens, so under a dependent launch
   // (pdl.cuh) they may be read before the wait for it (the first tile of cached keys is fetched early).
@@ -361,13 +358,11 @@ __device__ __forceinline__ void fused_combine(const AttentionParams& p, int bh, 
 // arrives.
 //
 // Where the cluster's lane groups are fewer than the items (4 channels of a row), a group takes several, one per
-// round. A round, its distributed-shared-memory read then its shuffles, took ~0.75 us in the 8B's decode attention
-// on the H200 (2 rounds at 7 splits; the 1.5B's 3 at 5), so a thread issues the reads of up to kMergeBatch rounds
-// before it adds up any: one round trip instead of one per round (replayed steps 1.003x and 1.013x faster). The
-// additions are the same, in the same order (PASS_EXT_ATTENTION_CLUSTER_MERGE=rounds, read per call, reads round by
-// round: an A/B switch; same bits).
-constexpr int kMergeBatch = 4;
-
+// round: a distributed-shared-memory read, then its shuffles, ~0.75 us a round in the 8B's decode attention on the
+// H200 (2 rounds at 7 splits; the 1.5B's 3 at 5). Reading up to four rounds before adding any up (one round trip)
+// made the replayed steps 1.003x (8B) and 1.013x (1.5B) faster, but the unrolled rounds took this merge from 255 to
+// 838 instructions at each of its two call sites, and isolated calls with L2 flushed 1.26x slower (B = 1, L = 4096:
+// 15.8 -> 19.8 us; bench/NOTES.md, twenty-sixth H200 session): so one round at a time.
 template <typename T>
 __device__ __forceinline__ void cluster_merge(const AttentionParams& p, int bh, int row0, int tile_rows,
                                               const float* part, const float2* ml, int trace_kind) {
@@ -387,48 +382,31 @@ __device__ __forceinline__ void cluster_merge(const AttentionParams& p, int bh, 
   const float2* peer_ml = cluster.map_shared_rank(ml, sc);
   const float4* peer_part = reinterpret_cast<const float4*>(cluster.map_shared_rank(part, sc));
   const int b = bh / p.Hkv, h = bh % p.Hkv;
-  const int round = C * groups;                         // items per round
-  const int batch = p.cluster_rounds ? 1 : kMergeBatch;  // rounds whose reads go out together
-  // The trip counts are the same for every thread (the shuffles need whole warps); lanes past the items idle.
-  for (int base = 0; base < items; base += batch * round) {
-    float2 x[kMergeBatch];
-    float4 v[kMergeBatch];
-#pragma unroll
-    for (int u = 0; u < kMergeBatch; ++u) {
-      if (u < batch && base + u * round < items) {  // uniform over the cluster
-        const int item = base + u * round + first;
-        const bool valid = item < items;
-        const int r = valid ? item / per : 0, c4 = valid ? item % per : 0;
-        x[u] = s < C && valid ? peer_ml[r] : make_float2(-INFINITY, 0.f);
-        v[u] = peer_part[r * per + c4];  // garbage for an empty split: selected away below
-      }
+  // The trip count is the same for every thread (the shuffles need whole warps); lanes past the items idle.
+  for (int base = 0; base < items; base += C * groups) {
+    const int item = base + first;
+    const bool valid = item < items;
+    const int r = valid ? item / per : 0, c4 = valid ? item % per : 0;
+    const float2 x = s < C && valid ? peer_ml[r] : make_float2(-INFINITY, 0.f);
+    const float4 v = peer_part[r * per + c4];  // garbage for an empty split: selected away below
+    float M = x.y > 0.f ? x.x : -INFINITY;
+    for (int o = 1; o < lanes; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    const float w = x.y > 0.f ? exp2f(x.x - M) : 0.f;
+    float tot = w * x.y;
+    float4 a = w != 0.f ? make_float4(w * v.x, w * v.y, w * v.z, w * v.w) : make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int o = 1; o < lanes; o <<= 1) {
+      tot += __shfl_xor_sync(0xffffffffu, tot, o);
+      a.x += __shfl_xor_sync(0xffffffffu, a.x, o);
+      a.y += __shfl_xor_sync(0xffffffffu, a.y, o);
+      a.z += __shfl_xor_sync(0xffffffffu, a.z, o);
+      a.w += __shfl_xor_sync(0xffffffffu, a.w, o);
     }
-#pragma unroll
-    for (int u = 0; u < kMergeBatch; ++u) {
-      if (u < batch && base + u * round < items) {
-        const int item = base + u * round + first;
-        const bool valid = item < items;
-        const int r = valid ? item / per : 0, c4 = valid ? item % per : 0;
-        float M = x[u].y > 0.f ? x[u].x : -INFINITY;
-        for (int o = 1; o < lanes; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-        const float w = x[u].y > 0.f ? exp2f(x[u].x - M) : 0.f;
-        float tot = w * x[u].y;
-        float4 a = w != 0.f ? make_float4(w * v[u].x, w * v[u].y, w * v[u].z, w * v[u].w)
-                            : make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int o = 1; o < lanes; o <<= 1) {
-          tot += __shfl_xor_sync(0xffffffffu, tot, o);
-          a.x += __shfl_xor_sync(0xffffffffu, a.x, o);
-          a.y += __shfl_xor_sync(0xffffffffu, a.y, o);
-          a.z += __shfl_xor_sync(0xffffffffu, a.z, o);
-          a.w += __shfl_xor_sync(0xffffffffu, a.w, o);
-        }
-        if (valid && s == 0) {
-          const float inv = tot > 0.f ? 1.f / tot : 0.f;  // a row that saw no key outputs zeros
-          const float res[4] = {a.x * inv, a.y * inv, a.z * inv, a.w * inv};
-          T* o = static_cast<T*>(p.out) + out_row_offset(p, b, h, row0 + r, p.D);
-          store_floats<T, 4>(o + c4 * 4, res);
-        }
-      }
+    if (valid && s == 0) {
+      const int row = row0 + r;
+      const float inv = tot > 0.f ? 1.f / tot : 0.f;  // a row that saw no key outputs zeros
+      const float res[4] = {a.x * inv, a.y * inv, a.z * inv, a.w * inv};
+      T* o = static_cast<T*>(p.out) + out_row_offset(p, b, h, row, p.D);
+      store_floats<T, 4>(o + c4 * 4, res);
     }
   }
   trace_mark(p.trace, 9, trace_kind);
