@@ -124,12 +124,12 @@ def ab_settings(ab: str | None) -> list[tuple[str, dict]]:
     return settings
 
 
-def median_us(call, n: int, env: dict) -> float:
-    """time_us (median of n CUDA-event timings, L2 flushed before each) with `env` set, then restored."""
+def median_us(call, n: int, env: dict, flush: torch.Tensor) -> float:
+    """time_us (median of n CUDA-event timings, `flush` read before each) with `env` set, then restored."""
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     try:
-        return time_us(call, n, torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+        return time_us(call, n, flush)
     finally:
         for name, value in saved.items():
             if value is None:

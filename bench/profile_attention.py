@@ -41,6 +41,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("profile_attention.py needs a GPU")
     from pass_ext import masks, ops
+    # read before each timed call (--time): L2 flushed
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if args.time else None
     for spec in args.shapes:
         try:
             layout, dt, B, L, Q = spec.split(":")
@@ -66,8 +68,8 @@ def main() -> None:
             call()
         torch.cuda.synchronize()
         if args.time:
-            print("  " + ", ".join(f"{label}: {median_us(call, args.time, env):.2f} µs" for label, env in settings),
-                  flush=True)
+            times = [f"{label}: {median_us(call, args.time, env, flush):.2f} µs" for label, env in settings]
+            print("  " + ", ".join(times), flush=True)
         del q, k_new, v_new, k_cache, v_cache, out
 
 

@@ -12,7 +12,7 @@ PASS_EXT_NAME=VALUE[,...] times every shape with the default settings and with t
 --rounds rounds (switches the ops read per call), and prints the median of the rounds' medians of each and their
 ratio:
 
-    python bench/profile_sampling.py --calls 50 --rounds 3 --ab PASS_EXT_SAMPLE_RAW_FLOOR=0 sample:128 verify:128:4
+    python bench/profile_sampling.py --calls 50 --rounds 3 --ab PASS_EXT_SAMPLE_SPLIT=0 sample:128 verify:128:4
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def main() -> None:
         rounds = {label: [] for label, _ in settings}
         for _ in range(args.rounds):
             for label, env in settings:
-                rounds[label].append(median_us(call, args.calls, env))
+                rounds[label].append(median_us(call, args.calls, env, flush))
         meds = [statistics.median(rounds[label]) for label, _ in settings]
         print(f"{spec}: " + ", ".join(f"{label} {m:.1f} µs ({' '.join(f'{x:.1f}' for x in rounds[label])})"
                                       for (label, _), m in zip(settings, meds))
