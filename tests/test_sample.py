@@ -272,12 +272,16 @@ def split_rows(rows, vocab, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
-@pytest.mark.parametrize("vocab", [5000, 151936])
+@pytest.mark.parametrize("group", ["auto", "1", "2", "4"])
+@pytest.mark.parametrize("vocab", [5000, 12291, 151936])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_split_rows_match_one_block_rows(monkeypatch, dtype, vocab):
+def test_split_rows_match_one_block_rows(monkeypatch, dtype, vocab, group):
     """The split path (a row spread over many blocks, top-k candidates) and the one-block passes over the row
-    (PASS_EXT_SAMPLE_SPLIT=0) warp and draw identically: same probabilities bit for bit, same tokens."""
+    (PASS_EXT_SAMPLE_SPLIT=0) warp and draw identically: same probabilities bit for bit, same tokens; with one,
+    two or four chunks per filter block (PASS_EXT_SAMPLE_GROUP; V = 5000 and 12291 leave a partial group, the
+    latter a last chunk of three tokens)."""
     logits, temperature, top_k, top_p = (t.cuda() for t in split_rows(40, vocab, dtype))
+    monkeypatch.setenv("PASS_EXT_SAMPLE_GROUP", group)
     split = run_sample(logits, temperature, top_k, top_p, seed=5, offset=9)
     monkeypatch.setenv("PASS_EXT_SAMPLE_SPLIT", "0")
     whole = run_sample(logits, temperature, top_k, top_p, seed=5, offset=9)
@@ -289,14 +293,17 @@ def test_split_rows_match_one_block_rows(monkeypatch, dtype, vocab):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vocab", [1, 4097, 151936])
-def test_plain_rows_on_the_grid_match_one_block_rows(monkeypatch, dtype, vocab):
+@pytest.mark.parametrize("group", ["auto", "4"])
+def test_plain_rows_on_the_grid_match_one_block_rows(monkeypatch, dtype, vocab, group):
     """Rows with top-k and top-p off (the API's defaults) add up their mass and race over the whole grid (integer
     atomics across blocks), and nucleus rows (top-k off, top-p on) take their threshold from their top candidates
     and that mass; PASS_EXT_SAMPLE_GRID=0 makes the one-block passes over the row instead: the same probabilities
     bit for bit and the same tokens, at several offsets. Mixed with greedy and top-k rows, a row of -inf (one-hot
     at 0), NaN holes, a peaked row, top_k/top_p values that mean off (>= V, < 0, > 1), LM-like rows whose nucleus
     is small (with a tie at the top, and top_p 0: the maximum only) and a flat row whose nucleus is not (the
-    one-block passes); V = 4097 leaves a last chunk of one token."""
+    one-block passes); V = 4097 leaves a last chunk of one token. Also with four chunks per filter block
+    (PASS_EXT_SAMPLE_GROUP=4), where nucleus rows take one floor per group."""
+    monkeypatch.setenv("PASS_EXT_SAMPLE_GROUP", group)
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(18, vocab, generator=g) * 3
     logits[3] = -math.inf
@@ -321,6 +328,48 @@ def test_plain_rows_on_the_grid_match_one_block_rows(monkeypatch, dtype, vocab):
         assert torch.equal(grid[0], whole[0]), f"offset {offset}: {grid[0].tolist()} != {whole[0].tolist()}"
         assert torch.equal(grid[1], whole[1])
     assert_probs_match(logits.cpu(), temperature.cpu(), top_k.cpu(), top_p.cpu(), grid[1], grid[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("group", ["1", "4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_rows_take_the_split_path(monkeypatch, dtype, group):
+    """Top-k rows of V = 151936 (a last chunk of 384 tokens) are warped from the filter's candidates, not by the
+    one-block passes over the row (their fallback). Both give the same draws (the tests above), so only the cost
+    tells them apart: rows run side by side, so one row that falls back makes the call as slow as the passes
+    (0.4-0.5 ms here), while the split path takes 0.03-0.15 ms (a fallback once went unnoticed because every test
+    still passed). Medians of 15 calls each, a 2x margin."""
+    logits = (torch.randn(8, 151936, device="cuda") * 3).to(dtype)
+    temperature, top_k, top_p = config_params([(0.8, 50, 0.95), (1.0, 64, 1.0)] * 4, "cuda")
+    monkeypatch.setenv("PASS_EXT_SAMPLE_GROUP", group)
+
+    def median_ms():
+        times = []
+        for _ in range(15):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run_sample(logits, temperature, top_k, top_p, seed=1, offset=0)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    median_ms()  # warm-up
+    split = median_ms()
+    monkeypatch.setenv("PASS_EXT_SAMPLE_SPLIT", "0")
+    whole = median_ms()
+    assert split * 2 < whole, f"split path {split:.3f} ms against {whole:.3f} ms for the one-block passes"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
+def test_filter_group_setting_is_checked(monkeypatch):
+    """A PASS_EXT_SAMPLE_GROUP other than auto, 1, 2 or 4 is an error that names it and its values."""
+    logits, temperature, top_k, top_p = (t.cuda() for t in split_rows(2, 5000, torch.float32))
+    monkeypatch.setenv("PASS_EXT_SAMPLE_GROUP", "3")
+    with pytest.raises(RuntimeError, match="PASS_EXT_SAMPLE_GROUP must be auto, 1, 2 or 4, got '3'"):
+        run_sample(logits, temperature, top_k, top_p, seed=5, offset=9)
 
 
 @pytest.mark.parametrize("device", DEVICES)

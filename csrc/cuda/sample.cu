@@ -86,10 +86,11 @@ void sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, const 
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int max_top_k = split::max_top_k();
   const bool grid_plain = split::grid_plain();
+  const int group = split::filter_group(rows, chunks, sms);
   cuda_dispatch::by_logits_dtype(logits, [&](auto* data) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(data)>>;
-    filter_kernel<<<dim3(unsigned(rows), unsigned(chunks)), kFilterThreads, 0, stream>>>(
-        data, vocab, 1, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
+    filter_kernel<<<dim3(unsigned(rows), unsigned((chunks + group - 1) / group)), kFilterThreads, 0, stream>>>(
+        data, vocab, 1, group, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
         top_p.const_data_ptr<float>(), max_top_k, grid_plain, ws.sums, ws.cands, ws.acc);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (grid_plain) {

@@ -36,6 +36,20 @@ inline int max_top_k() { return env_is("PASS_EXT_SAMPLE_SPLIT", "0") ? 0 : kMaxS
 // PASS_EXT_SAMPLE_GRID=0 (read on every call, for A/B runs in one process).
 inline bool grid_plain() { return max_top_k() > 0 && !env_is("PASS_EXT_SAMPLE_GRID", "0"); }
 
+// Chunks per filter block (filter_chunks in sampling.cuh: one select of the floor per block): PASS_EXT_SAMPLE_GROUP
+// = 1, 2 or 4 (read on every call, for A/B runs in one process), by default ("auto") the largest that still gives
+// every resident block slot (four per SM) a block: small grids keep one chunk per block for their latency, and
+// rows that need no select (plain and greedy rows: the host cannot tell) lose nothing where the grid stays full.
+// On the H200 (V = 151936, bf16, bench/NOTES.md) four chunks per block at 32 top-k rows took 36 against 38 µs, but
+// plain rows 51 against 44.
+inline int filter_group(int64_t rows, int chunks, int sms) {
+  const int choice = env_choice("PASS_EXT_SAMPLE_GROUP", {"auto", "1", "2", "4"});
+  if (choice > 0) return 1 << (choice - 1);
+  for (int group = kMaxGroup; group > 1; group /= 2)
+    if (rows * ((chunks + group - 1) / group) >= 4 * int64_t(sms)) return group;
+  return 1;
+}
+
 // Launches kernel<<<grid, threads>>>(args...) on `stream`, as a programmatic dependent launch where the kernel runs
 // sm_90 code and `dependent` is set. Such a kernel waits for the kernel before it first thing (kernels/pdl.cuh);
 // each kernel of the sampling chains releases the next one right after that wait (filter_kernel, the first, at

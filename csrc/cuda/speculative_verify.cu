@@ -227,11 +227,12 @@ void speculative_verify_cuda(const at::Tensor& target_logits, const at::Tensor& 
   const bool grid_plain = split::grid_plain();
   const int device = target_logits.get_device();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int group = split::filter_group(positions, chunks, sms);
   const float* q = draft_probs ? draft_probs->const_data_ptr<float>() : nullptr;
   cuda_dispatch::by_logits_dtype(target_logits, [&](auto* data) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(data)>>;
-    filter_kernel<<<dim3(unsigned(positions), unsigned(chunks)), kFilterThreads, 0, stream>>>(
-        data, vocab, k + 1, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
+    filter_kernel<<<dim3(unsigned(positions), unsigned((chunks + group - 1) / group)), kFilterThreads, 0, stream>>>(
+        data, vocab, k + 1, group, temperature.const_data_ptr<float>(), top_k.const_data_ptr<int32_t>(),
         top_p.const_data_ptr<float>(), max_top_k, grid_plain, ws.sums, ws.cands, ws.acc);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (grid_plain) {

@@ -468,10 +468,10 @@ __device__ int32_t race(const T* row, int vocab, const philox::Stream& rng, Weig
 // One block per row makes about ten passes over the vocabulary on one SM (argmax, four radix passes per
 // threshold, mass, race), bound by its instruction rate. Rows with a small top-k (the common case) need only
 // the few tokens at the top, and the race needs only the tokens with positive weight. So:
-//   filter_chunk: one block per chunk of kChunk tokens reads them once, reduces their argmax and emits every
-//     token whose key is at or above floor_key, the top_k-th largest of its threads' maxima (a lower bound of
-//     the chunk's top_k-th largest key), so little more than top_k tokens per chunk. It also reports rungs, the
-//     2^i-th largest maxima.
+//   filter_chunks: one block per chunk of kChunk tokens (or per group of a few, on large grids) reads them once,
+//     reduces their argmax and emits every token whose key is at or above floor_key, the top_k-th largest of its
+//     threads' maxima (a lower bound of the chunk's top_k-th largest key), so little more than top_k tokens per
+//     chunk. It also reports rungs, the 2^i-th largest maxima.
 //   split_warp: one block per row takes the chunk argmaxes, bounds the row's top_k-th largest key from below by
 //     the largest floor_key and what the rungs imply, keeps the candidates at or above that bound (about top_k
 //     plus a few dozen) and finds the thresholds on them: one warp sorts a list of up to kWarpList keys (no
@@ -481,7 +481,7 @@ __device__ int32_t race(const T* row, int vocab, const philox::Stream& rng, Weig
 // only the argmax; rows with top-k off or above max_top_k, or with a chunk of more than kChunkCands candidates
 // (ties), fall back to the one-block passes over the row.
 constexpr int kChunk = 4096;
-constexpr int kFilterThreads = 256;  // 16 tokens per thread, kept in registers between the passes
+constexpr int kFilterThreads = 256;  // 16 tokens per thread and chunk
 constexpr int kMaxSplitTopK = 64;
 constexpr int kChunkCands = 128;
 constexpr int kRowCands = 2048;
@@ -558,7 +558,7 @@ __device__ __forceinline__ float max_keep_subnormals(float a, float b) {
 }
 
 // A greedy row needs only each chunk's argmax entry (order_key(clean_logit(l)) << 32 | ~index, the largest
-// wins: so the first index among equal keys), which filter_chunk's general path computes with a key per token
+// wins: so the first index among equal keys), which filter_chunks's general path computes with a key per token
 // and ~500 instructions per warp: the Nsight counters put greedy verify at B = 128 at 85% of the SMs' issue rate
 // and 27% of DRAM bandwidth. Here a thread reads its tokens with 16-byte loads where the chunk is whole and
 // 16-byte aligned, takes their maximum (NaN skipped: it counts as -inf), then the first of its tokens with the
@@ -595,61 +595,109 @@ __device__ __forceinline__ u64 greedy_entry(const T* row, int vocab, int base) {
   return index(0) < vocab ? (u64(order_key(m)) << 32) | (0xffffffffu - unsigned(at)) : 0;
 }
 
-// Block of kFilterThreads threads: chunk `chunk` of one row -> *summary and up to kChunkCands candidates.
-// The floor is the top_k-th largest of the threads' maxima (each thread holds kPer tokens): top_k threads hold a
-// token at or above it, so it bounds the chunk's top_k-th largest key from below, and few tokens beyond the
-// top_k maxima pass it. A two-pass radix select over the 256 maxima (16 bits of key) narrows them to a short
-// list, whose exact ranks give the floor and the rungs (the 2^i-th largest maxima, which split_warp combines
-// over the chunks into a bound on the row's top_k-th key).
+// Block of kFilterThreads threads: chunks chunk0 .. chunk0 + group - 1 of one row (those below chunks_of(vocab))
+// -> summary[c] and up to kChunkCands candidates at cands + c * kChunkCands for each. The floor is the top_k-th
+// largest of the threads' maxima (each thread holds kPer tokens of each chunk, its maximum is over all of them):
+// top_k threads hold a token at or above it, so it bounds the group's top_k-th largest key from below, and few
+// tokens beyond the top_k maxima pass it. A two-pass radix select over the 256 maxima (16 bits of key) narrows
+// them to a short list, whose exact ranks give the floor and the rungs (the 2^i-th largest maxima, which
+// split_warp combines over the chunks into a bound on the row's top_k-th key). The select is the block's fixed
+// cost (~7,000 warp instructions against ~3,000 for reading, keying and emitting a chunk's 4096 tokens: Nsight on
+// the H200, bench/NOTES.md), so a block of a large grid takes several chunks for one select: the group's floor and
+// rungs hold for its tokens together, so every chunk of the group reports the floor and the first alone the rungs
+// (split_warp counts a rung's tokens once per chunk that reports it). Each chunk keeps its own argmax and
+// candidate list.
+constexpr int kMaxGroup = 4;
+
 template <typename T>
-__device__ void filter_chunk(const T* row, int vocab, int chunk, float temperature, int32_t top_k, float top_p,
-                             int max_top_k, bool nucleus, ChunkSummary* summary, Candidate* cands) {
+__device__ void filter_chunks(const T* row, int vocab, int chunk0, int group, float temperature, int32_t top_k,
+                              float top_p, int max_top_k, bool nucleus, ChunkSummary* summary, Candidate* cands) {
   constexpr int kWarps = kFilterThreads / 32, kPer = kChunk / kFilterThreads;
   static_assert(kFilterThreads == 256, "one thread per histogram bucket");
   static_assert(kMaxSplitTopK <= kFilterThreads, "the floor is a rank among the threads' maxima");
   __shared__ unsigned hist[256];
   __shared__ uint32_t top[kFilterThreads];
-  __shared__ u64 red[kWarps];
-  __shared__ unsigned digit, digit_above, emitted, n_top;
+  // Each thread's largest and second largest key and the first token with the largest, per chunk (its own slots).
+  __shared__ uint32_t chunk_max[kMaxGroup][kFilterThreads], chunk_second[kMaxGroup][kFilterThreads];
+  __shared__ int32_t chunk_at[kMaxGroup][kFilterThreads];
+  __shared__ u64 red[kMaxGroup][kWarps];
+  __shared__ unsigned digit, digit_above, n_top, emitted[kMaxGroup];
   __shared__ uint32_t floor_shared, rung[kRungs];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const bool greedy = is_greedy(temperature);
-  const int base = chunk * kChunk;
-  if (greedy) {  // the argmax alone (the whole block takes this branch: one row's parameters)
-    const u64 entry = warp_max(greedy_entry(row, vocab, base));
-    if (lane == 0) red[warp] = entry;
+  group = min(group, chunks_of(vocab) - chunk0);
+  if (greedy) {  // the argmaxes alone (the whole block takes this branch: one row's parameters)
+    for (int c = 0; c < group; ++c) {
+      const u64 entry = warp_max(greedy_entry(row, vocab, (chunk0 + c) * kChunk));
+      if (lane == 0) red[c][warp] = entry;
+    }
     __syncthreads();
-    if (tid == 0) {
+    if (tid < group) {
       u64 b = 0;
-      for (int w = 0; w < kWarps; ++w) b = max(b, red[w]);
-      *summary = ChunkSummary{b, 0u, -1, {}};
+      for (int w = 0; w < kWarps; ++w) b = max(b, red[tid][w]);
+      summary[tid] = ChunkSummary{b, 0u, -1, {}};
     }
     return;
   }
   const float inv_t = inverse_temperature(temperature);
   const int32_t k = split_top_k(top_k, top_p, vocab, max_top_k, nucleus);
   const bool filter = k > 0;
-  auto index = [&](int i) { return base + ((i / 4) * kFilterThreads + tid) * 4 + i % 4; };  // coalesced groups
-  float l[kPer];  // every load issued before any is used
+  // Token i of this thread in the chunk at `base`: in a whole chunk, runs of kVec consecutive tokens, one 16-byte
+  // load each where aligned (greedy_entry's layout); in the row's last, partial chunk, every kFilterThreads-th
+  // token, so that a chunk of n tokens has min(n, 256) holders: a floor whenever it has top_k tokens (runs of 8
+  // left 48 holders for V = 151936's last 384 tokens, no floor at top-k 50, and every token emitted, too many).
+  constexpr int kVec = 16 / int(sizeof(T));
+  auto index = [&](int base, int i, bool whole) {
+    return whole ? base + ((i / kVec) * kFilterThreads + tid) * kVec + i % kVec : base + i * kFilterThreads + tid;
+  };
+  auto is_whole = [&](int base) {
+    return base + kChunk <= vocab && (reinterpret_cast<uintptr_t>(row + base) & 15u) == 0;
+  };
+  auto key_of = [&](float l) { return order_key(scaled_logit(l, inv_t)); };
+  // Per token: a key, the running maximum and second largest (with multiplicity); after the loads, the first token
+  // with the maximum. A thread's candidates in a chunk are then mostly its maximum alone, emitted without reading
+  // its tokens again; only a thread whose second largest also reaches the floor reads them again (rare: ties, or
+  // two of the group's top tokens in one thread).
+  uint32_t tmax = 0;  // this thread's largest key over the group (keys of real tokens are > 0; 0 = no token)
+  auto reduce = [&](const float* v, int c, int base, bool whole) {  // inlined: `whole` folds away
+    uint32_t key[kPer], cmax = 0, second = 0;
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) l[i] = index(i) < vocab ? to_float(row[index(i)]) : -INFINITY;
-  uint32_t key[kPer];
+    for (int i = 0; i < kPer; ++i) {
+      key[i] = whole || index(base, i, whole) < vocab ? key_of(v[i]) : 0u;
+      second = max(second, min(cmax, key[i]));
+      cmax = max(cmax, key[i]);
+    }
+    int at = index(base, 0, whole);
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) key[i] = order_key(scaled_logit(l[i], inv_t));
-  u64 best = 0;
-  uint32_t tmax = 0;  // this thread's largest key (keys of real tokens are > 0; 0 = no token)
+    for (int i = kPer - 1; i >= 0; --i) at = key[i] == cmax ? index(base, i, whole) : at;
+    chunk_max[c][tid] = cmax;
+    chunk_second[c][tid] = second;
+    chunk_at[c][tid] = at;
+    tmax = max(tmax, cmax);
+    const u64 best = warp_max(cmax == 0 ? u64(0) : (u64(cmax) << 32) | (0xffffffffu - unsigned(at)));
+    if (lane == 0) red[c][warp] = best;
+  };
+  for (int c = 0; c < group; ++c) {
+    const int base = (chunk0 + c) * kChunk;
+    float v[kPer];  // every load issued before any is used
+    if (is_whole(base)) {
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    if (index(i) < vocab) {
-      best = max(best, (u64(key[i]) << 32) | (0xffffffffu - unsigned(index(i))));
-      tmax = max(tmax, key[i]);
+      for (int q = 0; q < kPer / kVec; ++q)
+        unpack16(__ldg(reinterpret_cast<const uint4*>(row + index(base, q * kVec, true))), v + q * kVec, row);
+      reduce(v, c, base, true);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int j = index(base, i, false);
+        v[i] = j < vocab ? to_float(row[j]) : -INFINITY;
+      }
+      reduce(v, c, base, false);
     }
   }
-  best = warp_max(best);
-  if (lane == 0) red[warp] = best;
   uint32_t floor_key = 0;
-  const int valid = min(kChunk, vocab - base);
-  const int holders = min(kFilterThreads, (valid + 3) / 4);  // threads holding a token: the first groups
+  const int valid = min(kChunk, vocab - chunk0 * kChunk);  // the group's first chunk: its threads hold tokens
+  // threads holding a token: every thread of a whole chunk, the first `valid` of a partial one
+  const int holders = is_whole(chunk0 * kChunk) ? kFilterThreads : min(kFilterThreads, valid);
   if (tid < kRungs) rung[tid] = 0;
   if (tid == 0) floor_shared = 0;
   if (filter && holders >= k) {
@@ -725,48 +773,67 @@ __device__ void filter_chunk(const T* row, int vocab, int chunk, float temperatu
     __syncthreads();
     floor_key = floor_shared;
   }
-  if (tid == 0) emitted = 0;
+  if (tid < group) emitted[tid] = 0;
   __syncthreads();
   if (filter) {
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const bool take = index(i) < vocab && key[i] >= floor_key;
+    // Only threads whose maximum over a chunk reaches the floor hold candidates there (about top_k of the group's
+    // 256 x group): most hold just that maximum, emitted from its index; a thread whose second largest reaches the
+    // floor too loads its tokens again (cache hits) and keys them as above.
+    auto emit = [&](int c, bool take, int j, float l) {
       const unsigned ballot = __ballot_sync(kFullMask, take);
       unsigned first = 0;
-      if (lane == 0 && ballot) first = atomicAdd(&emitted, unsigned(__popc(ballot)));
+      if (lane == 0 && ballot) first = atomicAdd(&emitted[c], unsigned(__popc(ballot)));
       first = __shfl_sync(kFullMask, first, 0);
       const unsigned slot = first + __popc(ballot & ((1u << lane) - 1u));
-      // The logit is loaded again (a cache hit) rather than kept: that frees kPer registers.
-      if (take && slot < unsigned(kChunkCands)) cands[slot] = Candidate{index(i), to_float(row[index(i)])};
+      if (take && slot < unsigned(kChunkCands)) cands[c * kChunkCands + slot] = Candidate{j, l};
+    };
+    for (int c = 0; c < group; ++c) {
+      const bool mine = chunk_max[c][tid] != 0 && chunk_max[c][tid] >= floor_key;
+      const bool scan = mine && chunk_second[c][tid] != 0 && chunk_second[c][tid] >= floor_key;
+      if (!__any_sync(kFullMask, mine)) continue;
+      const int at = chunk_at[c][tid];
+      emit(c, mine && !scan, at, mine && !scan ? to_float(row[at]) : 0.f);
+      if (!__any_sync(kFullMask, scan)) continue;
+      const int base = (chunk0 + c) * kChunk;
+      const bool whole = is_whole(base);
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int j = index(base, i, whole);
+        const float l = scan && j < vocab ? to_float(row[j]) : -INFINITY;
+        emit(c, scan && j < vocab && key_of(l) >= floor_key, j, l);
+      }
     }
     __syncthreads();
   }
-  if (tid == 0) {
+  if (tid < group) {
     u64 b = 0;
-    for (int w = 0; w < kWarps; ++w) b = max(b, red[w]);
-    ChunkSummary cs{b, floor_key, filter ? int32_t(emitted) : -1, {}};
+    for (int w = 0; w < kWarps; ++w) b = max(b, red[tid][w]);
+    ChunkSummary cs{b, floor_key, filter ? int32_t(emitted[tid]) : -1, {}};
+    if (tid == 0) {
 #pragma unroll
-    for (int i = 0; i < kRungs; ++i) cs.rung[i] = rung[i];
-    *summary = cs;
+      for (int i = 0; i < kRungs; ++i) cs.rung[i] = rung[i];
+    }
+    summary[tid] = cs;
   }
 }
 
-// Grid (rows, chunks): chunk blockIdx.y of row blockIdx.x, whose parameters are those of row / per_param.
-// (In an unnamed namespace: each op's translation unit gets its own copy of the kernel.)
+// Grid (rows, chunk groups): chunks blockIdx.y * group .. + group - 1 of row blockIdx.x, whose parameters are
+// those of row / per_param. (In an unnamed namespace: each op's translation unit gets its own copy of the kernel.)
 namespace {
 template <typename T>
 __global__ void __launch_bounds__(kFilterThreads, 4)
-    filter_kernel(const T* __restrict__ logits, int vocab, int per_param, const float* __restrict__ temperature,
-                  const int32_t* __restrict__ top_k, const float* __restrict__ top_p, int max_top_k, bool nucleus,
-                  ChunkSummary* __restrict__ sums, Candidate* __restrict__ cands, PlainAcc* __restrict__ acc) {
-  const int64_t n = blockIdx.x, p = n / per_param, chunk = blockIdx.y, chunks = gridDim.y;
+    filter_kernel(const T* __restrict__ logits, int vocab, int per_param, int group,
+                  const float* __restrict__ temperature, const int32_t* __restrict__ top_k,
+                  const float* __restrict__ top_p, int max_top_k, bool nucleus, ChunkSummary* __restrict__ sums,
+                  Candidate* __restrict__ cands, PlainAcc* __restrict__ acc) {
+  const int64_t n = blockIdx.x, p = n / per_param, chunk0 = int64_t(blockIdx.y) * group, chunks = chunks_of(vocab);
   // The plain-row pass after it is a dependent launch that waits for this grid to finish: it may launch now, so
   // that its launch is hidden behind this kernel (a no-op when the next kernel is an ordinary launch; the chain:
   // launch_chained in csrc/cuda/sampling_dispatch.cuh).
   kernels::release_dependents();
-  if (acc != nullptr && chunk == 0 && threadIdx.x == 0) acc[n] = PlainAcc{};  // for the plain-row passes after
-  filter_chunk(logits + n * vocab, vocab, int(chunk), temperature[p], top_k[p], top_p[p], max_top_k, nucleus,
-               sums + n * chunks + chunk, cands + (n * chunks + chunk) * kChunkCands);
+  if (acc != nullptr && chunk0 == 0 && threadIdx.x == 0) acc[n] = PlainAcc{};  // for the plain-row passes after
+  filter_chunks(logits + n * vocab, vocab, int(chunk0), group, temperature[p], top_k[p], top_p[p], max_top_k,
+                nucleus, sums + n * chunks + chunk0, cands + (n * chunks + chunk0) * kChunkCands);
 }
 }  // namespace
 
@@ -1047,7 +1114,7 @@ PASS_EXT_HD bool mass_row(float temperature, int32_t top_k, int64_t vocab) {
   return !is_greedy(temperature) && effective_top_k(top_k, vocab) == 0;
 }
 
-// Token of element i of thread threadIdx.x in the chunk at `base`: groups of four consecutive tokens, as filter_chunk.
+// Token of element i of thread threadIdx.x in the chunk at `base`: groups of four consecutive tokens.
 __device__ __forceinline__ int chunk_token(int base, int i) {
   return base + ((i / 4) * kFilterThreads + int(threadIdx.x)) * 4 + i % 4;
 }
