@@ -272,13 +272,13 @@ def split_rows(rows, vocab, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
-@pytest.mark.parametrize("group", ["auto", "1", "2", "4"])
+@pytest.mark.parametrize("group", ["auto", "1", "2", "4", "8"])
 @pytest.mark.parametrize("vocab", [5000, 12291, 151936])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_split_rows_match_one_block_rows(monkeypatch, dtype, vocab, group):
     """The split path (a row spread over many blocks, top-k candidates) and the one-block passes over the row
     (PASS_EXT_SAMPLE_SPLIT=0) warp and draw identically: same probabilities bit for bit, same tokens; with one,
-    two or four chunks per filter block (PASS_EXT_SAMPLE_GROUP; V = 5000 and 12291 leave a partial group, the
+    two, four or eight chunks per filter block (PASS_EXT_SAMPLE_GROUP; V = 5000 and 12291 leave a partial group, the
     latter a last chunk of three tokens)."""
     logits, temperature, top_k, top_p = (t.cuda() for t in split_rows(40, vocab, dtype))
     monkeypatch.setenv("PASS_EXT_SAMPLE_GROUP", group)
@@ -332,7 +332,7 @@ def test_plain_rows_on_the_grid_match_one_block_rows(monkeypatch, dtype, vocab, 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
-@pytest.mark.parametrize("group", ["1", "4"])
+@pytest.mark.parametrize("group", ["1", "4", "8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_top_k_rows_take_the_split_path(monkeypatch, dtype, group):
     """Top-k rows of V = 151936 (a last chunk of 384 tokens) are warped from the filter's candidates, not by the
@@ -365,10 +365,10 @@ def test_top_k_rows_take_the_split_path(monkeypatch, dtype, group):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
 def test_filter_group_setting_is_checked(monkeypatch):
-    """A PASS_EXT_SAMPLE_GROUP other than auto, 1, 2 or 4 is an error that names it and its values."""
+    """A PASS_EXT_SAMPLE_GROUP other than auto, 1, 2, 4 or 8 is an error that names it and its values."""
     logits, temperature, top_k, top_p = (t.cuda() for t in split_rows(2, 5000, torch.float32))
     monkeypatch.setenv("PASS_EXT_SAMPLE_GROUP", "3")
-    with pytest.raises(RuntimeError, match="PASS_EXT_SAMPLE_GROUP must be auto, 1, 2 or 4, got '3'"):
+    with pytest.raises(RuntimeError, match="PASS_EXT_SAMPLE_GROUP must be auto, 1, 2, 4 or 8, got '3'"):
         run_sample(logits, temperature, top_k, top_p, seed=5, offset=9)
 
 

@@ -236,10 +236,10 @@ def test_cpu_and_cuda_agree(dtype):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_probs", [False, True])
-@pytest.mark.parametrize("group", ["auto", "1", "4"])
+@pytest.mark.parametrize("group", ["auto", "1", "4", "8"])
 def test_split_rows_match_one_block_rows(monkeypatch, dtype, with_probs, group):
     """Verify on split rows (candidates from many blocks, races over them) and on one-block rows
-    (PASS_EXT_SAMPLE_SPLIT=0) returns the same tokens, draw for draw, with one or four chunks per filter block
+    (PASS_EXT_SAMPLE_SPLIT=0) returns the same tokens, draw for draw, with one, four or eight chunks per filter block
     (PASS_EXT_SAMPLE_GROUP)."""
     monkeypatch.setenv("PASS_EXT_SAMPLE_GROUP", group)
     from test_sample import split_rows

@@ -37,15 +37,17 @@ inline int max_top_k() { return env_is("PASS_EXT_SAMPLE_SPLIT", "0") ? 0 : kMaxS
 inline bool grid_plain() { return max_top_k() > 0 && !env_is("PASS_EXT_SAMPLE_GRID", "0"); }
 
 // Chunks per filter block (filter_chunks in sampling.cuh: one select of the floor per block): PASS_EXT_SAMPLE_GROUP
-// = 1, 2 or 4 (read on every call, for A/B runs in one process), by default ("auto") the largest that still gives
-// every resident block slot (four per SM) a block: small grids keep one chunk per block for their latency, and
-// rows that need no select (plain and greedy rows: the host cannot tell) lose nothing where the grid stays full.
-// On the H200 (V = 151936, bf16, bench/NOTES.md) four chunks per block at 32 top-k rows took 36 against 38 µs, but
-// plain rows 51 against 44.
+// = 1, 2, 4 or 8 (read on every call, for A/B runs in one process). By default ("auto"): eight where that still
+// leaves two waves of blocks (four resident per SM), else the largest of four and two that still gives every block
+// slot a block; small grids keep one chunk per block for their latency, and rows that need no select (plain and
+// greedy rows: the host cannot tell) lose little where the grid stays full. On the H200 (V = 151936, bf16,
+// bench/NOTES.md): four chunks per block at 32 top-k rows took 36 against 38 µs with two, but plain rows 51
+// against 44; eight against four 0.88-0.91x for verify at 320 positions and more, 1.05-1.07x at 128-160.
 inline int filter_group(int64_t rows, int chunks, int sms) {
-  const int choice = env_choice("PASS_EXT_SAMPLE_GROUP", {"auto", "1", "2", "4"});
+  const int choice = env_choice("PASS_EXT_SAMPLE_GROUP", {"auto", "1", "2", "4", "8"});
   if (choice > 0) return 1 << (choice - 1);
-  for (int group = kMaxGroup; group > 1; group /= 2)
+  if (rows * ((chunks + 7) / 8) >= 8 * int64_t(sms)) return 8;
+  for (int group = 4; group > 1; group /= 2)
     if (rows * ((chunks + group - 1) / group) >= 4 * int64_t(sms)) return group;
   return 1;
 }

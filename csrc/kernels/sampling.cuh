@@ -607,7 +607,7 @@ __device__ __forceinline__ u64 greedy_entry(const T* row, int vocab, int base) {
 // rungs hold for its tokens together, so every chunk of the group reports the floor and the first alone the rungs
 // (split_warp counts a rung's tokens once per chunk that reports it). Each chunk keeps its own argmax and
 // candidate list.
-constexpr int kMaxGroup = 4;
+constexpr int kMaxGroup = 8;
 
 template <typename T>
 __device__ void filter_chunks(const T* row, int vocab, int chunk0, int group, float temperature, int32_t top_k,
