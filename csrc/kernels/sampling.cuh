@@ -518,13 +518,6 @@ struct PlainAcc {
   u64 pad;    // the record fills one 32-byte sector
 };
 
-// Warp-aggregated count into one histogram (256 = nothing); all 32 lanes call it together.
-__device__ __forceinline__ void count_add(unsigned* hist, unsigned bucket) {
-  if (__ballot_sync(kFullMask, bucket < 256) == 0) return;
-  const unsigned peers = __match_any_sync(kFullMask, bucket);
-  if (bucket < 256 && (threadIdx.x & 31) == unsigned(__ffs(peers) - 1)) atomicAdd(&hist[bucket], __popc(peers));
-}
-
 // Eight bf16, eight fp16 or four fp32 logits of one 16-byte load, as floats.
 __device__ __forceinline__ void unpack16(const uint4& w, float* out, const float*) {
   out[0] = __uint_as_float(w.x), out[1] = __uint_as_float(w.y), out[2] = __uint_as_float(w.z);
@@ -599,29 +592,27 @@ __device__ __forceinline__ u64 greedy_entry(const T* row, int vocab, int base) {
 // -> summary[c] and up to kChunkCands candidates at cands + c * kChunkCands for each. The floor is the top_k-th
 // largest of the threads' maxima (each thread holds kPer tokens of each chunk, its maximum is over all of them):
 // top_k threads hold a token at or above it, so it bounds the group's top_k-th largest key from below, and few
-// tokens beyond the top_k maxima pass it. A two-pass radix select over the 256 maxima (16 bits of key) narrows
-// them to a short list, whose exact ranks give the floor and the rungs (the 2^i-th largest maxima, which
-// split_warp combines over the chunks into a bound on the row's top_k-th key). The select is the block's fixed
-// cost (~7,000 warp instructions against ~3,000 for reading, keying and emitting a chunk's 4096 tokens: Nsight on
-// the H200, bench/NOTES.md), so a block of a large grid takes several chunks for one select: the group's floor and
-// rungs hold for its tokens together, so every chunk of the group reports the floor and the first alone the rungs
-// (split_warp counts a rung's tokens once per chunk that reports it). Each chunk keeps its own argmax and
-// candidate list.
+// tokens beyond the top_k maxima pass it. A bitonic sort of the 256 maxima gives the floor and the rungs (the
+// 2^i-th largest maxima, which split_warp combines over the chunks into a bound on the row's top_k-th key) by
+// rank. The select is the block's fixed cost (the radix select it replaced took ~7,000 warp instructions against
+// ~3,000 for reading, keying and emitting a chunk's 4096 tokens: Nsight on the H200, bench/NOTES.md), so a block
+// of a large grid takes several chunks for one select: the group's floor and rungs hold for its tokens together,
+// so every chunk of the group reports the floor and the first alone the rungs (split_warp counts a rung's tokens
+// once per chunk that reports it). Each chunk keeps its own argmax and candidate list.
 constexpr int kMaxGroup = 8;
 
 template <typename T>
 __device__ void filter_chunks(const T* row, int vocab, int chunk0, int group, float temperature, int32_t top_k,
                               float top_p, int max_top_k, bool nucleus, ChunkSummary* summary, Candidate* cands) {
   constexpr int kWarps = kFilterThreads / 32, kPer = kChunk / kFilterThreads;
-  static_assert(kFilterThreads == 256, "one thread per histogram bucket");
+  static_assert(kFilterThreads == 256, "the select sorts one maximum per thread of eight warps");
   static_assert(kMaxSplitTopK <= kFilterThreads, "the floor is a rank among the threads' maxima");
-  __shared__ unsigned hist[256];
-  __shared__ uint32_t top[kFilterThreads];
+  __shared__ uint32_t sort_buf[2][kFilterThreads];  // the select's exchanges between warps
   // Each thread's largest and second largest key and the first token with the largest, per chunk (its own slots).
   __shared__ uint32_t chunk_max[kMaxGroup][kFilterThreads], chunk_second[kMaxGroup][kFilterThreads];
   __shared__ int32_t chunk_at[kMaxGroup][kFilterThreads];
   __shared__ u64 red[kMaxGroup][kWarps];
-  __shared__ unsigned digit, digit_above, n_top, emitted[kMaxGroup];
+  __shared__ unsigned emitted[kMaxGroup];
   __shared__ uint32_t floor_shared, rung[kRungs];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const bool greedy = is_greedy(temperature);
@@ -701,75 +692,33 @@ __device__ void filter_chunks(const T* row, int vocab, int chunk0, int group, fl
   if (tid < kRungs) rung[tid] = 0;
   if (tid == 0) floor_shared = 0;
   if (filter && holders >= k) {
-    uint32_t prefix = 0, mask = 0;
-    unsigned above = 0;  // maxima with a key above the digits chosen so far
-    for (int shift = 24; shift >= 16; shift -= 8) {
-      hist[tid] = 0;
-      __syncthreads();
-      count_add(hist, tmax != 0 && (tmax & mask) == prefix ? (tmax >> shift) & 255u : 256u);
-      __syncthreads();
-      if (warp == 0) {  // the largest digit d with above + count(digits >= d) >= k; lane l owns 8l..8l+7
-        unsigned h[8], mine = 0;
+    // The floor and the rungs are ranks among the 256 maxima, so the block sorts them (descending) with a bitonic
+    // network, one value per thread: 36 compare-exchange stages, 30 of them between lanes of a warp (shuffles), 6
+    // between warps (shared memory, double-buffered: one barrier each). Thread r then holds the (r+1)-th largest
+    // maximum with multiplicity; keys of real tokens are > 0 and holders >= k, so the first k are real.
+    uint32_t v = tmax;
+    int sort_parity = 0;  // which buffer the next exchange between warps uses (a constant once unrolled)
 #pragma unroll
-        for (int b = 0; b < 8; ++b) mine += (h[b] = hist[lane * 8 + b]);
-        unsigned suffix = mine;
+    for (int size = 2; size <= kFilterThreads; size <<= 1) {
+      const bool descending = (tid & size) == 0;  // the direction of this thread's run of `size` (all at the end)
 #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const unsigned t = __shfl_down_sync(kFullMask, suffix, o);
-          if (lane + o < 32) suffix += t;
+      for (int stride = size >> 1; stride > 0; stride >>= 1) {
+        uint32_t other;
+        if (stride >= 32) {
+          sort_buf[sort_parity][tid] = v;
+          __syncthreads();
+          other = sort_buf[sort_parity][tid ^ stride];
+          sort_parity ^= 1;
+        } else {
+          other = __shfl_xor_sync(kFullMask, v, stride);
         }
-        unsigned run = above + suffix - mine, run_above = 0;
-        int d = -1;
-#pragma unroll
-        for (int b = 7; b >= 0; --b) {
-          if (d < 0 && h[b] > 0 && run + h[b] >= unsigned(k)) {
-            d = lane * 8 + b;
-            run_above = run;
-          }
-          run += h[b];
-        }
-        int chosen = d;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) chosen = max(chosen, __shfl_xor_sync(kFullMask, chosen, o));
-        if (d >= 0 && d == chosen) {  // holders >= k maxima: some digit always qualifies
-          digit = unsigned(d);
-          digit_above = run_above;
-        } else if (chosen < 0 && lane == 0) {  // unreachable; digit 0 keeps a lower bound (a longer list)
-          digit = 0;
-          digit_above = above;
-        }
-        if (lane == 0) n_top = 0;
-      }
-      __syncthreads();
-      prefix |= digit << shift;
-      mask |= 0xffu << shift;
-      above = digit_above;
-    }
-    // The maxima at or above the 16-bit bound (at least k of them), then their exact ranks.
-    const bool in = tmax != 0 && tmax >= prefix;
-    const unsigned ballot = __ballot_sync(kFullMask, in);
-    unsigned first = 0;
-    if (lane == 0 && ballot) first = atomicAdd(&n_top, unsigned(__popc(ballot)));
-    first = __shfl_sync(kFullMask, first, 0);
-    if (in) top[first + __popc(ballot & ((1u << lane) - 1u))] = tmax;
-    __syncthreads();
-    const int n = int(n_top);
-    if (tid < n) {
-      const uint32_t x = top[tid];
-      int greater = 0, at_least = 0;
-      bool first_of_ties = true;  // only one thread of a tie writes
-      for (int j = 0; j < n; ++j) {
-        greater += top[j] > x;
-        at_least += top[j] >= x;
-        first_of_ties &= !(j < tid && top[j] == x);
-      }
-      if (first_of_ties) {
-        if (greater < k && k <= at_least) floor_shared = x;
-#pragma unroll
-        for (int i = 0; i < kRungs; ++i)
-          if ((1 << i) <= k && greater < (1 << i) && (1 << i) <= at_least) rung[i] = x;
+        v = ((tid & stride) == 0) == descending ? max(v, other) : min(v, other);
       }
     }
+    if (tid == k - 1) floor_shared = v;
+#pragma unroll
+    for (int i = 0; i < kRungs; ++i)
+      if ((1 << i) <= k && tid == (1 << i) - 1) rung[i] = v;
     __syncthreads();
     floor_key = floor_shared;
   }
