@@ -330,6 +330,61 @@ def test_plain_rows_on_the_grid_match_one_block_rows(monkeypatch, dtype, vocab, 
     assert_probs_match(logits.cpu(), temperature.cpu(), top_k.cpu(), top_p.cpu(), grid[1], grid[0])
 
 
+def edge_rows(rows, vocab, dtype):
+    """Logits and top-k / nucleus parameters for the filter's per-token shortcuts (the largest and second largest
+    logits stand for the keys): extreme and subnormal temperatures (1/T clamps, z overflows to FLT_MAX or
+    underflows, so that distinct logits share one key), NaN and -inf holes, +inf, signed zeros and subnormal
+    logits, integer ties, rows of -inf and of NaN, LM-like peaked rows; top-k from 1 to 64 and nucleus rows."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    for r in range(rows):
+        kind = r % 8
+        if kind == 1:  # peaked
+            logits[r] = torch.randn(vocab, generator=g) * 12
+        elif kind == 2:  # ties
+            logits[r] = torch.randint(-2, 3, (vocab,), generator=g).float()
+        elif kind == 3:  # holes and infinities
+            logits[r, torch.rand(vocab, generator=g) < 0.3] = -math.inf
+            logits[r, torch.rand(vocab, generator=g) < 0.1] = math.nan
+            logits[r, torch.randint(0, vocab, (3,), generator=g)] = math.inf
+        elif kind == 4:  # zeros of both signs and subnormals around them
+            logits[r] = torch.randn(vocab, generator=g) * 1e-39
+            logits[r, ::7] = 0.0
+            logits[r, 3::7] = -0.0
+        elif kind == 5:
+            logits[r] = -math.inf if r % 16 == 5 else math.nan
+        elif kind == 6:  # a few tokens well above a flat tail (nucleus rows)
+            head = torch.randperm(vocab, generator=g)[:min(vocab, 30)]
+            logits[r, head] += 12 - torch.arange(len(head), dtype=torch.float32) * 0.3
+    configs = [(0.8, 50, 0.95), (1.0, 1, 1.0), (0.7, 64, 1.0), (1e-30, 10, 1.0), (1e30, 10, 0.9), (3e-39, 5, 1.0),
+               (3.4e38, 20, 1.0), (0.8, 0, 0.9), (1.3, 17, 0.5), (0.8, 0, 0.95)]
+    temperature, top_k, top_p = config_params([configs[(r * 3) % len(configs)] for r in range(rows)], "cpu")
+    return logits.to(dtype), temperature, top_k, top_p
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("group", ["1", "8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [4099, 151936])
+def test_edge_rows_match_one_block_rows(monkeypatch, dtype, vocab, group):
+    """On edge_rows the split path (whose filter compares logits, not keys, where a thread's largest key is its
+    own) and the one-block passes (PASS_EXT_SAMPLE_SPLIT=0) give the same probabilities bit for bit and the same
+    tokens, at several offsets, and no token is drawn outside the support. V = 4099 puts odd rows off the 16-byte
+    loads' alignment and leaves a last chunk of three tokens."""
+    logits, temperature, top_k, top_p = (t.cuda() for t in edge_rows(40, vocab, dtype))
+    monkeypatch.setenv("PASS_EXT_SAMPLE_GROUP", group)
+    for offset in range(3):
+        split = run_sample(logits, temperature, top_k, top_p, seed=4, offset=offset)
+        monkeypatch.setenv("PASS_EXT_SAMPLE_SPLIT", "0")
+        whole = run_sample(logits, temperature, top_k, top_p, seed=4, offset=offset)
+        monkeypatch.delenv("PASS_EXT_SAMPLE_SPLIT")
+        assert torch.equal(split[0], whole[0]), f"offset {offset}: {split[0].tolist()} != {whole[0].tolist()}"
+        assert torch.equal(split[1].nan_to_num(-1.0), whole[1].nan_to_num(-1.0))
+        drawn = split[1][torch.arange(len(split[0]), device="cuda"), split[0]]
+        assert (drawn > 0).all(), f"tokens drawn outside the support: {split[0].tolist()}"
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
 @pytest.mark.parametrize("group", ["1", "4", "8"])

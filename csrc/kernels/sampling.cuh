@@ -542,11 +542,16 @@ __device__ __forceinline__ void unpack16(const uint4& w, float* out, const __hal
   }
 }
 
-// max.f32 without .ftz (the build's fast math would flush subnormal logits to zero and tie them); a NaN operand
-// yields the other.
+// max.f32 / min.f32 without .ftz (the build's fast math would flush subnormal logits to zero and tie them); a NaN
+// operand yields the other.
 __device__ __forceinline__ float max_keep_subnormals(float a, float b) {
   float r;
   asm("max.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float min_keep_subnormals(float a, float b) {
+  float r;
+  asm("min.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
   return r;
 }
 
@@ -650,17 +655,50 @@ __device__ void filter_chunks(const T* row, int vocab, int chunk0, int group, fl
   // its tokens again; only a thread whose second largest also reaches the floor reads them again (rare: ties, or
   // two of the group's top tokens in one thread).
   uint32_t tmax = 0;  // this thread's largest key over the group (keys of real tokens are > 0; 0 = no token)
-  auto reduce = [&](const float* v, int c, int base, bool whole) {  // inlined: `whole` folds away
-    uint32_t key[kPer], cmax = 0, second = 0;
+  // Keys per token (the partial chunk, and a whole chunk's rare ties): the maximum, the second largest and the
+  // first token with the maximum.
+  auto keyed = [&](const float* v, int base, bool whole, uint32_t& cmax, uint32_t& second, int& at) {
+    uint32_t key[kPer];
+    cmax = 0, second = 0;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       key[i] = whole || index(base, i, whole) < vocab ? key_of(v[i]) : 0u;
       second = max(second, min(cmax, key[i]));
       cmax = max(cmax, key[i]);
     }
-    int at = index(base, 0, whole);
+    at = index(base, 0, whole);
 #pragma unroll
     for (int i = kPer - 1; i >= 0; --i) at = key[i] == cmax ? index(base, i, whole) : at;
+  };
+  auto reduce = [&](const float* v, int c, int base, bool whole) {  // inlined: `whole` folds away
+    uint32_t cmax, second;
+    int at;
+    if (whole) {
+      // The keys are a non-decreasing function of the logit (NaN counts as -inf, scaled_logit and order_key), so
+      // the largest and second largest keys are the keys of the largest and second largest logits: per token a
+      // max and a min, no key. A NaN makes the running second too large at worst (min.f32 yields the other
+      // operand), which only sends the thread to the keyed path or to the emission's scan. The first token with
+      // the largest key is the one holding the largest logit unless two tokens share that key (the second's key
+      // is then the maximum's, NaN included): the keyed path decides those.
+      float m = v[0], sec = -INFINITY;
+#pragma unroll
+      for (int i = 1; i < kPer; ++i) {
+        sec = max_keep_subnormals(sec, min_keep_subnormals(m, v[i]));
+        m = max_keep_subnormals(m, v[i]);
+      }
+      cmax = key_of(m);
+      second = key_of(sec);
+      if (second == cmax) {
+        keyed(v, base, true, cmax, second, at);
+      } else {
+        const uint32_t mb = float_bits(m);
+        at = index(base, 0, true);
+#pragma unroll
+        for (int i = kPer - 1; i >= 0; --i) at = float_bits(v[i]) == mb ? index(base, i, true) : at;
+      }
+    } else {
+      keyed(v, base, false, cmax, second, at);
+    }
     chunk_max[c][tid] = cmax;
     chunk_second[c][tid] = second;
     chunk_at[c][tid] = at;
