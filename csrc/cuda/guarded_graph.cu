@@ -56,6 +56,33 @@ class GuardedGraph : public torch::CustomClassHolder {
                 bodies.scalar_type(), " on ", bodies.device(), " with ", bodies.numel(), " elements");
 #if CUDART_VERSION >= 12040
     const c10::cuda::CUDAGuard guard(done.device());
+    try {
+      build(body, done, bodies);
+    } catch (...) {  // a constructor that throws runs no destructor: free what was made
+      release();
+      throw;
+    }
+#endif
+  }
+
+  ~GuardedGraph() override { release(); }
+
+  // One step on the current stream (the guard, then the body where some row is running).
+  void launch() {
+    const c10::cuda::CUDAGuard guard(done_.device());
+    C10_CUDA_CHECK(cudaGraphLaunch(exec_, at::cuda::getCurrentCUDAStream()));
+  }
+
+ private:
+  void release() {
+    if (exec_ != nullptr) (void)cudaGraphExecDestroy(exec_);
+    if (graph_ != nullptr) (void)cudaGraphDestroy(graph_);
+    exec_ = nullptr;
+    graph_ = nullptr;
+  }
+
+#if CUDART_VERSION >= 12040
+  void build(int64_t body, const at::Tensor& done, const at::Tensor& bodies) {
     check_graph_call(cudaGraphCreate(&graph_, 0), "cudaGraphCreate");
     cudaGraphConditionalHandle handle{};
     check_graph_call(cudaGraphConditionalHandleCreate(&handle, graph_, 0, 0), "cudaGraphConditionalHandleCreate");
@@ -84,21 +111,9 @@ class GuardedGraph : public torch::CustomClassHolder {
                                                 reinterpret_cast<cudaGraph_t>(static_cast<uintptr_t>(body))),
                      "putting the step into the IF node's body");
     check_graph_call(cudaGraphInstantiate(&exec_, graph_, 0), "cudaGraphInstantiate");
+  }
 #endif
-  }
 
-  ~GuardedGraph() override {
-    if (exec_ != nullptr) (void)cudaGraphExecDestroy(exec_);
-    if (graph_ != nullptr) (void)cudaGraphDestroy(graph_);
-  }
-
-  // One step on the current stream (the guard, then the body where some row is running).
-  void launch() {
-    const c10::cuda::CUDAGuard guard(done_.device());
-    C10_CUDA_CHECK(cudaGraphLaunch(exec_, at::cuda::getCurrentCUDAStream()));
-  }
-
- private:
   at::Tensor done_, bodies_;  // held: the guard kernel reads and writes them at every launch
   cudaGraph_t graph_ = nullptr;
   cudaGraphExec_t exec_ = nullptr;
