@@ -688,10 +688,19 @@ __device__ void filter_chunks(const T* row, int vocab, int chunk0, int group, fl
       }
       cmax = key_of(m);
       second = key_of(sec);
-      if (second == cmax) {
+      // A tie of the two keys is mostly the maximum's logit repeated: at N(0, 3) in bf16 about 2% of threads hold
+      // a repeat among their 16 tokens, so about half the warps of a chunk would take the keyed path (~280
+      // instructions against ~60) for at least one lane. Where the float just below the maximum keys lower, every
+      // token below the maximum keys lower too (keys are non-decreasing in the logit; NaN keys as -inf), so the
+      // tokens with the largest key are those with the maximum's bits (a zero is excluded: -0.0 ties +0.0) and
+      // the bit comparison below finds the first. Otherwise (scaling rounded or clamped distinct logits onto one
+      // key, zeros, subnormals, a maximum of -inf or NaN) the keyed path decides.
+      const uint32_t mb = float_bits(m);
+      const float below = bits_float(m > 0.f ? mb - 1u : mb + 1u);
+      const bool repeat = second == cmax && m > -INFINITY && m != 0.f && key_of(below) < cmax;
+      if (second == cmax && !repeat) {
         keyed(v, base, true, cmax, second, at);
       } else {
-        const uint32_t mb = float_bits(m);
         at = index(base, 0, true);
 #pragma unroll
         for (int i = kPer - 1; i >= 0; --i) at = float_bits(v[i]) == mb ? index(base, i, true) : at;
