@@ -197,9 +197,17 @@ struct Scratch {
 };
 
 __device__ __forceinline__ u64 warp_max(u64 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // Two 32-bit reductions (redux.sync, one instruction each) instead of five rounds of two shuffles and a 64-bit
+  // compare: the largest upper half, then the largest lower half among the lanes that hold it (the others offer 0).
+  const uint32_t hi = __reduce_max_sync(kFullMask, uint32_t(v >> 32));
+  const uint32_t lo = __reduce_max_sync(kFullMask, uint32_t(v >> 32) == hi ? uint32_t(v) : 0u);
+  return (u64(hi) << 32) | lo;
+#else
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
+#endif
 }
 __device__ __forceinline__ u64 warp_sum(u64 v) {
 #pragma unroll
