@@ -28,6 +28,21 @@ def config_params(configs, device):
             torch.tensor(p, dtype=torch.float32, device=device))
 
 
+def draws_unchanged_by(monkeypatch, setting, logits, temperature, top_k, top_p, seed):
+    """Samples at offsets 0..2 as set and again with `setting`=0 (a switch to the one-block passes): the same tokens
+    and the same probabilities bit for bit (NaN where a row has none). Returns the draws as set, one per offset."""
+    draws = []
+    for offset in range(3):
+        default = run_sample(logits, temperature, top_k, top_p, seed=seed, offset=offset)
+        monkeypatch.setenv(setting, "0")
+        other = run_sample(logits, temperature, top_k, top_p, seed=seed, offset=offset)
+        monkeypatch.delenv(setting)
+        assert torch.equal(default[0], other[0]), f"offset {offset}: {default[0].tolist()} != {other[0].tolist()}"
+        assert torch.equal(default[1].nan_to_num(-1.0), other[1].nan_to_num(-1.0)), f"offset {offset}"
+        draws.append(default)
+    return draws
+
+
 def assert_probs_match(logits, temperature, top_k, top_p, probs, out):
     ref = warp_rows_matching(logits.float(), temperature, top_k, top_p, probs)
     torch.testing.assert_close(probs.cpu().double(), ref, atol=1e-6, rtol=1e-4)
@@ -320,13 +335,8 @@ def test_plain_rows_on_the_grid_match_one_block_rows(monkeypatch, dtype, vocab, 
                (0.8, 0, 0.95), (1.0, 0, 0.5), (0.7, 0, 0.0), (1.0, 0, 0.99), (1.5, 0, 0.9), (0.9, 0, 0.7)]
     logits = logits.to(dtype).cuda()
     temperature, top_k, top_p = config_params(configs, "cuda")
-    for offset in range(3):
-        grid = run_sample(logits, temperature, top_k, top_p, seed=3, offset=offset)
-        monkeypatch.setenv("PASS_EXT_SAMPLE_GRID", "0")
-        whole = run_sample(logits, temperature, top_k, top_p, seed=3, offset=offset)
-        monkeypatch.delenv("PASS_EXT_SAMPLE_GRID")
-        assert torch.equal(grid[0], whole[0]), f"offset {offset}: {grid[0].tolist()} != {whole[0].tolist()}"
-        assert torch.equal(grid[1], whole[1])
+    grid = draws_unchanged_by(monkeypatch, "PASS_EXT_SAMPLE_GRID", logits, temperature, top_k, top_p, seed=3)[-1]
+    assert not grid[1].isnan().any()
     assert_probs_match(logits.cpu(), temperature.cpu(), top_k.cpu(), top_p.cpu(), grid[1], grid[0])
 
 
@@ -374,13 +384,7 @@ def test_edge_rows_match_one_block_rows(monkeypatch, dtype, vocab, group):
     loads' alignment and leaves a last chunk of three tokens."""
     logits, temperature, top_k, top_p = (t.cuda() for t in edge_rows(40, vocab, dtype))
     monkeypatch.setenv("PASS_EXT_SAMPLE_GROUP", group)
-    for offset in range(3):
-        split = run_sample(logits, temperature, top_k, top_p, seed=4, offset=offset)
-        monkeypatch.setenv("PASS_EXT_SAMPLE_SPLIT", "0")
-        whole = run_sample(logits, temperature, top_k, top_p, seed=4, offset=offset)
-        monkeypatch.delenv("PASS_EXT_SAMPLE_SPLIT")
-        assert torch.equal(split[0], whole[0]), f"offset {offset}: {split[0].tolist()} != {whole[0].tolist()}"
-        assert torch.equal(split[1].nan_to_num(-1.0), whole[1].nan_to_num(-1.0))
+    for split in draws_unchanged_by(monkeypatch, "PASS_EXT_SAMPLE_SPLIT", logits, temperature, top_k, top_p, seed=4):
         drawn = split[1][torch.arange(len(split[0]), device="cuda"), split[0]]
         assert (drawn > 0).all(), f"tokens drawn outside the support: {split[0].tolist()}"
 
