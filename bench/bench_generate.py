@@ -22,6 +22,7 @@ leave out transformers' rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import importlib
@@ -99,6 +100,21 @@ def timed(device: torch.device, fn):
     out = fn()
     sync(device)
     return time.perf_counter() - t0, out
+
+
+@contextlib.contextmanager
+def without_eos(*models):
+    """transformers' generate fills an eos_token_id left None in the GenerationConfig it is given from the model's own
+    generation_config, so an Instruct model stops at its EOS: a sampled call then emits a few tokens where ours emit
+    max_new_tokens, and the long-minus-short decode rate is meaningless. Inside this, the models have no EOS."""
+    saved = [(m, m.generation_config.eos_token_id) for m in models if m is not None]
+    try:
+        for m, _ in saved:
+            m.generation_config.eos_token_id = None
+        yield
+    finally:
+        for m, eos in saved:
+            m.generation_config.eos_token_id = eos
 
 
 def median(xs: list) -> float:
@@ -473,8 +489,11 @@ class Bench:
                 cfg.prompt_lookup_num_tokens = a.pld_tokens
             torch.manual_seed(a.seed)
             extra = dict(assistant_model=hf_draft) if mode == "hf-assisted" else {}
-            with torch.no_grad():
-                return hf.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg, **extra)
+            with torch.no_grad(), without_eos(hf, hf_draft):
+                out = hf.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg, **extra)
+            if out.shape[1] != width + new:  # our rows emit exactly `new` tokens: so must these, or they compare nothing
+                raise RuntimeError(f"generate returned {out.shape[1] - width} new tokens, asked for {new}")
+            return out
 
         try:
             # The static cache keeps the largest size asked for: warming (and compiling) at full length lets

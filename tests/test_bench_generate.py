@@ -230,3 +230,32 @@ def test_prompts_file_takes_a_results_file(bg, tmp_path):
     args = bg.parse_args(["--prompts-file", str(results), "--batches", "1,128"])
     with pytest.raises(SystemExit, match="need 64 code and 64 English prompts, have 32 and 32"):
         bg.load_prompts(args, {})
+
+
+def test_hf_rows_run_every_token_when_the_model_has_an_eos(bg, tiny_hf_model):
+    """transformers fills the EOS left None in a GenerationConfig from the model's own, so an Instruct model's
+    call could stop after a few tokens while ours emit all of them, and a long-minus-short decode rate would be
+    made of two equally short calls. Here the toy model's EOS is the token it emits first (greedy) and a token
+    of its first sampled step's top 10: every HF row still emits --new tokens, and the model's EOS is back after."""
+    from transformers import GenerationConfig
+    hf = tiny_hf_model("llama", seed=0, max_position_embeddings=512)
+    ids = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    with torch.no_grad():
+        first = hf(torch.tensor(ids[:1])).logits[0, -1]
+    top = first.argsort(descending=True)[:10].tolist()
+    for eos in (top[0], top[:10]):
+        hf.generation_config.eos_token_id = eos
+        with torch.no_grad():  # the trap itself: without the switch, greedy generate stops at once
+            out = hf.generate(input_ids=torch.tensor(ids[:1]), generation_config=GenerationConfig(
+                max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None))
+        if eos == top[0]:
+            assert out.shape[1] == 5, "transformers no longer fills the EOS from the model: simplify without_eos"
+        bench = bg.Bench(bg.parse_args(["--device", "cpu", "--new", "6", "--repeats", "1", "--out", "unused.json"]),
+                         bg.empty_results())
+        bench.describe("toy", pass_ext.load_model(hf, device="cpu"), "real", None)
+        for setting in ("greedy", "T0.8/top-k10"):
+            for B in (1, 2):
+                row = bench.measure_hf("toy", hf, ids[:B], "hf-eager", setting, 0, None)
+                assert row["status"] == "ok", row
+                assert row["tokens_per_s_runs"] and row["tokens_per_s"] > 0
+        assert hf.generation_config.eos_token_id == eos
