@@ -61,8 +61,8 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gener
 ROW_FIELDS = dict(projected=False, status="ok", note="", new_tokens=None, k=None, tokens_per_s=None,
                   tokens_per_s_runs=None, speedup_vs_ar=None, decode_tokens_per_s=None, decode_speedup_vs_ar=None,
                   tokens_per_forward=None, acceptance_by_position=None, step_s=None, roofline_pct=None,
-                  differing_rows=None, rows_compared=None, near_ties=None, max_tie_ulps=None, tpf_source=None,
-                  auto_inputs=None)
+                  differing_rows=None, rows_compared=None, near_ties=None, max_tie_ulps=None,
+                  within_rounding=None, max_gap_over_error=None, tpf_source=None, auto_inputs=None)
 NEAR_TIE_ULPS = 4  # a divergence is a near-tie when the two tokens' logits lie within this many bf16/fp16 ulps
 
 
@@ -145,15 +145,14 @@ def random_prompts(vocab_size: int, n: int, seed: int) -> list:
     return [torch.randint(0, vocab_size, (96 + (37 * i) % 128,), generator=g).tolist() for i in range(n)]
 
 
-def divergence_ulps(model, prompts: list, got_rows: list, want_rows: list) -> list:
-    """For each row whose tokens differ from the reference's: at the first differing position, recompute the logits
-    of the common prefix with a plain forward and measure how far apart the two chosen tokens are, in ulps of the
-    model's dtype at their magnitude. Within NEAR_TIE_ULPS, a different order of rounding (another batch shape,
-    another kernel) can pick either: a near-tie, not a bug. Rows where one is a prefix of the other are skipped."""
-    ulps = []
-    for prompt, got, want in zip(prompts, got_rows, want_rows):
+def divergence_logits(model, prompts: list, got_rows: list, want_rows: list, only=None) -> list:
+    """(row, the reference token's logit, the other token's logit) at the first position where a row's tokens differ
+    from the reference's, from a plain forward of the common prefix; rows where one is a prefix of the other (a
+    stop, not a choice) are skipped, and with `only` (row indices) every row not in it."""
+    out = []
+    for r, (prompt, got, want) in enumerate(zip(prompts, got_rows, want_rows)):
         i = next((j for j, (x, y) in enumerate(zip(got, want)) if x != y), None)
-        if i is None:  # one is a prefix of the other (a stop): not a divergence of choice
+        if i is None or (only is not None and r not in only):
             continue
         prefix = list(prompt) + list(want[:i])
         with torch.no_grad():  # the prefix but its last token in chunks (the kernel's limit), then that one
@@ -161,10 +160,35 @@ def divergence_ulps(model, prompts: list, got_rows: list, want_rows: list) -> li
             last = importlib.import_module("pass_ext.generate").prefill(model, cache, [prefix], 128)
             pos = torch.tensor([[len(prefix) - 1]], device=model.device)
             logits = model(last[None], pos, cache)[0, -1].float()
-        a, b = logits[want[i]].item(), logits[got[i]].item()
-        ulp = 2.0 ** (math.frexp(max(abs(a), abs(b), 1e-30))[1] - 1) * torch.finfo(model.dtype).eps
-        ulps.append(abs(a - b) / ulp)
-    return ulps
+        out.append((r, logits[want[i]].item(), logits[got[i]].item()))
+    return out
+
+
+def ulps_apart(a: float, b: float, dtype: torch.dtype) -> float:
+    """|a - b| in ulps of `dtype` at the larger magnitude."""
+    return abs(a - b) / (2.0 ** (math.frexp(max(abs(a), abs(b), 1e-30))[1] - 1) * torch.finfo(dtype).eps)
+
+
+def divergence_ulps(model, prompts: list, got_rows: list, want_rows: list) -> list:
+    """For each row whose tokens differ from the reference's: how far apart the two chosen tokens' logits are at the
+    first differing position (`divergence_logits`), in ulps of the model's dtype at their magnitude. Within
+    NEAR_TIE_ULPS, a different order of rounding (another batch shape, another kernel) can pick either: a near-tie,
+    not a bug."""
+    return [ulps_apart(a, b, model.dtype) for _, a, b in divergence_logits(model, prompts, got_rows, want_rows)]
+
+
+def within_rounding_error(model, exact, prompts: list, got_rows: list, want_rows: list, rows: list) -> list:
+    """For the divergences of `rows` (past NEAR_TIE_ULPS): the two tokens' logit gap in `exact` (the same weights in
+    float32) over the error of `model`'s own forward on the two logits, |a16 - a32| + |b16 - b32|. Up to 1 the
+    true gap is smaller than what the model's dtype gets wrong at that position, so another order of rounding
+    can rank the two either way."""
+    low = {r: (a, b) for r, a, b in divergence_logits(model, prompts, got_rows, want_rows, only=rows)}
+    ratios = []
+    for r, a32, b32 in divergence_logits(exact, prompts, got_rows, want_rows, only=rows):
+        a16, b16 = low[r]
+        error = abs(a16 - a32) + abs(b16 - b32)
+        ratios.append(abs(a32 - b32) / error if error > 0 else math.inf)
+    return ratios
 
 
 def failure(e: Exception) -> tuple[str, str]:
@@ -283,6 +307,7 @@ class Bench:
         self.warmed: set = set()
         self.skipped: list = []
         self.tie_model = None  # (our model, prompts) of the real model being measured: explains divergences
+        self.tie_exact = None  # () -> the same weights in float32, made when a divergence is past NEAR_TIE_ULPS
         self.settings = [s for s in args.settings.split(",") if s]
         self.batches = [int(b) for b in args.batches.split(",") if b]
         self.hf_batches = [int(b) for b in args.hf_batches.split(",") if b and int(b) in self.batches]
@@ -395,6 +420,13 @@ class Bench:
         k = min(self.args.k, ours.lookahead.k) if ours.lookahead is not None else self.args.k
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.tie_model = (ours, enc)
+        exact = []
+
+        def tie_exact():
+            if not exact:
+                exact.append(pass_ext.load_model(hf, dtype=torch.float32, device=self.device))
+            return exact[0]
+        self.tie_exact = tie_exact if self.dtype != torch.float32 else None
         for B in self.batches:  # batch-major: with --max-minutes, the batches listed first are measured whole
             for setting in self.settings:
                 for method in [m for m in OURS if m in self.rows and (m != "draft" or draft is not None)]:
@@ -427,10 +459,18 @@ class Bench:
             self.explain_divergences(row, new_tokens, ref)
 
     def explain_divergences(self, row: dict, new_tokens: list, ref: list) -> None:
-        """The rows that differ from ar, measured in ulps (`divergence_ulps`): within NEAR_TIE_ULPS, a near-tie."""
-        ulps = divergence_ulps(*self.tie_model, new_tokens, ref)
+        """The rows that differ from ar, measured in ulps (`divergence_logits`): within NEAR_TIE_ULPS, a near-tie; past
+        it (in bf16/fp16), against float32 (`within_rounding_error`): a gap smaller than the forward's own error."""
+        model, prompts = self.tie_model
+        found = divergence_logits(model, prompts, new_tokens, ref)
+        ulps = [ulps_apart(a, b, model.dtype) for _, a, b in found]
         row["near_ties"] = sum(u <= NEAR_TIE_ULPS for u in ulps)
         row["max_tie_ulps"] = round(max(ulps), 2) if ulps else None
+        past = [r for (r, _, _), u in zip(found, ulps) if u > NEAR_TIE_ULPS]
+        if past and self.tie_exact is not None:  # the rest, against the same weights in float32
+            ratios = within_rounding_error(model, self.tie_exact(), prompts, new_tokens, ref, past)
+            row["within_rounding"] = sum(x <= 1.0 for x in ratios)
+            row["max_gap_over_error"] = round(max(ratios), 3)
 
     def measure_ours(self, name, model, ids, method, setting, k, draft) -> dict:
         a, B, dev = self.args, len(ids), self.device
@@ -691,7 +731,8 @@ def markdown_table(res: dict) -> str:
         roof = "" if r["roofline_pct"] is None else f"{r['roofline_pct']:.{0 if r['roofline_pct'] >= 10 else 1}f}%"
         diff = f"{r['differing_rows']}/{r['rows_compared']}" if r["rows_compared"] else ""
         if r.get("near_ties") is not None:
-            diff += f" ({r['near_ties']} near-tie{'s' if r['near_ties'] != 1 else ''})"
+            more = f", {r['within_rounding']} within rounding" if r.get("within_rounding") else ""
+            diff += f" ({r['near_ties']} near-tie{'s' if r['near_ties'] != 1 else ''}{more})"
         status = "" if r["status"] == "ok" else r["status"]
         lines.append(f"| {model} | {r['setting']} | {r['batch']} | {method} | {rate(r['tokens_per_s'], status)} | "
                      f"{ratio(r['speedup_vs_ar'])} | {rate(r['decode_tokens_per_s'], status)} | "
@@ -703,7 +744,8 @@ def markdown_table(res: dict) -> str:
               "per forward measured on the real model named in the note. roofline: ideal step (weight bytes / "
               f"{BANDWIDTH / 1e12:.2f} TB/s) / measured decode step. ≠ ar: greedy rows whose tokens differ from "
               f"our ar's; near-ties: of those, the rows whose two tokens at the first difference score within "
-              f"{NEAR_TIE_ULPS} ulps of the model's dtype in a plain forward of the common prefix."]
+              f"{NEAR_TIE_ULPS} ulps of the model's dtype in a plain forward of the common prefix; within rounding: "
+              f"of the rest, those whose two logits in float32 lie closer than that forward's error on them."]
     return "\n".join(lines)
 
 

@@ -259,3 +259,41 @@ def test_hf_rows_run_every_token_when_the_model_has_an_eos(bg, tiny_hf_model):
                 assert row["status"] == "ok", row
                 assert row["tokens_per_s_runs"] and row["tokens_per_s"] > 0
         assert hf.generation_config.eos_token_id == eos
+
+
+def test_divergences_past_the_ulp_line_are_checked_against_float32(bg, tiny_hf_model):
+    """A bf16 divergence wider than NEAR_TIE_ULPS is measured again with the same weights in float32: the two tokens'
+    true gap over the bf16 forward's error on their two logits; up to 1, 'within rounding'. A runner-up can be
+    that close, the vocabulary's last-ranked token is not."""
+    hf = tiny_hf_model("llama", seed=0, max_position_embeddings=512)
+    low = pass_ext.load_model(hf, dtype=torch.bfloat16, device="cpu")
+    exact = pass_ext.load_model(hf, dtype=torch.float32, device="cpu")
+    prompts = [[5, 6, 7], [8, 9, 10]]
+
+    def logits(model, prefix):
+        with torch.no_grad():
+            return model(torch.tensor([prefix]), torch.arange(len(prefix))[None],
+                         model.new_cache(1, len(prefix) + 1))[0, -1].float()
+
+    want, got = [], []
+    for r, prompt in enumerate(prompts):
+        order = logits(low, prompt + [11]).argsort(descending=True).tolist()
+        want.append([11, order[0], 3])
+        got.append([11, order[1] if r == 0 else order[-1], 3])  # row 0 the runner-up, row 1 the last-ranked
+    ratios = bg.within_rounding_error(low, exact, prompts, got, want, rows=[0, 1])
+    for r, ratio in enumerate(ratios):
+        l16, l32 = logits(low, prompts[r] + [11]), logits(exact, prompts[r] + [11])
+        a, b = want[r][1], got[r][1]
+        error = abs(l16[a] - l32[a]).item() + abs(l16[b] - l32[b]).item()
+        assert ratio == pytest.approx(abs(l32[a] - l32[b]).item() / error, rel=1e-4)
+    assert ratios[1] > 1.0  # the last-ranked token is no tie
+
+    bench = bg.Bench(bg.parse_args(["--device", "cpu", "--dtype", "bfloat16"]), bg.empty_results())
+    bench.tie_model, bench.tie_exact = (low, prompts), lambda: exact
+    row = dict(setting="greedy", model="toy", batch=2, method="pass", note="")
+    bench.explain_divergences(row, got, want)
+    ulps = bg.divergence_ulps(low, prompts, got, want)
+    past = [r for r, u in enumerate(ulps) if u > bg.NEAR_TIE_ULPS]
+    assert row["near_ties"] == 2 - len(past) and 1 in past
+    assert row["within_rounding"] == sum(ratios[r] <= 1.0 for r in past)
+    assert row["max_gap_over_error"] == pytest.approx(max(ratios[r] for r in past), rel=1e-3)
