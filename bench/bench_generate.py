@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
 import importlib
 import inspect
@@ -177,15 +178,15 @@ def divergence_ulps(model, prompts: list, got_rows: list, want_rows: list) -> li
     return [ulps_apart(a, b, model.dtype) for _, a, b in divergence_logits(model, prompts, got_rows, want_rows)]
 
 
-def within_rounding_error(model, exact, prompts: list, got_rows: list, want_rows: list, rows: list) -> list:
-    """For the divergences of `rows` (past NEAR_TIE_ULPS): the two tokens' logit gap in `exact` (the same weights in
-    float32) over the error of `model`'s own forward on the two logits, |a16 - a32| + |b16 - b32|. Up to 1 the
-    true gap is smaller than what the model's dtype gets wrong at that position, so another order of rounding
-    can rank the two either way."""
-    low = {r: (a, b) for r, a, b in divergence_logits(model, prompts, got_rows, want_rows, only=rows)}
+def within_rounding_error(exact, prompts: list, got_rows: list, want_rows: list, low: list) -> list:
+    """For divergences past NEAR_TIE_ULPS, given as `divergence_logits` entries of the bf16/fp16 model (`low`): the
+    two tokens' logit gap in `exact` (the same weights in float32) over the error of that forward on the two logits,
+    |a16 - a32| + |b16 - b32|. Up to 1 the true gap is smaller than what the model's dtype gets wrong at that
+    position, so another order of rounding can rank the two either way."""
+    logits16 = {r: (a, b) for r, a, b in low}
     ratios = []
-    for r, a32, b32 in divergence_logits(exact, prompts, got_rows, want_rows, only=rows):
-        a16, b16 = low[r]
+    for r, a32, b32 in divergence_logits(exact, prompts, got_rows, want_rows, only=set(logits16)):
+        a16, b16 = logits16[r]
         error = abs(a16 - a32) + abs(b16 - b32)
         ratios.append(abs(a32 - b32) / error if error > 0 else math.inf)
     return ratios
@@ -420,13 +421,8 @@ class Bench:
         k = min(self.args.k, ours.lookahead.k) if ours.lookahead is not None else self.args.k
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.tie_model = (ours, enc)
-        exact = []
-
-        def tie_exact():
-            if not exact:
-                exact.append(pass_ext.load_model(hf, dtype=torch.float32, device=self.device))
-            return exact[0]
-        self.tie_exact = tie_exact if self.dtype != torch.float32 else None
+        self.tie_exact = (functools.cache(lambda: pass_ext.load_model(hf, dtype=torch.float32, device=self.device))
+                          if self.dtype != torch.float32 else None)
         for B in self.batches:  # batch-major: with --max-minutes, the batches listed first are measured whole
             for setting in self.settings:
                 for method in [m for m in OURS if m in self.rows and (m != "draft" or draft is not None)]:
@@ -466,9 +462,9 @@ class Bench:
         ulps = [ulps_apart(a, b, model.dtype) for _, a, b in found]
         row["near_ties"] = sum(u <= NEAR_TIE_ULPS for u in ulps)
         row["max_tie_ulps"] = round(max(ulps), 2) if ulps else None
-        past = [r for (r, _, _), u in zip(found, ulps) if u > NEAR_TIE_ULPS]
+        past = [f for f, u in zip(found, ulps) if u > NEAR_TIE_ULPS]
         if past and self.tie_exact is not None:  # the rest, against the same weights in float32
-            ratios = within_rounding_error(model, self.tie_exact(), prompts, new_tokens, ref, past)
+            ratios = within_rounding_error(self.tie_exact(), prompts, new_tokens, ref, past)
             row["within_rounding"] = sum(x <= 1.0 for x in ratios)
             row["max_gap_over_error"] = round(max(ratios), 3)
 
