@@ -264,12 +264,12 @@ def decode_linear_applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 def linear_one_row_max_bytes() -> int:
     """Weight size up to which a one-row forward (`ar` at B = 1) also projects with `decode_linear` where the
-    weight's rows are a multiple of 1024 elements: PASS_EXT_LINEAR_ONE_ROW_MAX_MB (MiB), default 256. Such a weight
+    weight's rows are a multiple of 1024 elements: PASS_EXT_LINEAR_ONE_ROW_MAX_MB (MiB), default 320. Such a weight
     streams through the bulk kernel's 1024-column ring (sm_90), faster than cuBLAS at one row: the Llama-8B `ar`
     step 4.205 ms with its gate/up and down weights there against 4.599 on cuBLAS (84% of the weight roofline in
-    bench_generate). With a 512-column ring (ragged K), or at 4 rows and more, cuBLAS was as fast or faster
-    (bench/NOTES.md)."""
-    return _env_int("PASS_EXT_LINEAR_ONE_ROW_MAX_MB", 256, 0, 1 << 20) << 20
+    bench_generate), and the Qwen2.5-14B step 8.52 against 8.66 ms with its 270 MiB gate/up there (a limit of 256).
+    With a 512-column ring (ragged K), or at 4 rows and more, cuBLAS was as fast or faster (bench/NOTES.md)."""
+    return _env_int("PASS_EXT_LINEAR_ONE_ROW_MAX_MB", 320, 0, 1 << 20) << 20
 
 
 def decode_linear_pays(weight: torch.Tensor, one_row: bool = False) -> bool:

@@ -757,10 +757,13 @@ def test_linear_settings(monkeypatch):
     assert ops.linear_max_rows() == 16 and ops.linear_max_bytes() == 64 << 20
     assert ops.decode_linear_pays(torch.empty(16384, 2048, dtype=torch.bfloat16))
     assert not ops.decode_linear_pays(torch.empty(16385, 2048, dtype=torch.bfloat16))
-    # One-row forwards: up to 256 MiB where K is a multiple of 1024 (Llama-8B's gate/up and down; not its lm_head,
-    # a ragged K or more rows).
+    # One-row forwards: up to 320 MiB where K is a multiple of 1024 (Llama-8B's gate/up and down, Qwen2.5-14B's
+    # 270 MiB gate/up; not a lm_head, a ragged K or more rows).
     meta = lambda n, k: torch.empty(n, k, dtype=torch.bfloat16, device="meta")  # noqa: E731
-    assert ops.linear_one_row_max_bytes() == 256 << 20
+    assert ops.linear_one_row_max_bytes() == 320 << 20
+    assert ops.decode_linear_pays(meta(27648, 5120), one_row=True)
+    assert ops.decode_linear_pays(meta(32768, 5120), one_row=True)  # 320 MiB exactly
+    assert not ops.decode_linear_pays(meta(32769, 5120), one_row=True)
     assert ops.decode_linear_pays(meta(28672, 4096), one_row=True)
     assert ops.decode_linear_pays(meta(4096, 14336), one_row=True)
     assert not ops.decode_linear_pays(meta(28672, 4096), one_row=False)
