@@ -810,8 +810,11 @@ def plot(res: dict, path: str) -> Optional[str]:
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    width, height = fig.get_size_inches()
+    ncol = max(1, min(len(handles), int(width / 1.2)))  # about 1.2 inches per entry: the legend stays on the figure
+    rows = -(-len(handles) // ncol)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, min(0.4, (0.1 + 0.2 * rows) / height), 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
