@@ -758,7 +758,7 @@ def test_linear_settings(monkeypatch):
     assert ops.decode_linear_pays(torch.empty(16384, 2048, dtype=torch.bfloat16))
     assert not ops.decode_linear_pays(torch.empty(16385, 2048, dtype=torch.bfloat16))
     # One-row forwards: up to 320 MiB where K is a multiple of 1024 (Llama-8B's gate/up and down, Qwen2.5-14B's
-    # 270 MiB gate/up; not a lm_head, a ragged K or more rows).
+    # 270 MiB gate/up; not the 8B's 1002 MiB lm_head, a ragged K or more rows).
     meta = lambda n, k: torch.empty(n, k, dtype=torch.bfloat16, device="meta")  # noqa: E731
     assert ops.linear_one_row_max_bytes() == 320 << 20
     assert ops.decode_linear_pays(meta(27648, 5120), one_row=True)
