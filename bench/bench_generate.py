@@ -223,16 +223,16 @@ class PrefillHook:
 
     def __enter__(self) -> "PrefillHook":
         if self.original is None or list(inspect.signature(self.original).parameters) != [
-                "model", "cache", "rows", "chunk"]:
+                "model", "cache", "rows", "chunk", "graphs"]:
             return self
         original = self.original
 
-        def timed_prefill(model, cache, rows, chunk):
-            dt, c = timed(self.device, lambda: original(model, cache, rows, chunk))
+        def timed_prefill(model, cache, rows, chunk, graphs=None):
+            dt, c = timed(self.device, lambda: original(model, cache, rows, chunk, graphs))
             self.seconds += dt
             return c
 
-        def lengths_only(model, cache, rows, chunk):
+        def lengths_only(model, cache, rows, chunk, graphs=None):
             dev = cache.lens.device
             cache.lens.copy_(torch.tensor([len(r) - 1 for r in rows], dtype=cache.lens.dtype, device=dev))
             return torch.tensor([r[-1] for r in rows], dtype=torch.long, device=dev)

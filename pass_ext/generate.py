@@ -216,11 +216,12 @@ def _resolve_tree(method, draft_tree, k, device) -> Optional[list]:
     return layout.paths
 
 
-def prefill(model, cache, rows: list, chunk: int) -> torch.Tensor:
+def prefill(model, cache, rows: list, chunk: int, graphs: Optional["PrefillGraphs"] = None) -> torch.Tensor:
     """Write every prompt but its last token into the cache and commit it: all rows in each forward, in
     chunks of `chunk` tokens, shorter rows padded. A padded token lands past its row's committed length (and
     below the longest row's, so within the capacity), where the next step overwrites it before anything
-    reads it. Returns each row's last prompt token [B] (the pending token of the first step)."""
+    reads it. With `graphs` (CUDA), each chunk is padded to a captured length and replayed (PrefillGraphs).
+    Returns each row's last prompt token [B] (the pending token of the first step)."""
     dev = cache.lens.device
     if dev.type == "cuda":
         chunk = min(chunk, ops.CUDA_MAX_Q)  # the CUDA attention kernel's limit of new tokens per call
@@ -228,11 +229,89 @@ def prefill(model, cache, rows: list, chunk: int) -> torch.Tensor:
     for s in range(0, max(need), chunk):
         q = min(chunk, max(need) - s)
         pieces = [r[s: min(s + q, n)] for r, n in zip(rows, need)]
+        padded = graphs.length(q, cache.capacity - s) if graphs is not None else None
+        if padded is not None:
+            graphs.run(model, cache, pieces, s, padded)
+            continue
         ids = torch.tensor([p + [0] * (q - len(p)) for p in pieces], dtype=torch.long, device=dev)
         pos = torch.arange(s, s + q, device=dev)[None].expand(len(rows), -1)
         model(ids, positions=pos, cache=cache, return_hidden=True)
         cache.lens += torch.tensor([len(p) for p in pieces], dtype=torch.int32, device=dev)
     return torch.tensor([r[-1] for r in rows], dtype=torch.long, device=dev)
+
+
+def prefill_graphs_enabled() -> bool:
+    """Whether `generate` replays prefill chunks as CUDA graphs where it captures the decode step:
+    PASS_EXT_PREFILL_GRAPHS, default 1 (0: eager chunks, the same tokens up to near-ties). Read per call."""
+    raw = os.environ.get("PASS_EXT_PREFILL_GRAPHS", "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"PASS_EXT_PREFILL_GRAPHS must be 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
+class PrefillGraphs:
+    """Prefill chunks captured as CUDA graphs on one cache, one graph per model and padded chunk length.
+
+    An eager forward launches a few hundred kernels from Python (norms, projections, attention, rotary and
+    residual chains per layer), which for models up to a few billion parameters takes longer than the GPU's
+    work: in bench_generate the 135M and the 1.5B spent about the same 20-30 ms per call in their prefill.
+    A replay launches them from the device. Chunks are padded to a power of two of at least MIN_LENGTH
+    tokens (padded tokens land past each row's committed length, as a short row's do in a batch), so a few
+    lengths cover every prompt. A length's first chunk runs eagerly on the graph's own buffers, which does
+    that chunk's work and warms up the kernels, and is then captured (capturing runs nothing); later chunks
+    of that length replay. The graphs of one cache share one memory pool: they never run at the same time."""
+
+    MIN_LENGTH = 16
+
+    def __init__(self):
+        self.graphs: dict = {}  # (id(model), id(cache), length) -> (CUDAGraph, inputs [B, 2 * length + 1] int64)
+        self.pool = None
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    @classmethod
+    def length(cls, q: int, room: int) -> Optional[int]:
+        """The padded length of a q-token chunk with `room` slots left in the cache after its start (None:
+        no padded length fits, the chunk runs eagerly)."""
+        n = max(cls.MIN_LENGTH, 1 << (q - 1).bit_length())
+        return n if n <= min(room, ops.CUDA_MAX_Q) else None
+
+    def run(self, model, cache, pieces: list, start: int, length: int) -> None:
+        """Prefill one chunk: pieces[b] (at most `length` tokens) at positions start.. of row b, committed."""
+        dev = cache.lens.device
+        host = torch.zeros(len(pieces), 2 * length + 1, dtype=torch.long)
+        for b, p in enumerate(pieces):
+            host[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        host[:, length: 2 * length] = torch.arange(start, start + length)
+        host[:, -1] = torch.tensor([len(p) for p in pieces])
+        key = (id(model), id(cache), length)
+        entry = self.graphs.get(key)
+        if entry is not None:
+            entry[1].copy_(host)
+            entry[0].replay()
+            return
+        inputs = host.to(dev)
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            self._chunk(model, cache, inputs, length)  # this chunk's work, and the warm-up of the capture
+            graph = torch.cuda.CUDAGraph()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph.capture_begin(pool=self.pool)
+            try:
+                self._chunk(model, cache, inputs, length)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        self.graphs[key] = (graph, inputs)
+
+    @staticmethod
+    def _chunk(model, cache, inputs: torch.Tensor, length: int) -> None:
+        ids, positions = inputs[:, :length].contiguous(), inputs[:, length: 2 * length].contiguous()
+        model(ids, positions=positions, cache=cache, return_hidden=True)
+        cache.commit(inputs[:, -1])
 
 
 def generate(
@@ -282,8 +361,10 @@ def generate(
         max_length: cache capacity per row in tokens (prompt, generated tokens and the step's scratch
             slots); rows that would pass it stop with reason "length". Default: room for everything.
         sync_every: steps between host syncs (streaming, stop checks). Default 1 with `stream`, else 4.
-        cuda_graphs: capture the decode step once and replay it (CUDA only). Default: on for CUDA, unless
-            the environment sets PASS_EXT_CUDA_GRAPHS=0.
+        prefill_chunk: prompt tokens per prefill forward (at most 128 on CUDA, the attention kernel's limit).
+        cuda_graphs: capture the decode step once and replay it, and the prefill's chunks per padded length
+            (CUDA only; PASS_EXT_PREFILL_GRAPHS=0 prefills eagerly). Default: on for CUDA, unless the
+            environment sets PASS_EXT_CUDA_GRAPHS=0.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -331,6 +412,7 @@ def generate(
         raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {dev}")
     if cuda_graphs:
         max_workspaces()  # a bad PASS_EXT_WORKSPACES fails before any work
+    graph_prefill = cuda_graphs and prefill_graphs_enabled()
     sampled = not sampling.greedy
     engine_method = method
     bounded = E.stop_bounded(bool(eos), room=max_length is None)
@@ -421,12 +503,14 @@ def generate(
         else:
             ws.reset(sampling, seed, eos, pad)
         eng, out_rows, stats = ws.engine, ws.engine.rows, ws.engine.stats
-        c = prefill(model, eng.cache, rows, prefill_chunk)
+        graphs = ws.prefill_graphs if graph_prefill else None
+        c = prefill(model, eng.cache, rows, prefill_chunk, graphs)
         if method == "draft":
             if min(len(r) for r in rows) >= 2:  # the draft cache one token further behind: round one is captured
-                eng.start_behind(prefill(draft_model, eng.draft_cache, [r[:-1] for r in rows], prefill_chunk))
+                behind = [r[:-1] for r in rows]
+                eng.start_behind(prefill(draft_model, eng.draft_cache, behind, prefill_chunk, graphs))
             else:
-                prefill(draft_model, eng.draft_cache, rows, prefill_chunk)
+                prefill(draft_model, eng.draft_cache, rows, prefill_chunk, graphs)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         prefill_s = time.perf_counter() - t0
@@ -455,15 +539,20 @@ def generate(
 
 
 class _Workspace:
-    """What one generate call's decode loop works on — engine (with its cache, sampling, RNG, rows and
-    stats), draft cache, captured step — kept on the model so that the next call with the same shapes
-    reuses the buffers and replays the same CUDA graph instead of capturing a new one."""
+    """What one generate call works on — engine (with its cache, sampling, RNG, rows and stats), draft
+    cache, captured step and prefill chunks — kept on the model so that the next call with the same shapes
+    reuses the buffers and replays the same CUDA graphs instead of capturing new ones."""
 
     def __init__(self, key, engine: E.Engine):
         self.key, self.engine = key, engine
         caches = [c for c in (getattr(engine, "cache", None), getattr(engine, "draft_cache", None)) if c is not None]
         self.cache_bytes = sum(c.store.numel() * c.store.element_size() for c in caches)
         self.graph: Optional[E.StepGraph] = None
+        self.prefill_graphs = PrefillGraphs()
+
+    @property
+    def holds_graphs(self) -> bool:
+        return self.graph is not None or len(self.prefill_graphs) > 0
 
     def reset(self, sampling: E.Sampling, seed: int, eos: list, pad: int) -> None:
         eng = self.engine
@@ -530,7 +619,7 @@ def _keep_workspace(model, ws: _Workspace) -> None:
     dropped = False
     while len(kept) > limit or (len(kept) > 1 and older_bytes() > budget):
         _, old = kept.popitem(last=False)
-        dropped |= old.graph is not None
+        dropped |= old.holds_graphs
         del old  # no reference may keep its graph alive past empty_cache below
     if dropped:
         # A dropped graph's private memory pool stays reserved in the allocator's cache: calls with ever new
@@ -540,7 +629,7 @@ def _keep_workspace(model, ws: _Workspace) -> None:
 
 def _drop_workspaces(model) -> None:
     kept = model.__dict__.pop("_pass_ext_workspaces", None)
-    if kept and any(ws.graph is not None for ws in kept.values()):
+    if kept and any(ws.holds_graphs for ws in kept.values()):
         kept.clear()
         torch.cuda.empty_cache()
 

@@ -667,6 +667,89 @@ def test_batched_prefill_matches_row_by_row(tiny):
         assert out.new_tokens[b].tolist() == run(model, [r], "ar", max_new_tokens=6, eos_token_id=False).new_tokens[0].tolist()
 
 
+def test_prefill_graph_lengths_and_switch(monkeypatch):
+    """Chunks pad to a power of two of at least 16 tokens that fits the cache's room and the kernel's 128 rows
+    (else they run eagerly); PASS_EXT_PREFILL_GRAPHS takes 0 or 1 and names itself otherwise."""
+    G = importlib.import_module("pass_ext.generate")
+    length = G.PrefillGraphs.length
+    assert [length(q, 1000) for q in (1, 15, 16, 17, 33, 64, 65, 128)] == [16, 16, 16, 32, 64, 64, 128, 128]
+    assert length(100, 127) is None and length(100, 128) == 128 and length(5, 15) is None
+    assert length(129, 1000) is None  # past the attention kernel's rows
+    for raw, want in (("0", False), ("1", True)):
+        monkeypatch.setenv("PASS_EXT_PREFILL_GRAPHS", raw)
+        assert G.prefill_graphs_enabled() is want
+    for bad in ("2", "yes"):
+        monkeypatch.setenv("PASS_EXT_PREFILL_GRAPHS", bad)
+        with pytest.raises(ValueError, match="PASS_EXT_PREFILL_GRAPHS must be 0 or 1"):
+            G.prefill_graphs_enabled()
+
+
+@CUDA
+@pytest.mark.cuda
+def test_prefill_graphs_write_what_eager_chunks_write(tiny):
+    """Replayed prefill chunks (padded to 16, 32, ..., 128 tokens) commit the same lengths as eager chunks and the
+    same K/V up to float32 rounding (another row count may take other cuBLAS kernels); a length's first chunk
+    (eager on the graph's buffers) and its replays give the same bits; ragged rows, several chunks, a chunk
+    padded past the longest row."""
+    G = importlib.import_module("pass_ext.generate")
+    hf, model, _ = tiny
+    if model.device.type != "cuda":
+        pytest.skip("CUDA graphs")
+    g = torch.Generator().manual_seed(21)
+    rows = [torch.randint(2, 16, (n,), generator=g).tolist() for n in (1, 12, 200, 37)]
+    eager = model.new_cache(4, 256)
+    c_eager = G.prefill(model, eager, rows, 128)
+    graphs = G.PrefillGraphs()
+    cache = model.new_cache(4, 256)  # a graph writes the cache it was captured on
+    c_first = G.prefill(model, cache, rows, 128, graphs)
+    assert [n for _, _, n in graphs.graphs] == [128]  # 128 real tokens, then 71 padded to 128: one graph
+    assert torch.equal(c_first, c_eager) and cache.lens.tolist() == eager.lens.tolist() == [0, 11, 199, 36]
+    first = cache.store.clone()
+    for b, n in enumerate(eager.lens.tolist()):
+        torch.testing.assert_close(first[:, :, b, :, :n], eager.store[:, :, b, :, :n], rtol=1e-5, atol=1e-6)
+    cache.reset()
+    cache.store.zero_()
+    G.prefill(model, cache, rows, 128, graphs)  # replays only
+    assert len(graphs) == 1 and cache.lens.tolist() == eager.lens.tolist()
+    for b, n in enumerate(eager.lens.tolist()):
+        assert torch.equal(cache.store[:, :, b, :, :n], first[:, :, b, :, :n])
+    other = [r[::-1][:30] for r in rows]  # new prompts through the same graphs
+    eager.reset()
+    cache.reset()
+    G.prefill(model, eager, other, 128)
+    G.prefill(model, cache, other, 128, graphs)
+    assert cache.lens.tolist() == eager.lens.tolist() == [0, 11, 29, 29] and len(graphs) == 2  # a new length: 32
+    for b, n in enumerate(eager.lens.tolist()):
+        torch.testing.assert_close(cache.store[:, :, b, :, :n], eager.store[:, :, b, :, :n], rtol=1e-5, atol=1e-6)
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["ar", "pass", "draft"])
+def test_generate_with_prefill_graphs_equals_eager_prefill(tiny, method, monkeypatch):
+    """generate's output does not depend on how the prompt was prefilled (float32), the workspace keeps the
+    captured chunks and the next call replays them; "draft" with the model drafting for itself keeps one graph per
+    cache."""
+    G = importlib.import_module("pass_ext.generate")
+    hf, model, draft = tiny
+    if model.device.type != "cuda":
+        pytest.skip("CUDA graphs")
+    draft = model if method == "draft" else None
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, 16, (n,), generator=g).tolist() for n in (3, 150, 40)]
+    kw = dict(lookahead=3, max_new_tokens=12, eos_token_id=False)
+    G.release_workspace(model)  # earlier tests' workspaces on this model hold chunks of their own
+    monkeypatch.setenv("PASS_EXT_PREFILL_GRAPHS", "0")
+    want = run(model, prompts, method, draft, **kw)
+    monkeypatch.setenv("PASS_EXT_PREFILL_GRAPHS", "1")
+    outs = [run(model, prompts, method, draft, **kw) for _ in range(2)]
+    kept = [ws for ws in model.__dict__["_pass_ext_workspaces"].values() if len(ws.prefill_graphs)]
+    assert len(kept) == 1 and len(kept[0].prefill_graphs) == (4 if method == "draft" else 2)
+    for out in outs:
+        assert torch.equal(out.sequences, want.sequences), method
+    G.release_workspace(model)
+
+
 def test_workspaces_are_kept_least_recently_used_first(monkeypatch):
     """generate keeps PASS_EXT_WORKSPACES (default 4) workspaces per model, so calls alternating between shapes
     or settings replay their graphs; beyond the limit the least recently used one is dropped."""
