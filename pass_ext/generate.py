@@ -229,7 +229,7 @@ def prefill(model, cache, rows: list, chunk: int, graphs: Optional["PrefillGraph
     for s in range(0, max(need), chunk):
         q = min(chunk, max(need) - s)
         pieces = [r[s: min(s + q, n)] for r, n in zip(rows, need)]
-        padded = graphs.length(q, cache.capacity - s) if graphs is not None else None
+        padded = graphs.length(q, cache.capacity - s, len(rows)) if graphs is not None else None
         if padded is not None:
             graphs.run(model, cache, pieces, s, padded)
             continue
@@ -255,13 +255,16 @@ class PrefillGraphs:
     An eager forward launches a few hundred kernels from Python (norms, projections, attention, rotary and
     residual chains per layer), which for models up to a few billion parameters takes longer than the GPU's
     work: in bench_generate the 135M and the 1.5B spent about the same 20-30 ms per call in their prefill.
-    A replay launches them from the device. Chunks are padded to a power of two of at least MIN_LENGTH
-    tokens (padded tokens land past each row's committed length, as a short row's do in a batch), so a few
-    lengths cover every prompt. A length's first chunk runs eagerly on the graph's own buffers, which does
-    that chunk's work and warms up the kernels, and is then captured (capturing runs nothing); later chunks
-    of that length replay. The graphs of one cache share one memory pool: they never run at the same time."""
+    A replay launches them from the device. Chunks are padded to a multiple of PAD tokens (padded tokens land
+    past each row's committed length, as a short row's do in a batch), so at most eight lengths cover every
+    prompt and a row computes at most PAD - 1 tokens in vain. A length's first chunk runs eagerly on the
+    graph's own buffers, which does that chunk's work and warms up the kernels, and is then captured
+    (capturing runs nothing); later chunks of that length replay. The graphs of one cache share one memory
+    pool: they never run at the same time. Chunks of more than MAX_TOKENS tokens over all rows run eagerly:
+    there the GPU's work outlasts the launches, which overlap it, and a graph would keep their activations."""
 
-    MIN_LENGTH = 16
+    PAD = 16
+    MAX_TOKENS = 4096
 
     def __init__(self):
         self.graphs: dict = {}  # (id(model), id(cache), length) -> (CUDAGraph, inputs [B, 2 * length + 1] int64)
@@ -271,11 +274,11 @@ class PrefillGraphs:
         return len(self.graphs)
 
     @classmethod
-    def length(cls, q: int, room: int) -> Optional[int]:
-        """The padded length of a q-token chunk with `room` slots left in the cache after its start (None:
-        no padded length fits, the chunk runs eagerly)."""
-        n = max(cls.MIN_LENGTH, 1 << (q - 1).bit_length())
-        return n if n <= min(room, ops.CUDA_MAX_Q) else None
+    def length(cls, q: int, room: int, batch: int) -> Optional[int]:
+        """The padded length of a chunk of q tokens per row for `batch` rows with `room` slots left in the
+        cache after its start (None: the chunk runs eagerly)."""
+        n = -(-q // cls.PAD) * cls.PAD
+        return n if n <= min(room, ops.CUDA_MAX_Q) and batch * n <= cls.MAX_TOKENS else None
 
     def run(self, model, cache, pieces: list, start: int, length: int) -> None:
         """Prefill one chunk: pieces[b] (at most `length` tokens) at positions start.. of row b, committed."""

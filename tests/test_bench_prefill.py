@@ -38,6 +38,6 @@ def test_bench_prefill_on_a_gpu(tmp_path):
                "--repeats", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
-    # 39 prompt tokens to prefill: one chunk padded to 64; 199: 128, then 71 padded to 128 (the same graph)
-    assert [(r["batch"], r["prompt"], r["graphs"]) for r in rows] == [(2, 40, 1), (2, 200, 1)]
+    # 39 prompt tokens to prefill: one chunk padded to 48; 199: 128, then 71 padded to 80
+    assert [(r["batch"], r["prompt"], r["graphs"]) for r in rows] == [(2, 40, 1), (2, 200, 2)]
     assert all(r["eager_ms"] > 0 and r["graphs_ms"] > 0 and r["call_graphs_ms"] > 0 for r in rows)

@@ -668,13 +668,14 @@ def test_batched_prefill_matches_row_by_row(tiny):
 
 
 def test_prefill_graph_lengths_and_switch(monkeypatch):
-    """Chunks pad to a power of two of at least 16 tokens that fits the cache's room and the kernel's 128 rows
-    (else they run eagerly); PASS_EXT_PREFILL_GRAPHS takes 0 or 1 and names itself otherwise."""
+    """Chunks pad to a multiple of 16 tokens that fits the cache's room and the kernel's 128 rows, up to 4096 tokens
+    over all rows (else they run eagerly); PASS_EXT_PREFILL_GRAPHS takes 0 or 1 and names itself otherwise."""
     G = importlib.import_module("pass_ext.generate")
     length = G.PrefillGraphs.length
-    assert [length(q, 1000) for q in (1, 15, 16, 17, 33, 64, 65, 128)] == [16, 16, 16, 32, 64, 64, 128, 128]
-    assert length(100, 127) is None and length(100, 128) == 128 and length(5, 15) is None
-    assert length(129, 1000) is None  # past the attention kernel's rows
+    assert [length(q, 1000, 1) for q in (1, 15, 16, 17, 33, 64, 65, 128)] == [16, 16, 16, 32, 48, 64, 80, 128]
+    assert length(100, 111, 1) is None and length(100, 112, 1) == 112 and length(5, 15, 1) is None
+    assert length(129, 1000, 1) is None  # past the attention kernel's rows
+    assert length(128, 1000, 32) == 128 and length(128, 1000, 33) is None and length(60, 1000, 64) == 64
     for raw, want in (("0", False), ("1", True)):
         monkeypatch.setenv("PASS_EXT_PREFILL_GRAPHS", raw)
         assert G.prefill_graphs_enabled() is want
@@ -687,7 +688,7 @@ def test_prefill_graph_lengths_and_switch(monkeypatch):
 @CUDA
 @pytest.mark.cuda
 def test_prefill_graphs_write_what_eager_chunks_write(tiny):
-    """Replayed prefill chunks (padded to 16, 32, ..., 128 tokens) commit the same lengths as eager chunks and the
+    """Replayed prefill chunks (padded to a multiple of 16 tokens) commit the same lengths as eager chunks and the
     same K/V up to float32 rounding (another row count may take other cuBLAS kernels); a length's first chunk
     (eager on the graph's buffers) and its replays give the same bits; ragged rows, several chunks, a chunk
     padded past the longest row."""
@@ -702,7 +703,7 @@ def test_prefill_graphs_write_what_eager_chunks_write(tiny):
     graphs = G.PrefillGraphs()
     cache = model.new_cache(4, 256)  # a graph writes the cache it was captured on
     c_first = G.prefill(model, cache, rows, 128, graphs)
-    assert [n for _, _, n in graphs.graphs] == [128]  # 128 real tokens, then 71 padded to 128: one graph
+    assert [n for _, _, n in graphs.graphs] == [128, 80]  # 128 real tokens, then 71 padded to 80
     assert torch.equal(c_first, c_eager) and cache.lens.tolist() == eager.lens.tolist() == [0, 11, 199, 36]
     first = cache.store.clone()
     for b, n in enumerate(eager.lens.tolist()):
@@ -710,7 +711,7 @@ def test_prefill_graphs_write_what_eager_chunks_write(tiny):
     cache.reset()
     cache.store.zero_()
     G.prefill(model, cache, rows, 128, graphs)  # replays only
-    assert len(graphs) == 1 and cache.lens.tolist() == eager.lens.tolist()
+    assert len(graphs) == 2 and cache.lens.tolist() == eager.lens.tolist()
     for b, n in enumerate(eager.lens.tolist()):
         assert torch.equal(cache.store[:, :, b, :, :n], first[:, :, b, :, :n])
     other = [r[::-1][:30] for r in rows]  # new prompts through the same graphs
@@ -718,7 +719,7 @@ def test_prefill_graphs_write_what_eager_chunks_write(tiny):
     cache.reset()
     G.prefill(model, eager, other, 128)
     G.prefill(model, cache, other, 128, graphs)
-    assert cache.lens.tolist() == eager.lens.tolist() == [0, 11, 29, 29] and len(graphs) == 2  # a new length: 32
+    assert cache.lens.tolist() == eager.lens.tolist() == [0, 11, 29, 29] and len(graphs) == 3  # a new length: 32
     for b, n in enumerate(eager.lens.tolist()):
         torch.testing.assert_close(cache.store[:, :, b, :, :n], eager.store[:, :, b, :, :n], rtol=1e-5, atol=1e-6)
 
