@@ -37,13 +37,14 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def positive_ints(text: str, name: str) -> list:
+def positive_ints(text: str) -> list:
+    """argparse type: comma-separated integers >= 1."""
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
         values = [0]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{name} must be positive integers, comma-separated; got {text!r}")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive integers, comma-separated; got {text!r}")
     return values
 
 
@@ -95,19 +96,15 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="smollm2-135m-random,qwen2.5-1.5b,llama-3.1-8b",
                     help=f"random-weight presets, comma-separated: {', '.join(PRESETS)}")
-    ap.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
-    ap.add_argument("--prompts", default="32,150,500", help="prompt lengths in tokens, comma-separated")
-    ap.add_argument("--new", default="32", help="new tokens of the whole generate calls")
-    ap.add_argument("--repeats", default="7", help="timed runs of each mode, alternating")
+    ap.add_argument("--batches", type=positive_ints, default="1,8", help="batch sizes, comma-separated")
+    ap.add_argument("--prompts", type=positive_ints, default="32,150,500",
+                    help="prompt lengths in tokens, comma-separated")
+    ap.add_argument("--new", type=int, default=32, help="new tokens of the whole generate calls")
+    ap.add_argument("--repeats", type=int, default=7, help="timed runs of each mode, alternating")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args(argv)
-    try:
-        args.batches = positive_ints(args.batches, "--batches")
-        args.prompts = positive_ints(args.prompts, "--prompts")
-        (args.new,) = positive_ints(args.new, "--new")
-        (args.repeats,) = positive_ints(args.repeats, "--repeats")
-    except (argparse.ArgumentTypeError, ValueError) as e:
-        ap.error(str(e) if isinstance(e, argparse.ArgumentTypeError) else "--new and --repeats take one integer")
+    if min(args.new, args.repeats) < 1:
+        ap.error(f"--new and --repeats must be >= 1, got {args.new} and {args.repeats}")
     args.models = [m for m in args.models.split(",") if m]
     unknown = [m for m in args.models if m not in PRESETS]
     if unknown or not args.models:

@@ -19,10 +19,10 @@ def run(*argv):
 
 @pytest.mark.parametrize("argv, message", [
     (["--models", "nope"], "--models: unknown presets ['nope']"),
-    (["--batches", "x"], "--batches must be positive integers"),
-    (["--prompts", "0"], "--prompts must be positive integers"),
-    (["--repeats", "0"], "--repeats must be positive integers"),
-    (["--new", "1,2"], "--new and --repeats take one integer"),
+    (["--batches", "x"], "argument --batches: must be positive integers"),
+    (["--prompts", "0"], "argument --prompts: must be positive integers"),
+    (["--repeats", "0"], "--new and --repeats must be >= 1"),
+    (["--new", "1,2"], "argument --new: invalid int value: '1,2'"),
 ])
 def test_bench_prefill_names_bad_arguments(argv, message):
     proc = run(*argv)
