@@ -250,12 +250,19 @@ def fusion_enabled() -> bool:
     return os.environ.get("PASS_EXT_FUSE", "1") != "0"
 
 
+def _dtype_and_width(x: torch.Tensor, *args):
+    return x.dtype, x.shape[-1]
+
+
 def _chain(name: str, fused: bool) -> Callable:
     if not fused:
         return _CHAINS[name]
     fn = _compiled.get(name)
     if fn is None:
-        fn = _compiled[name] = _Fused(name)
+        # The norms take a weight, whose shape torch.compile keeps static: one compiled copy per dtype and hidden
+        # size, so that the models of one process do not spend one copy's recompile budget between them.
+        key = _dtype_and_width if name in ("norm", "add_norm") else None
+        fn = _compiled[name] = _Fused(name, key=key)
     return fn
 
 

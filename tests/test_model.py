@@ -297,3 +297,23 @@ def test_fused_chain_survives_the_recompile_limit(monkeypatch):
         torch.testing.assert_close(fused(x3), model_module._swiglu_chain(x3))
     assert fused.copies[torch.float32][1] == "eager" and fused.copies[torch.float64][1] == "ok"
     torch.testing.assert_close(fused(x3), model_module._swiglu_chain(x3))  # eager from now on, no new warning
+
+
+def test_norm_chains_compile_once_per_hidden_size(monkeypatch):
+    """The norm chains take a weight, whose shape torch.compile keeps static: models of other hidden sizes in one
+    process get compiled copies of their own instead of spending one copy's recompile budget (a benchmark that
+    ran three models in one process fell back to the eager norms for the third)."""
+    import torch._dynamo
+    from pass_ext import model as model_module
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(model_module, "_compiled", {})
+    norm = model_module._chain("norm", True)
+    add_norm = model_module._chain("add_norm", True)
+    for d in (8, 16, 24):
+        x, y, w = torch.randn(3, d), torch.randn(3, d), torch.rand(d) + 0.5
+        torch.testing.assert_close(norm(x, w, 1e-6), model_module._rms_norm(x, w, 1e-6))
+        for got, want in zip(add_norm(x, y, w, 1e-6), model_module._add_norm_chain(x, y, w, 1e-6)):
+            torch.testing.assert_close(got, want)
+    for chain in (norm, add_norm):
+        assert {key: state for key, (_, state) in chain.copies.items()} == {
+            (torch.float32, 8): "ok", (torch.float32, 16): "ok", (torch.float32, 24): "ok"}
