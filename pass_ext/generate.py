@@ -216,11 +216,13 @@ def _resolve_tree(method, draft_tree, k, device) -> Optional[list]:
     return layout.paths
 
 
+@torch.no_grad()
 def prefill(model, cache, rows: list, chunk: int, graphs: Optional["PrefillGraphs"] = None) -> torch.Tensor:
     """Write every prompt but its last token into the cache and commit it: all rows in each forward, in
     chunks of `chunk` tokens, shorter rows padded. A padded token lands past its row's committed length (and
     below the longest row's, so within the capacity), where the next step overwrites it before anything
     reads it. With `graphs` (CUDA), each chunk is padded to a captured length and replayed (PrefillGraphs).
+    Runs without autograd whoever calls it (with it, CUDA forwards take the unfused, differentiable path).
     Returns each row's last prompt token [B] (the pending token of the first step)."""
     dev = cache.lens.device
     if dev.type == "cuda":
@@ -267,11 +269,14 @@ class PrefillGraphs:
     MAX_TOKENS = 4096
 
     def __init__(self):
-        self.graphs: dict = {}  # (id(model), id(cache), length) -> (CUDAGraph, inputs [B, 2 * length + 1] int64)
+        # (id(model), id(cache), length) -> (CUDAGraph, or None where its capture ran out of memory,
+        #                                   inputs [B, 2 * length + 1] int64)
+        self.graphs: dict = {}
         self.pool = None
 
     def __len__(self) -> int:
-        return len(self.graphs)
+        """Captured graphs (lengths whose capture ran out of memory, and run eagerly, do not count)."""
+        return sum(graph is not None for graph, _ in self.graphs.values())
 
     @classmethod
     def length(cls, q: int, room: int, batch: int) -> Optional[int]:
@@ -291,24 +296,45 @@ class PrefillGraphs:
         key = (id(model), id(cache), length)
         entry = self.graphs.get(key)
         if entry is not None:
-            entry[1].copy_(host)
-            entry[0].replay()
+            graph, inputs = entry
+            inputs.copy_(host)
+            if graph is None:  # its capture ran out of memory: this length runs eagerly on the same buffers
+                self._chunk(model, cache, inputs, length)
+            else:
+                graph.replay()
             return
         inputs = host.to(dev)
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
             self._chunk(model, cache, inputs, length)  # this chunk's work, and the warm-up of the capture
-            graph = torch.cuda.CUDAGraph()
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            graph.capture_begin(pool=self.pool)
-            try:
-                self._chunk(model, cache, inputs, length)
-            finally:
-                graph.capture_end()
+            graph = self._capture(model, cache, inputs, length)
         torch.cuda.current_stream(dev).wait_stream(stream)
         self.graphs[key] = (graph, inputs)
+
+    def _capture(self, model, cache, inputs: torch.Tensor, length: int):
+        """The chunk captured as a graph (capturing runs nothing), or None where the capture ran out of GPU memory:
+        the chunk's work is already done, and a graph is only a faster way to launch it."""
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        oom = False
+        graph.capture_begin(pool=self.pool)
+        try:
+            self._chunk(model, cache, inputs, length)
+        except torch.OutOfMemoryError:
+            oom = True
+        finally:
+            try:
+                graph.capture_end()
+            except RuntimeError:
+                if not oom:  # an out-of-memory error can leave the capture invalid; anything else is raised
+                    raise
+        if not oom:
+            return graph
+        del graph
+        torch.cuda.empty_cache()
+        return None
 
     @staticmethod
     def _chunk(model, cache, inputs: torch.Tensor, length: int) -> None:

@@ -726,6 +726,40 @@ def test_prefill_graphs_write_what_eager_chunks_write(tiny):
 
 @CUDA
 @pytest.mark.cuda
+def test_prefill_graph_capture_out_of_memory_runs_eagerly(tiny, monkeypatch):
+    """A capture that runs out of GPU memory costs the graph, not the call: the chunk (already run eagerly) is
+    committed once, the length runs eagerly from then on, and the cache holds what eager chunks write."""
+    G = importlib.import_module("pass_ext.generate")
+    hf, model, _ = tiny
+    if model.device.type != "cuda":
+        pytest.skip("CUDA graphs")
+    rows = [[3, 4, 5, 6, 7, 8, 9], [5, 6, 7]]
+    eager = model.new_cache(2, 64)
+    G.prefill(model, eager, rows, 128)
+    real = G.PrefillGraphs._chunk
+    captures = []
+
+    def chunk(*args):
+        if torch.cuda.is_current_stream_capturing():
+            captures.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args)
+
+    monkeypatch.setattr(G.PrefillGraphs, "_chunk", staticmethod(chunk))
+    graphs = G.PrefillGraphs()
+    cache = model.new_cache(2, 64)
+    for _ in range(2):  # the failed capture, then the eager run of the same length
+        cache.reset()
+        G.prefill(model, cache, rows, 128, graphs)
+        assert cache.lens.tolist() == eager.lens.tolist() == [6, 2]
+        assert len(graphs) == 0 and [n for _, _, n in graphs.graphs] == [16] and len(captures) == 1
+        for b, n in enumerate(eager.lens.tolist()):
+            torch.testing.assert_close(cache.store[:, :, b, :, :n], eager.store[:, :, b, :, :n], rtol=1e-5, atol=1e-6)
+    assert not torch.cuda.is_current_stream_capturing()
+
+
+@CUDA
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", ["ar", "pass", "draft"])
 def test_generate_with_prefill_graphs_equals_eager_prefill(tiny, method, monkeypatch):
     """generate's output does not depend on how the prompt was prefilled (float32), the workspace keeps the
