@@ -81,6 +81,31 @@ def measure(model, B: int, length: int, new: int, repeats: int, seed: int) -> di
                 call_eager_ms=1e3 * med(calls["0"]), call_graphs_ms=1e3 * med(calls["1"]))
 
 
+def profile_chunks(model, B: int, length: int, top: int, seed: int) -> str:
+    """The CUDA kernels of one eager prefill of B random prompts of `length` tokens under torch.profiler, summed per
+    kernel name: the top `top` by time, per chunk (a replayed chunk runs the same kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, model.config.vocab_size, (B, length), generator=g).tolist()
+    cache = model.new_cache(B, -(-(length + 2) // 128) * 128)
+    chunks = -(-(length - 1) // pass_ext.ops.CUDA_MAX_Q)
+    G.prefill(model, cache, rows, 512)  # warm-up
+    cache.reset()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        G.prefill(model, cache, rows, 512)
+        torch.cuda.synchronize()
+    totals: dict = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t, n = totals.get(e.name[:90], (0.0, 0))
+            totals[e.name[:90]] = (t + e.device_time, n + 1)
+    lines = [f"B={B} prompt={length}: {chunks} chunks, kernels {sum(t for t, _ in totals.values()) / 1e3 / chunks:.3f} "
+             f"ms per chunk", f"{'µs/chunk':>10} {'calls':>6} {'µs/call':>8}  kernel"]
+    for name, (t, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{t / chunks:10.1f} {n / chunks:6.1f} {t / n:8.1f}  {name}")
+    return "\n".join(lines)
+
+
 def table(rows: list) -> str:
     lines = ["| model | B | prompt | prefill eager ms | graphs ms | × | first call ms | call eager ms | graphs ms "
              "| × |",
@@ -101,10 +126,15 @@ def parse_args(argv=None):
                     help="prompt lengths in tokens, comma-separated")
     ap.add_argument("--new", type=int, default=32, help="new tokens of the whole generate calls")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs of each mode, alternating")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="also print the top N CUDA kernels of an eager prefill, per model at the first batch and the "
+                         "last prompt length (0: off)")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args(argv)
     if min(args.new, args.repeats) < 1:
         ap.error(f"--new and --repeats must be >= 1, got {args.new} and {args.repeats}")
+    if args.profile < 0:
+        ap.error(f"--profile must be >= 0 (0: off), got {args.profile}")
     args.models = [m for m in args.models.split(",") if m]
     unknown = [m for m in args.models if m not in PRESETS]
     if unknown or not args.models:
@@ -124,6 +154,8 @@ def main(argv=None) -> dict:
                 row = dict(model=name, **measure(model, B, length, args.new, args.repeats, seed=B * 1000 + length))
                 res["rows"].append(row)
                 print(table([row]).splitlines()[-1], flush=True)
+        if args.profile:
+            print(f"{name} " + profile_chunks(model, args.batches[0], args.prompts[-1], args.profile, seed=1), flush=True)
         del model
         torch.cuda.empty_cache()
     print(table(res["rows"]))
