@@ -26,6 +26,14 @@ def fused_head_max_rows() -> int:
     return ops._env_int("PASS_EXT_FUSED_HEAD_MAX_ROWS", 256, 0, 1 << 20)
 
 
+def greedy_rows_max() -> int:
+    """Rows of a greedy fused PaSS step (B x (k+1)^2) up to which one argmax call over all of them replaces the
+    verify op and the draft sample (`FusedPassEngine.greedy_step`): PASS_EXT_GREEDY_ROWS_MAX, default 16; 0 never.
+    Past it the argmax of rows no one reads costs more than the kernels it saves. Read per step; the same tokens
+    either way."""
+    return ops._env_int("PASS_EXT_GREEDY_ROWS_MAX", 16, 0, 1 << 20)
+
+
 # Stop reasons, stored per row on the device.
 RUNNING, EOS, MAX_NEW, LENGTH = 0, 1, 2, 3
 REASONS = {EOS: "eos", MAX_NEW: "max_new_tokens", LENGTH: "length"}
@@ -127,7 +135,10 @@ def _advance(lens, out, n_out, done, reason, eos, active, hist, tokens, count, d
     ran = (~done_before).long()
     active += ran * passes
     if accepted is not None:
-        hist.index_add_(0, accepted.long().clamp(0, hist.shape[0] - 1), ran)
+        # A one-hot sum, not index_add_: compiled, that became an accumulating index_put (a sort, bounds asserts
+        # and about eight kernels a step).
+        a = accepted.long().clamp(0, hist.shape[0] - 1)
+        hist += ((a[:, None] == torch.arange(hist.shape[0], device=a.device)[None, :]).long() * ran[:, None]).sum(0)
     lens += torch.where(done_before, 0, count).to(torch.int32)
     _emit_rows(out, n_out, done, reason, eos, max_new, tokens, count)
     if check:
@@ -205,6 +216,7 @@ class Engine:
         # Cast and moved once: a step must not copy from the host (a captured step cannot).
         la = getattr(model, "lookahead", None)
         self.la_weight = None if la is None else la.weight.detach().to(self.device, model.dtype)
+        self.la_blocks: list[tuple[torch.Tensor, torch.Tensor]] = []   # (block, index): see la_block
 
     # -- shared pieces -----------------------------------------------------------------------------
     def positions(self, offsets: torch.Tensor) -> torch.Tensor:
@@ -242,12 +254,18 @@ class Engine:
         """A step's compiled chain on CUDA (`step_fusion_enabled`), else its eager function."""
         return chain if self.device.type == "cuda" and step_fusion_enabled() else chain.fn
 
-    def lookahead_embeds(self, ids: torch.Tensor, la_slots: torch.Tensor, la_index: torch.Tensor):
-        """Input vectors for ids [B, Q] with the look-ahead embedding LA_{la_index[j]+1} at slots la_slots[j]."""
-        embeds = self.model.embed(ids)
-        la = self.la_weight[la_index]                                                     # [n, d]
-        embeds[:, la_slots] = la[None].expand(ids.shape[0], -1, -1)
-        return embeds
+    def la_block(self, la_index: torch.Tensor) -> torch.Tensor:
+        """[n, d]: the look-ahead embedding LA_{la_index[j]+1} in row j, gathered once (`reset` refreshes it in place:
+        a captured step reads it)."""
+        block = self.la_weight[la_index]
+        self.la_blocks.append((block, la_index))
+        return block
+
+    def lookahead_embeds(self, ids: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """Input vectors [B, Q + n] of a step: the embeddings of ids [B, Q], then the look-ahead rows `block` [n, d]
+        (`la_block`). In every layout the look-ahead tokens follow the real ones, so this is one embedding lookup and
+        one concatenation (an index_put on the embeddings took about ten small kernels)."""
+        return torch.cat([self.model.embed(ids), block[None].expand(ids.shape[0], -1, -1)], 1)
 
     def check_capacity(self) -> None:
         """Before a step: rows whose writes would pass the capacity stop ("length"); then park done rows."""
@@ -268,6 +286,8 @@ class Engine:
         la = getattr(self.model, "lookahead", None)
         if self.la_weight is not None and la is not None:
             self.la_weight.copy_(la.weight.detach())
+            for block, index in self.la_blocks:
+                block.copy_(self.la_weight[index])
 
     def step(self, state: StepState) -> StepState:
         raise NotImplementedError
@@ -303,8 +323,8 @@ class PassEngine(Engine):
         super().__init__(*args, **kwargs)
         k, dev = self.k, self.device
         self.offsets = torch.arange(k + 1, device=dev)
-        self.la_slots = torch.arange(1, k + 1, device=dev)
         self.la_index = torch.arange(k, device=dev)
+        self.draft_block = None if self.la_weight is None else self.la_block(self.la_index)
         self.draft_sampling = self.sampling.repeat(k)
         self.want_probs = not self.sampling.greedy
         self.start_probs = None  # [B, k, V] one-hot at token 0: the placeholder drafts' distribution (start)
@@ -322,8 +342,7 @@ class PassEngine(Engine):
     def drafting_pass(self, c: torch.Tensor) -> StepState:
         """[c, LA_1..LA_k]: the exact next token x after c, and drafts for the k tokens after x. Commits c."""
         done = self.rows.done.clone()
-        ids = torch.cat([c[:, None], torch.zeros_like(c)[:, None].expand(-1, self.k)], 1)
-        embeds = self.lookahead_embeds(ids, self.la_slots, self.la_index)
+        embeds = self.lookahead_embeds(c[:, None], self.draft_block)
         hidden = self.model(None, positions=self.positions(self.offsets), cache=self.cache,
                             inputs_embeds=embeds, return_hidden=True)
         logits = self.model.lm_head_logits(hidden)                              # [B, k+1, V]
@@ -332,18 +351,18 @@ class PassEngine(Engine):
         self.advance(x[:, None], torch.ones_like(x), done)
         return StepState(c=x, drafts=drafts, draft_probs=probs)
 
-    def validation_pass(self, s: StepState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def validation_pass(self, s: StepState, groups: Optional[torch.Tensor] = None) -> tuple:
         """[c, d_1..d_k] -> verify; commits c and the accepted drafts, emits them and the correction/bonus, checks
         the capacity for the next step.
-        Returns (hidden [B, Q, d], the logits of head_logits, accepted [B], the new pending token [B])."""
+        Returns (hidden [B, Q, d], the logits of head_logits, the new pending token [B], groups[accepted] or None)."""
         done = self.rows.done.clone()
         ids = torch.cat([s.c[:, None], s.drafts], 1)
         hidden = self.forward_block(ids, s)
         logits = self.head_logits(hidden)                                       # [B, k+1 or Q, V]
         out, accepted = self.verify(logits[:, : self.k + 1], s.drafts, s.draft_probs)
-        self.advance(out, accepted.long() + 1, done, accepted)
-        nxt = out.gather(1, accepted.long()[:, None]).squeeze(1)
-        return hidden, logits, accepted, nxt
+        count, nxt, group = self.step_fn(_VERIFIED)(out, accepted, groups)
+        self.advance(out, count, done, accepted)
+        return hidden, logits, nxt, group
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logits a validation pass projects: its k+1 verify rows."""
@@ -367,7 +386,7 @@ class PassEngine(Engine):
         return StepState(c=c, drafts=drafts, draft_probs=probs)
 
     def step(self, s: StepState) -> StepState:
-        _, _, _, nxt = self.validation_pass(s)
+        _, _, nxt, _ = self.validation_pass(s)
         return self.drafting_pass(nxt)
 
 
@@ -391,13 +410,23 @@ class FusedPassEngine(PassEngine):
         mask, pos = masks.fused_layout(k)
         self.fused_mask = masks.pack(mask).to(dev)
         self.fused_offsets = pos.to(dev)
-        self.fused_slots = torch.arange(k + 1, self.q_step, device=dev)
-        self.fused_index = torch.arange(k, device=dev).repeat(k + 1)
+        self.fused_block = None if self.la_weight is None else self.la_block(torch.arange(k, device=dev).repeat(k + 1))
+        # Row j of group a (a = accepted drafts) is k+1 + a*k + j: its outputs are "j+1 tokens after nxt" distributions.
+        self.groups = (k + 1) + torch.arange(k + 1, device=dev)[:, None] * k + self.la_index[None, :]   # [k+1, k]
+        self.row_sampling = self.sampling.repeat(self.q_step)
+
+    def reset(self) -> None:
+        super().reset()
+        self.row_sampling.copy_(self.sampling.repeat(self.q_step))
+
+    def greedy_rows(self, batch: int) -> bool:
+        """Whether a step takes every row's argmax in one `sample` call (`greedy_step`): all rows greedy, and
+        B x (k+1)^2 within `greedy_rows_max()` and `fused_head_max_rows()` (it reads every row's logits)."""
+        rows = batch * self.q_step
+        return not self.want_probs and rows <= greedy_rows_max() and rows <= fused_head_max_rows()
 
     def forward_block(self, ids: torch.Tensor, s: StepState) -> torch.Tensor:
-        B = ids.shape[0]
-        full = torch.cat([ids, ids.new_zeros(B, self.q_step - ids.shape[1])], 1)
-        embeds = self.lookahead_embeds(full, self.fused_slots, self.fused_index)
+        embeds = self.lookahead_embeds(ids, self.fused_block)
         return self.model(None, positions=self.positions(self.fused_offsets), cache=self.cache,
                           tree_mask=self.fused_mask, inputs_embeds=embeds, return_hidden=True)
 
@@ -410,11 +439,23 @@ class FusedPassEngine(PassEngine):
             return self.model.lm_head_logits(hidden)
         return super().head_logits(hidden)
 
+    def greedy_step(self, s: StepState) -> StepState:
+        """A greedy step with one argmax call for all of its rows: verifying greedy drafts is comparing them with
+        the model's argmax tokens, and the next drafts are the argmax tokens of the chosen group. Three sampler
+        kernels instead of the verify op's five and the draft sample's three; the same `sample` op as `ar`'s."""
+        B, Q = s.c.shape[0], self.q_step
+        done = self.rows.done.clone()
+        hidden = self.forward_block(torch.cat([s.c[:, None], s.drafts], 1), s)
+        logits = self.model.lm_head_logits(hidden)                                         # [B, Q, V]
+        t, _ = self.sample(logits.view(B * Q, -1), self.row_sampling, want_probs=False)
+        accepted, count, nxt, drafts = self.step_fn(_GREEDY_VERIFIED)(t.view(B, Q), s.drafts, self.groups)
+        self.advance(t.view(B, Q)[:, : self.k + 1], count, done, accepted)
+        return StepState(c=nxt, drafts=drafts)
+
     def step(self, s: StepState) -> StepState:
-        hidden, logits, accepted, nxt = self.validation_pass(s)
-        k = self.k
-        # Group a (a = accepted) starts at k+1 + a*k; its outputs are "i tokens after nxt" distributions.
-        idx = (k + 1) + accepted.long()[:, None] * k + self.la_index[None, :]
+        if self.greedy_rows(s.c.shape[0]):
+            return self.greedy_step(s)
+        hidden, logits, nxt, idx = self.validation_pass(s, self.groups)
         if logits.shape[1] == hidden.shape[1]:
             la_logits = logits.gather(1, idx[:, :, None].expand(-1, -1, logits.shape[-1]))
         else:
@@ -422,6 +463,30 @@ class FusedPassEngine(PassEngine):
             la_logits = self.model.lm_head_logits(group)
         drafts, probs = self.draft_from(la_logits)
         return StepState(c=nxt, drafts=drafts, draft_probs=probs)
+
+
+def _verified(out, accepted, groups):
+    """After a verify: the tokens each row emits (accepted + 1), its next pending token out[accepted], and with
+    `groups` [k+1, k] the rows groups[accepted] (the fused step's look-ahead group that drafts next)."""
+    a = accepted.long()
+    return a + 1, out.gather(1, a[:, None]).squeeze(1), None if groups is None else groups[a]
+
+
+_VERIFIED = _Fused("verified", _verified, switch="PASS_EXT_FUSE_STEP",
+                   key=lambda *a: (a[0].shape[0] == 1, a[2] is None))
+
+
+def _greedy_verified(t, drafts, groups):
+    """A greedy fused step's verify from t [B, Q], the argmax token of every row: accepted = the leading drafts
+    [B, k] equal to t (then t[:, :k+1] is what the rows emit), the count emitted (accepted + 1), the next pending
+    token t[accepted] and the next drafts, t at the rows of group `accepted` (`groups` [k+1, k])."""
+    k = drafts.shape[1]
+    accepted = (t[:, :k] == drafts).long().cumprod(1).sum(1)
+    return accepted, accepted + 1, t.gather(1, accepted[:, None]).squeeze(1), t.gather(1, groups[accepted])
+
+
+_GREEDY_VERIFIED = _Fused("greedy_verified", _greedy_verified, switch="PASS_EXT_FUSE_STEP",
+                          key=lambda *a: a[0].shape[0] == 1)
 
 
 def top_tokens(logits: torch.Tensor, w: int) -> torch.Tensor:
@@ -494,8 +559,7 @@ class TreePassEngine(Engine):
             raise ValueError(f"draft tree ranks reach {self.width - 1}, but the vocabulary has {vocab} tokens")
         self.tree_mask = masks.pack(lay.mask).to(dev)
         self.offsets = lay.offsets.to(dev)
-        self.group_slots = torch.arange(n, lay.rows, device=dev)
-        self.group_index = torch.arange(k, device=dev).repeat(n)
+        self.group_block = None if self.la_weight is None else self.la_block(torch.arange(k, device=dev).repeat(n))
         self.path = lay.path.to(dev)                                               # [n, k+1]
         self.parent = lay.path[1:].gather(1, lay.depth[1:, None] - 1).squeeze(1).to(dev)   # [N]
         self.depth = lay.depth.to(dev)                                            # [n]
@@ -521,8 +585,7 @@ class TreePassEngine(Engine):
         n, Q = lay.nodes, lay.rows
         done = self.rows.done.clone()
         B = s.c.shape[0]
-        ids = torch.cat([s.c[:, None], s.drafts, s.drafts.new_zeros(B, Q - n)], 1)
-        embeds = self.lookahead_embeds(ids, self.group_slots, self.group_index)
+        embeds = self.lookahead_embeds(torch.cat([s.c[:, None], s.drafts], 1), self.group_block)
         hidden = self.model(None, positions=self.positions(self.offsets), cache=self.cache,
                             tree_mask=self.tree_mask, inputs_embeds=embeds, return_hidden=True)
         one_call = B * Q <= fused_head_max_rows()

@@ -214,6 +214,47 @@ def test_fused_step_projects_onto_the_vocabulary_once_within_the_limit(tiny, mon
     assert len(rows) - steps * calls <= 1, rows            # and at most the prefill's own call
 
 
+@pytest.mark.parametrize("B, k, limit, one_call", [(1, 1, None, True), (4, 1, None, True), (1, 3, None, True),
+                                                    (2, 3, None, False), (1, 1, "0", False), (4, 1, "15", False)])
+def test_greedy_fused_step_takes_every_argmax_in_one_call(tiny, monkeypatch, B, k, limit, one_call):
+    """Within PASS_EXT_GREEDY_ROWS_MAX rows (default 16) a greedy fused step takes the argmax of all its rows in one
+    `sample` call and runs no verify op; the tokens, the accepted-length histogram and the forwards are those of
+    the verify op's path, and plain decoding's tokens."""
+    hf, model, _ = tiny
+    if limit is not None:
+        monkeypatch.setenv("PASS_EXT_GREEDY_ROWS_MAX", limit)
+    g = torch.Generator().manual_seed(B * 10 + k)
+    prompts = [torch.randint(2, 16, (3 + 2 * b,), generator=g).tolist() for b in range(B)]
+    kw = dict(lookahead=k, max_new_tokens=24, eos_token_id=False, cuda_graphs=False)
+    verifies = []
+    verify = pass_ext.ops.speculative_verify
+
+    def spy(*args, **kwargs):
+        verifies.append(args[0].shape)
+        return verify(*args, **kwargs)
+
+    monkeypatch.setattr(pass_ext.ops, "speculative_verify", spy)
+    out = run(model, prompts, "pass", **kw)
+    calls = len(verifies)
+    monkeypatch.setenv("PASS_EXT_GREEDY_ROWS_MAX", "0")
+    verifies.clear()
+    ref = run(model, prompts, "pass", **kw)
+    assert len(verifies) == ref.stats.forward_passes > 0            # the verify path: one op per step
+    assert calls == (0 if one_call else len(verifies))
+    assert torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(out.sequences, run(model, prompts, "ar", **kw).sequences)
+    assert out.stats.accepted_length_histogram == ref.stats.accepted_length_histogram
+    assert out.stats.forward_passes == ref.stats.forward_passes
+
+
+@pytest.mark.parametrize("bad", ["-1", "many"])
+def test_greedy_rows_limit_must_be_a_row_count(tiny, monkeypatch, bad):
+    hf, model, _ = tiny
+    monkeypatch.setenv("PASS_EXT_GREEDY_ROWS_MAX", bad)
+    with pytest.raises(ValueError, match=r"PASS_EXT_GREEDY_ROWS_MAX must be an integer in \[0, 1048576\]"):
+        run(model, [[2, 3]], "pass", lookahead=1, max_new_tokens=4, eos_token_id=False)
+
+
 @pytest.mark.parametrize("bad", ["-1", "many"])
 def test_fused_head_limit_must_be_a_row_count(tiny, monkeypatch, bad):
     hf, model, _ = tiny
@@ -628,6 +669,33 @@ def test_workspace_reuse_replays_the_same_graph_and_resets_everything(method):
     assert second.stats.accepted_length_histogram == fresh.stats.accepted_length_histogram
     assert second.stats.forward_passes == fresh.stats.forward_passes
     assert not torch.equal(first.sequences[:, :2], second.sequences[:, :2])
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["pass", "pass-paper", "pass-tree"])
+def test_workspace_reuse_reads_lookahead_weights_changed_in_place(method):
+    """Look-ahead embeddings changed in place between two calls (training resumed, say) keep the workspace, whose
+    captured step reads its own copies of them: the second call must draft from the new weights, as a fresh
+    workspace does."""
+    model = pass_ext.load_model(tiny_peaky_llama(), dtype=torch.float32, device="cuda")
+    model.lookahead = LookaheadEmbeddings.init(model, 4, seed=1)
+    kw = dict(lookahead=2, max_new_tokens=40, eos_token_id=False, seed=0)
+    prompts = [[3, 4, 5], [6, 7]]
+    first = run(model, prompts, method, **kw)
+    (ws,) = model.__dict__["_pass_ext_workspaces"].values()
+    with torch.no_grad():
+        model.lookahead.weight.copy_(LookaheadEmbeddings.init(model, 4, seed=5).weight)
+    second = run(model, prompts, method, **kw)
+    (again,) = model.__dict__["_pass_ext_workspaces"].values()
+    assert again is ws
+    blocks = again.engine.la_blocks
+    weight = model.lookahead.weight.detach()
+    assert blocks and all(torch.equal(block.cpu(), weight[index.cpu()].to(block.dtype)) for block, index in blocks)
+    pass_ext.release_workspace(model)
+    fresh = run(model, prompts, method, **kw)
+    assert second.stats.accepted_length_histogram == fresh.stats.accepted_length_histogram
+    assert torch.equal(second.sequences, first.sequences) and torch.equal(fresh.sequences, first.sequences)
 
 
 @CUDA
