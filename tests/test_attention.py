@@ -415,10 +415,11 @@ SPLIT_COMBINE_CASES = {
     "cl_tc_key_warps": (torch.float16, 1, 5, 32, 8, 128, [3000], False),
     "cl_cc_rows16": (torch.float32, 1, 3, 32, 8, 128, [2000], False),
 }
-# On an H200 (132 SMs), the cases that merge in a cluster by default: decode tiles (at most 8 rows). With
+# On an H200 (132 SMs), the cases that merge in a cluster by default: tiles of at most 16 rows. With
 # PASS_EXT_ATTENTION_CLUSTER=all every case does but these, whose split count exceeds the cluster bound where
 # capping it would leave most SMs idle (one or two KV heads).
-CLUSTER_DEFAULT = {"tc_decode", "tc_ragged", "cc_fp32_ragged", "cc_odd_head_dim", "cl_tc_two", "cl_tc_three"}
+CLUSTER_DEFAULT = {"tc_decode", "tc_ragged", "cc_fp32_ragged", "cc_odd_head_dim", "cl_tc_two", "cl_tc_three",
+                   "tc_pass_k1_rows", "cl_cc_rows16"}
 CLUSTER_FALLBACK = {"cc_d8_many_splits", "cc_d32_combine_kernel", "cc_d24_idle_lanes", "cc_d256_two_passes"}
 
 
@@ -522,6 +523,26 @@ def test_cluster_merge_cuda(case, monkeypatch):
                     no_combine_kernel=True)
     monkeypatch.setenv(name, "some")
     with pytest.raises(RuntimeError, match="PASS_EXT_ATTENTION_CLUSTER must be 1, 0 or all, got 'some'"):
+        ops.attention_with_kv_cache(*(t.clone() for t in inputs), None, None, torch.empty_like(inputs[0]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")
+def test_cluster_rows_bound_cuda(monkeypatch):
+    """PASS_EXT_ATTENTION_CLUSTER_ROWS (read per call, default 16) bounds the tiles that merge in a cluster: the
+    12-row tile of a fused PaSS step at k = 1 does at 12 and runs the combine kernel at 8, with the same bits;
+    a value out of range names the variable and its range."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90")
+    dtype, B, Q, Hq, Hkv, D, lens, _ = SPLIT_COMBINE_CASES["tc_pass_k1_rows"]
+    inputs = make_inputs(B, Q, Hq, Hkv, D, lens, max(lens) + Q + 40, dtype, "cuda")
+    exp_out, _, _ = reference(*inputs, None, 1.0 / math.sqrt(D))
+    check_same_bits(inputs, exp_out, monkeypatch, "PASS_EXT_ATTENTION_CLUSTER_ROWS", ("12",), no_combine_kernel=True)
+    monkeypatch.setenv("PASS_EXT_ATTENTION_CLUSTER_ROWS", "8")
+    names = _cuda_kernel_names(lambda: ops.attention_with_kv_cache(*(t.clone() for t in inputs)))
+    assert any("attention_combine_kernel" in n for n in names), names
+    monkeypatch.setenv("PASS_EXT_ATTENTION_CLUSTER_ROWS", "0")
+    with pytest.raises(RuntimeError, match="PASS_EXT_ATTENTION_CLUSTER_ROWS must be an integer from 1 to 2048"):
         ops.attention_with_kv_cache(*(t.clone() for t in inputs), None, None, torch.empty_like(inputs[0]))
 
 

@@ -18,9 +18,10 @@
 //  * Limits: Q <= 128 new tokens per row, D a multiple of 8 up to 256 (64 and 128 have tuned paths),
 //    float32/float16/bfloat16 (no float64), tensors 16-byte aligned.
 //
-// KV splits: on sm_90, the splits of a decode tile run as one thread-block cluster (up to 16 blocks) that
-// merges through distributed shared memory at the end of the kernel (pick_cluster; PASS_EXT_ATTENTION_CLUSTER=0
-// turns it off, =all uses it wherever it fits; read at every call). Otherwise the last block of a row tile to finish
+// KV splits: on sm_90, the splits of a tile of at most 16 rows run as one thread-block cluster (up to 16 blocks)
+// that merges through distributed shared memory at the end of the kernel (pick_cluster; PASS_EXT_ATTENTION_CLUSTER=0
+// turns it off, =all uses it wherever it fits, PASS_EXT_ATTENTION_CLUSTER_ROWS moves the 16; read at every call).
+// Otherwise the last block of a row tile to finish
 // merges the splits' partials (the fused combine) where that is a small job (at most kFusedCombineMaxRows rows
 // per tile: decode), else a combine kernel runs after. The fused combine counts finished blocks in a
 // per-(device, stream) buffer of counters that every launch leaves zeroed; launches that may overlap must run on
@@ -164,6 +165,13 @@ void launch_combine(const k::AttentionParams& p, cudaStream_t stream) {
 // a captured graph keeps the launches it was captured with.
 enum ClusterMode { kClusterNever, kClusterDecode, kClusterWherever };
 
+// The rows of a tile up to which kClusterDecode merges in a cluster: PASS_EXT_ATTENTION_CLUSTER_ROWS, default 16
+// (one m16 tile; read at every call, like the mode, for A/B runs in one process). On the H200, the cluster against
+// the combine kernel in the fused PaSS step at k = 1, B = 1 (replayed, random weights): SmolLM2 (12 rows) 0.898x
+// the step's time, the 8B (16 rows) 1.003x, the 1.5B (24 rows, 32-row tiles) 1.023x, so not past 16 (bench/NOTES.md).
+constexpr int64_t kClusterMaxRows = 16;
+inline int64_t cluster_max_rows() { return env_int("PASS_EXT_ATTENTION_CLUSTER_ROWS", kClusterMaxRows, 1, kMaxQ * 16); }
+
 inline ClusterMode cluster_mode() {
   switch (env_choice("PASS_EXT_ATTENTION_CLUSTER", {"1", "0", "all"})) {
     case 1: return kClusterNever;
@@ -199,7 +207,7 @@ int max_active_clusters(Kernel* kernel, int size, size_t smem, int device) {
 
 // Makes the launch a cluster merge where it pays (sets p.cluster and p.splits): the splits of a row tile as one
 // cluster (one per row tile and KV head of a row: `tiles`), as many as the global merge would use up to
-// kMaxClusterSplits. By default for decode tiles (at most kFusedCombineMaxRows rows), where the merge is a short
+// kMaxClusterSplits. By default for tiles of at most cluster_max_rows() rows, where the merge is a short
 // job at the end of a short kernel. On the H200: B = 1, 8 KV heads, L = 4096, 33 splits -> 16, 19.2 -> 16.1 us;
 // SmolLM2 decode (3 rows, 7 splits) 6.9 -> 5.6 us per call; but the 64-row tiles of its fused PaSS step (75 rows)
 // 6.4 -> 12.9 us, where the combine kernel spreads the rows over the GPU (bench/NOTES.md). Capping costs
@@ -212,7 +220,7 @@ void pick_cluster(k::AttentionParams& p, Kernel* kernel, size_t smem, int64_t ti
   p.cluster = 0;
   const ClusterMode mode = cluster_mode();
   if (p.splits <= 1 || mode == kClusterNever) return;
-  if (mode == kClusterDecode && std::min<int64_t>(tile_rows, p.R) > kFusedCombineMaxRows) return;
+  if (mode == kClusterDecode && std::min<int64_t>(tile_rows, p.R) > cluster_max_rows()) return;
   int64_t size = p.splits;
   if (size > k::kMaxClusterSplits) {
     if (tiles * k::kMaxClusterSplits * 2 < sms) return;
