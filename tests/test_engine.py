@@ -248,19 +248,12 @@ def test_greedy_fused_step_takes_every_argmax_in_one_call(tiny, monkeypatch, B, 
 
 
 @pytest.mark.parametrize("bad", ["-1", "many"])
-def test_greedy_rows_limit_must_be_a_row_count(tiny, monkeypatch, bad):
+@pytest.mark.parametrize("name, k", [("PASS_EXT_FUSED_HEAD_MAX_ROWS", 2), ("PASS_EXT_GREEDY_ROWS_MAX", 1)])
+def test_fused_step_row_limits_must_be_row_counts(tiny, monkeypatch, name, k, bad):
     hf, model, _ = tiny
-    monkeypatch.setenv("PASS_EXT_GREEDY_ROWS_MAX", bad)
-    with pytest.raises(ValueError, match=r"PASS_EXT_GREEDY_ROWS_MAX must be an integer in \[0, 1048576\]"):
-        run(model, [[2, 3]], "pass", lookahead=1, max_new_tokens=4, eos_token_id=False)
-
-
-@pytest.mark.parametrize("bad", ["-1", "many"])
-def test_fused_head_limit_must_be_a_row_count(tiny, monkeypatch, bad):
-    hf, model, _ = tiny
-    monkeypatch.setenv("PASS_EXT_FUSED_HEAD_MAX_ROWS", bad)
-    with pytest.raises(ValueError, match=r"PASS_EXT_FUSED_HEAD_MAX_ROWS must be an integer in \[0, 1048576\]"):
-        run(model, [[2, 3]], "pass", lookahead=2, max_new_tokens=4, eos_token_id=False)
+    monkeypatch.setenv(name, bad)
+    with pytest.raises(ValueError, match=rf"{name} must be an integer in \[0, 1048576\]"):
+        run(model, [[2, 3]], "pass", lookahead=k, max_new_tokens=4, eos_token_id=False)
 
 
 def test_seed_reproducible_and_seed_sensitive(tiny):
