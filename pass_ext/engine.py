@@ -26,6 +26,13 @@ def fused_head_max_rows() -> int:
     return ops._env_int("PASS_EXT_FUSED_HEAD_MAX_ROWS", 256, 0, 1 << 20)
 
 
+def chain_step_enabled() -> bool:
+    """Whether a `pass-tree` step whose tree is a chain takes every token in one `sample` call
+    (`TreePassEngine.chain_step`): PASS_EXT_TREE_CHAIN_STEP, '1' (default) or '0' (the general tree step; an A/B
+    switch, read per step: a captured step keeps what it captured)."""
+    return ops._env_on_off("PASS_EXT_TREE_CHAIN_STEP")
+
+
 def greedy_rows_max() -> int:
     """Rows of a greedy fused PaSS step (B x (k+1)^2) up to which one argmax call over all of them replaces the
     verify op and the draft sample (`FusedPassEngine.greedy_step`): PASS_EXT_GREEDY_ROWS_MAX, default 16; 0 never.
@@ -567,10 +574,25 @@ class TreePassEngine(Engine):
         self.groups = (n + torch.arange(n)[:, None] * k + torch.arange(k)[None, :]).to(dev)   # [n, k]
         self.pick = ((lay.depth[1:] - 1) * self.width + lay.rank[1:]).to(dev)            # [N] into [k * width]
         self.node_sampling = self.sampling.repeat(n)
+        # One draft per look-ahead position (width 1): the tree is a chain, node v at depth v (`chain_step`).
+        self.chain = self.width == 1
+        self.chain_groups = self.groups[:, : n - 1].contiguous()                       # [n, N]: LA_1..LA_N's rows
+        self.row_sampling = self.chain_sampling() if self.chain else None
+
+    def chain_sampling(self) -> Sampling:
+        """[B x Q] per-row parameters of a chain step's one `sample` call: the nodes' rows as the call samples, the
+        look-ahead rows greedy (temperature 0: their argmax is the next step's draft)."""
+        Q, n = self.layout.rows, self.layout.nodes
+        rows = self.sampling.repeat(Q)
+        node = (torch.arange(Q, device=self.device) < n).repeat(self.sampling.temperature.shape[0])
+        rows.temperature = torch.where(node, rows.temperature, torch.zeros_like(rows.temperature))
+        return rows
 
     def reset(self) -> None:
         super().reset()
         self.node_sampling.copy_(self.sampling.repeat(self.layout.nodes))
+        if self.row_sampling is not None:
+            self.row_sampling.copy_(self.chain_sampling())
 
     def start(self, c: torch.Tensor) -> StepState:
         """No forward: the first step checks placeholder drafts (each node's token is its rank, so siblings
@@ -589,6 +611,8 @@ class TreePassEngine(Engine):
         hidden = self.model(None, positions=self.positions(self.offsets), cache=self.cache,
                             tree_mask=self.tree_mask, inputs_embeds=embeds, return_hidden=True)
         one_call = B * Q <= fused_head_max_rows()
+        if self.chain and one_call and chain_step_enabled():
+            return self.chain_step(s, hidden, done)
         logits = self.model.lm_head_logits(hidden if one_call else hidden[:, :n])
         V = logits.shape[-1]
         t, _ = self.sample(logits[:, :n].reshape(B * n, V), self.node_sampling, want_probs=False)
@@ -603,6 +627,22 @@ class TreePassEngine(Engine):
             la_logits = self.model.lm_head_logits(hidden.gather(1, rows[:, :, None].expand(-1, -1, hidden.shape[-1])))
         top = top_tokens(la_logits.reshape(B * k, V), self.width).view(B, k * self.width)
         drafts = top[:, self.pick]
+        return StepState(c=nxt, drafts=drafts)
+
+    def chain_step(self, s: StepState, hidden: torch.Tensor, done: torch.Tensor) -> StepState:
+        """The rest of a step whose tree is a chain (`self.chain`), with every row's logits in one lm_head call: one
+        `sample` call takes the model's token at every node (sampled as the call asks) and the argmax of every
+        look-ahead row (`chain_sampling`); the accepted drafts are the leading ones equal to their parent's token,
+        and the next drafts the argmax tokens of the last accepted node's group. Node v sits at depth v, so the
+        accepted path's K/V are already where `KVCache.move` would put them (the slots past it are not committed).
+        Three sampler kernels instead of the node sample, the walk, the move and a top-k over the chosen group;
+        the same law as the general step, which draws the same drafts (`top_tokens` with width 1)."""
+        B, Q, n = s.c.shape[0], self.layout.rows, self.layout.nodes
+        logits = self.model.lm_head_logits(hidden)                                          # [B, Q, V]
+        t, _ = self.sample(logits.view(B * Q, -1), self.row_sampling, want_probs=False)
+        t = t.view(B, Q)
+        accepted, count, nxt, drafts = self.step_fn(_GREEDY_VERIFIED)(t, s.drafts, self.chain_groups)
+        self.advance(t[:, :n], count, done, accepted)
         return StepState(c=nxt, drafts=drafts)
 
 

@@ -163,6 +163,69 @@ def test_wide_tree_sampling_matches_exact_distribution(tiny, setting):
     assert out.stats.accepted_length_histogram[0] == 0
 
 
+# ---------------------------------------------------------------- chains (one draft per look-ahead position)
+
+CHAINS = [([(0,)], 1), ([(0,), (0, 0), (0, 0, 0)], 3), ([(0,)], 2)]   # the last: a chain shorter than its groups
+
+
+def no_general_tree_step(monkeypatch):
+    """Fail if a step takes the general tree path's top-k of the chosen group or its K/V move."""
+    from pass_ext import engine
+    from pass_ext.model import KVCache
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a chain step took the general tree path")
+    monkeypatch.setattr(engine, "top_tokens", refuse)
+    monkeypatch.setattr(KVCache, "move", refuse)
+
+
+@pytest.mark.parametrize("tree, k", CHAINS)
+def test_chain_step_greedy_equals_ar_and_the_general_step(tiny, tree, k, monkeypatch):
+    """A chain takes every token in one `sample` call and moves no K/V (`TreePassEngine.chain_step`): greedy
+    output equal to plain decoding and to the general tree step (PASS_EXT_TREE_CHAIN_STEP=0), with the same
+    accepted lengths step for step."""
+    hf, model = tiny
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, 16, (n,), generator=g).tolist() for n in (1, 6, 3, 9)]
+    kw = dict(method="pass-tree", lookahead=k, draft_tree=tree, max_new_tokens=40, eos_token_id=False)
+    ref = pass_ext.generate(model, prompts, method="ar", max_new_tokens=40, eos_token_id=False)
+    monkeypatch.setenv("PASS_EXT_TREE_CHAIN_STEP", "0")
+    general = pass_ext.generate(model, prompts, **kw)
+    monkeypatch.setenv("PASS_EXT_TREE_CHAIN_STEP", "1")
+    with monkeypatch.context() as m:
+        no_general_tree_step(m)
+        pass_ext.release_workspace(model)
+        chain = pass_ext.generate(model, prompts, **kw)
+    assert torch.equal(chain.sequences, ref.sequences)
+    assert torch.equal(general.sequences, ref.sequences)
+    assert chain.stats.forward_passes == general.stats.forward_passes
+    assert chain.stats.accepted_length_histogram == general.stats.accepted_length_histogram
+    assert sum(chain.stats.accepted_length_histogram[1:]) > 0  # some drafts were accepted
+
+
+@pytest.mark.parametrize("setting", WIDE_SETTINGS[:2], ids=lambda s: f"T{s['temperature']}-k{s['top_k']}")
+def test_chain_step_sampling_matches_exact_distribution(tiny, setting, monkeypatch):
+    """The chain step samples the nodes and takes the look-ahead rows' argmax in one call: the joint law of the
+    first 3 new tokens equals exact enumeration under plain sampling, with drafts accepted at some steps. All
+    6000 rows' logits in one lm_head call (the chain step's condition) by raising PASS_EXT_FUSED_HEAD_MAX_ROWS.
+    Fails falsely with probability 1e-4 (fixed seeds)."""
+    hf, model = tiny
+    if model.device.type == "cpu" and setting is not WIDE_SETTINGS[0]:
+        pytest.skip("one setting on the CPU; every setting on CUDA")
+    monkeypatch.setenv("PASS_EXT_FUSED_HEAD_MAX_ROWS", str(1 << 20))
+    no_general_tree_step(monkeypatch)
+    V, m, n = hf.config.vocab_size, 3, 6000
+    prompt = [2, 5, 7]
+    expected = exact_joint(hf, prompt, m, lambda l: warp(l, **setting))
+    out = pass_ext.generate(model, [prompt] * n, method="pass-tree", lookahead=2, draft_tree=[(0,), (0, 0)],
+                            max_new_tokens=m, eos_token_id=False, seed=7, **setting)
+    toks = torch.stack([t[:m] for t in out.new_tokens])
+    counts = torch.bincount((toks * torch.tensor([V * V, V, 1])).sum(1), minlength=V ** m)
+    p = chi_square_pvalue(counts, expected)
+    assert p > 1e-4, f"{setting}: chi-square p-value {p:.2e}"
+    assert sum(out.stats.accepted_length_histogram[1:]) > 0
+
+
 # ---------------------------------------------------------------- bad requests
 
 @pytest.mark.parametrize("kwargs, exc, words", [
