@@ -48,7 +48,7 @@ BANDWIDTH = 4.24e12   # bytes/s, H200 copy bandwidth (DESIGN §6): weight bytes 
 SETTINGS = {"greedy": dict(temperature=0.0), "T0.8/top-k10": dict(temperature=0.8, top_k=10),
             "T0.8": dict(temperature=0.8, top_k=0)}
 DEFAULT_SETTINGS = "greedy,T0.8/top-k10"
-OURS = ("ar", "draft", "pass-paper", "pass", "pass-auto", "pass-tree")
+OURS = ("ar", "draft", "pass-paper", "pass", "pass-auto", "pass-tree", "pass-tree-auto")
 HF = ("hf-eager", "hf-static", "hf-pld", "hf-assisted")
 METHOD_ORDER = OURS + HF
 REAL_DRAFT = {"smollm2-135m": None, "qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}  # real model -> its draft model
@@ -63,7 +63,7 @@ ROW_FIELDS = dict(projected=False, status="ok", note="", new_tokens=None, k=None
                   tokens_per_s_runs=None, speedup_vs_ar=None, decode_tokens_per_s=None, decode_speedup_vs_ar=None,
                   tokens_per_forward=None, acceptance_by_position=None, step_s=None, roofline_pct=None,
                   differing_rows=None, rows_compared=None, near_ties=None, max_tie_ulps=None,
-                  within_rounding=None, max_gap_over_error=None, tpf_source=None, auto_inputs=None)
+                  within_rounding=None, max_gap_over_error=None, tpf_source=None, auto_inputs=None, draft_tree=None)
 NEAR_TIE_ULPS = 4  # a divergence is a near-tie when the two tokens' logits lie within this many bf16/fp16 ulps
 
 
@@ -207,6 +207,8 @@ def our_kwargs(method: str, k: int, a, draft) -> dict:
         return dict(method="pass", lookahead="auto")
     if method == "pass-tree":
         return dict(method="pass-tree", lookahead=a.tree_k, draft_tree=a.tree)
+    if method == "pass-tree-auto":
+        return dict(method="pass-tree", lookahead="auto")
     return dict(method=method, lookahead=k)
 
 
@@ -491,7 +493,8 @@ class Bench:
         tokens = int(out.num_new_tokens.sum())
         row.update(k=out.stats.k, tokens_per_s_runs=[tokens / t for t, _, _ in runs],
                    tokens_per_forward=out.stats.tokens_per_forward, forward_passes=out.stats.forward_passes,
-                   acceptance_by_position=out.stats.acceptance_by_position)
+                   acceptance_by_position=out.stats.acceptance_by_position,
+                   draft_tree=[list(p) for p in out.stats.draft_tree] if out.stats.draft_tree else None)
         row["tokens_per_s"] = median(row["tokens_per_s_runs"])
         if method == "pass-auto":
             row["auto_inputs"] = auto_inputs(model, B, setting != "greedy")
