@@ -214,10 +214,10 @@ def test_fused_step_projects_onto_the_vocabulary_once_within_the_limit(tiny, mon
     assert len(rows) - steps * calls <= 1, rows            # and at most the prefill's own call
 
 
-@pytest.mark.parametrize("B, k, limit, one_call", [(1, 1, None, True), (4, 1, None, True), (1, 3, None, True),
-                                                    (2, 3, None, False), (1, 1, "0", False), (4, 1, "15", False)])
+@pytest.mark.parametrize("B, k, limit, one_call", [(1, 1, None, True), (4, 1, None, True), (2, 3, None, True),
+                                                    (9, 3, None, False), (1, 1, "0", False), (4, 1, "15", False)])
 def test_greedy_fused_step_takes_every_argmax_in_one_call(tiny, monkeypatch, B, k, limit, one_call):
-    """Within PASS_EXT_GREEDY_ROWS_MAX rows (default 16) a greedy fused step takes the argmax of all its rows in one
+    """Within PASS_EXT_GREEDY_ROWS_MAX rows (default 128) a greedy fused step takes the argmax of all its rows in one
     `sample` call and runs no verify op; the tokens, the accepted-length histogram and the forwards are those of
     the verify op's path, and plain decoding's tokens."""
     hf, model, _ = tiny
