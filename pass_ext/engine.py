@@ -275,6 +275,20 @@ class Engine:
         one concatenation (an index_put on the embeddings took about ten small kernels)."""
         return torch.cat([self.model.embed(ids), block[None].expand(ids.shape[0], -1, -1)], 1)
 
+    def match_step(self, hidden: torch.Tensor, sampling: Sampling, drafts: torch.Tensor, groups: torch.Tensor,
+                   done: torch.Tensor) -> StepState:
+        """The rest of a one-pass step over a chain of N drafts [B, N] (rows [c, d_1..d_N], then look-ahead groups)
+        with every row's logits in one lm_head call: one `sample` call over all B x Q rows (`sampling` per row), the
+        accepted drafts the leading ones equal to the token sampled after their prefix, rows 0..N emitted up to the
+        first mismatch, and the next drafts the tokens at the rows groups[accepted] (`groups` [N+1, N])."""
+        B, Q = hidden.shape[0], hidden.shape[1]
+        logits = self.model.lm_head_logits(hidden)                                          # [B, Q, V]
+        t, _ = self.sample(logits.view(B * Q, -1), sampling, want_probs=False)
+        t = t.view(B, Q)
+        accepted, count, nxt, nxt_drafts = self.step_fn(_GREEDY_VERIFIED)(t, drafts, groups)
+        self.advance(t[:, : drafts.shape[1] + 1], count, done, accepted)
+        return StepState(c=nxt, drafts=nxt_drafts)
+
     def check_capacity(self) -> None:
         """Before a step: rows whose writes would pass the capacity stop ("length"); then park done rows."""
         self.rows.stop_for_length(self.cache.lens, self.q_step, self.cache.capacity)
@@ -451,14 +465,9 @@ class FusedPassEngine(PassEngine):
         """A greedy step with one argmax call for all of its rows: verifying greedy drafts is comparing them with
         the model's argmax tokens, and the next drafts are the argmax tokens of the chosen group. Three sampler
         kernels instead of the verify op's five and the draft sample's three; the same `sample` op as `ar`'s."""
-        B, Q = s.c.shape[0], self.q_step
         done = self.rows.done.clone()
         hidden = self.forward_block(torch.cat([s.c[:, None], s.drafts], 1), s)
-        logits = self.model.lm_head_logits(hidden)                                         # [B, Q, V]
-        t, _ = self.sample(logits.view(B * Q, -1), self.row_sampling, want_probs=False)
-        accepted, count, nxt, drafts = self.step_fn(_GREEDY_VERIFIED)(t.view(B, Q), s.drafts, self.groups)
-        self.advance(t.view(B, Q)[:, : self.k + 1], count, done, accepted)
-        return StepState(c=nxt, drafts=drafts)
+        return self.match_step(hidden, self.row_sampling, s.drafts, self.groups, done)
 
     def step(self, s: StepState) -> StepState:
         if self.greedy_rows(s.c.shape[0]):
@@ -638,13 +647,7 @@ class TreePassEngine(Engine):
         accepted path's K/V are already where `KVCache.move` would put them (the slots past it are not committed).
         Three sampler kernels instead of the node sample, the walk, the move and a top-k over the chosen group;
         the same law as the general step, which draws the same drafts (`top_tokens` with width 1)."""
-        B, Q, n = s.c.shape[0], self.layout.rows, self.layout.nodes
-        logits = self.model.lm_head_logits(hidden)                                          # [B, Q, V]
-        t, _ = self.sample(logits.view(B * Q, -1), self.row_sampling, want_probs=False)
-        t = t.view(B, Q)
-        accepted, count, nxt, drafts = self.step_fn(_GREEDY_VERIFIED)(t, s.drafts, self.chain_groups)
-        self.advance(t[:, :n], count, done, accepted)
-        return StepState(c=nxt, drafts=drafts)
+        return self.match_step(hidden, self.row_sampling, s.drafts, self.chain_groups, done)
 
 
 class DraftModelEngine(Engine):

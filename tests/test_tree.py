@@ -203,6 +203,14 @@ def test_chain_step_greedy_equals_ar_and_the_general_step(tiny, tree, k, monkeyp
     assert sum(chain.stats.accepted_length_histogram[1:]) > 0  # some drafts were accepted
 
 
+def test_chain_step_switch_must_be_0_or_1(tiny, monkeypatch):
+    hf, model = tiny
+    monkeypatch.setenv("PASS_EXT_TREE_CHAIN_STEP", "on")
+    with pytest.raises(ValueError, match="PASS_EXT_TREE_CHAIN_STEP must be '0' or '1', got 'on'"):
+        pass_ext.generate(model, [[2, 3]], method="pass-tree", lookahead=1, draft_tree=1, max_new_tokens=4,
+                          eos_token_id=False, cuda_graphs=False)
+
+
 @pytest.mark.parametrize("setting", WIDE_SETTINGS[:2], ids=lambda s: f"T{s['temperature']}-k{s['top_k']}")
 def test_chain_step_sampling_matches_exact_distribution(tiny, setting, monkeypatch):
     """The chain step samples the nodes and takes the look-ahead rows' argmax in one call: the joint law of the
